@@ -1,0 +1,47 @@
+"""The `caedfkd` command: one subcommand per job, each living in its own module.
+
+Each command module exposes `add_arguments(parser)` and `run(args) -> int`;
+`distill` hands its arguments to the absl/ml_collections launcher instead.
+"""
+
+import argparse
+import importlib
+import sys
+
+# subcommand -> (module, one-line help)
+COMMANDS = {
+    "convert": ("caedfkd_jax.convert", "PyTorch checkpoint -> model bundle"),
+    "export": ("caedfkd_jax.export", "model bundle -> PyTorch/safetensors state dict"),
+    "evaluate": ("caedfkd_jax.evaluate", "top-1 and per-class accuracy of a bundle"),
+    "embed": ("caedfkd_jax.embeddings", "class-name embeddings from a local text encoder"),
+    "distill": ("caedfkd_jax.launch", "CAE-DFKD: teacher bundle -> student bundle, no real data"),
+    "demo": ("caedfkd_jax.demo", "offline end-to-end demo on scikit-learn's digits"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  parser = argparse.ArgumentParser(
+      prog="caedfkd", description="Data-free knowledge distillation (CAE-DFKD) in JAX.")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+  for name, (_, help_text) in COMMANDS.items():
+    sub.add_parser(name, help=help_text, add_help=False)
+  if not argv or argv[0] not in COMMANDS:
+    parser.parse_args(argv)  # prints usage / the error and exits
+  name, rest = argv[0], argv[1:]
+  module = importlib.import_module(COMMANDS[name][0])
+  if name == "distill":
+    return module.main(["caedfkd distill", *rest])
+  cmd_parser = argparse.ArgumentParser(prog=f"caedfkd {name}", description=COMMANDS[name][1])
+  module.add_arguments(cmd_parser)
+  args = cmd_parser.parse_args(rest)
+  try:
+    return int(module.run(args) or 0)
+  except (ValueError, FileNotFoundError) as e:
+    # Bad input: one clear message, no traceback.
+    print(f"caedfkd {name}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

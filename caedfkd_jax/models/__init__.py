@@ -1,0 +1,27 @@
+"""Model zoo: every network returns (logits, {"features": ...}) and sows BN input stats."""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from caedfkd_jax.models import resnet_cifar
+
+# arch name -> constructor taking num_classes (and dtype). Names follow the
+# zoos they come from (akamaster resnet20.., DFKD resnet18/34, wrn*, vgg*).
+ARCHS: dict[str, Callable[..., nn.Module]] = {
+    "resnet20": resnet_cifar.ResNet20,
+    "resnet32": resnet_cifar.ResNet32,
+    "resnet44": resnet_cifar.ResNet44,
+    "resnet56": resnet_cifar.ResNet56,
+    "resnet110": resnet_cifar.ResNet110,
+    "resnet_tiny_a": resnet_cifar.ResNetTinyA,
+}
+
+
+def create_model(arch: str, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:
+  """Builds a zoo model; the error lists the known archs."""
+  if arch not in ARCHS:
+    raise ValueError(
+        f"Unknown arch {arch!r}. Known archs: {', '.join(sorted(ARCHS))}.")
+  return ARCHS[arch](num_classes=num_classes, dtype=dtype)

@@ -1,0 +1,110 @@
+"""Layers shared by the model zoo: PyTorch-compatible conv/linear/BatchNorm.
+
+`BatchNorm` is the one piece of our own: DFKD's BN-statistics loss needs the
+batch mean and variance of every BatchNorm *input*, also when the teacher runs
+on its running averages. Each layer sows them into the `bn_stats` collection,
+mirroring the layout of `batch_stats`, so the loss is a `jax.tree.map` over the
+two trees. Sowing is free when `bn_stats` is not mutable (XLA drops the work).
+"""
+
+from functools import partial
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+BN_STATS = "bn_stats"
+
+# PyTorch's default init for Linear/Conv is kaiming_uniform(a=sqrt(5)), i.e.
+# U(+-1/sqrt(fan_in)) for weights and biases. The zoos re-init convs with
+# kaiming_normal (fan_out for torchvision/DFKD, fan_in for akamaster).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+torch_default_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def torch_default_bias_init(fan_in: int):
+  """U(+-1/sqrt(fan_in)), PyTorch's default bias init."""
+  bound = 1.0 / jnp.sqrt(fan_in)
+  return lambda key, shape, dtype=jnp.float32: jax.random.uniform(
+      key, shape, dtype, -bound, bound)
+
+
+def conv3x3(features: int, stride: int = 1, use_bias: bool = False,
+            dtype: Any = jnp.float32, name: str | None = None) -> nn.Conv:
+  """3x3 conv with PyTorch's explicit padding 1 ('SAME' differs at stride 2)."""
+  return nn.Conv(features, (3, 3), strides=(stride, stride),
+                 padding=((1, 1), (1, 1)), use_bias=use_bias,
+                 kernel_init=conv_init, dtype=dtype, name=name)
+
+
+def conv1x1(features: int, stride: int = 1, dtype: Any = jnp.float32,
+            name: str | None = None) -> nn.Conv:
+  return nn.Conv(features, (1, 1), strides=(stride, stride), padding="VALID",
+                 use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
+
+
+class BatchNorm(nn.Module):
+  """BatchNorm with PyTorch semantics that also records its input statistics.
+
+  Same variable names as `flax.linen.BatchNorm` (params scale/bias,
+  batch_stats mean/var). Differences, both for PyTorch parity: the running
+  variance is updated with the unbiased batch variance, and statistics are
+  computed in float32 whatever the compute dtype.
+  """
+  use_running_average: bool | None = None
+  momentum: float = 0.9
+  epsilon: float = 1e-5
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
+    use_running_average = nn.merge_param(
+        "use_running_average", self.use_running_average, use_running_average)
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,))
+    bias = self.param("bias", nn.initializers.zeros, (features,))
+    ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (features,), jnp.float32)
+    ra_var = self.variable("batch_stats", "var", jnp.ones, (features,), jnp.float32)
+
+    reduce_axes = tuple(range(x.ndim - 1))
+    need_batch_stats = (not use_running_average) or self.is_mutable_collection(BN_STATS)
+    if need_batch_stats:
+      x32 = x.astype(jnp.float32)
+      mean = jnp.mean(x32, axis=reduce_axes)
+      var = jnp.mean(jnp.square(x32 - mean), axis=reduce_axes)
+      keep_last = lambda _, value: value
+      self.sow(BN_STATS, "mean", mean, reduce_fn=keep_last, init_fn=lambda: None)
+      self.sow(BN_STATS, "var", var, reduce_fn=keep_last, init_fn=lambda: None)
+
+    if use_running_average:
+      mean, var = ra_mean.value, ra_var.value
+    elif not self.is_initializing():
+      n = x.size // features
+      unbiased_var = var * n / max(n - 1, 1)
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * unbiased_var
+
+    dtype = self.dtype or x.dtype
+    inv = jax.lax.rsqrt(var + self.epsilon) * scale
+    y = (x.astype(jnp.float32) - mean) * inv + bias
+    return y.astype(dtype)
+
+
+def linear(features: int, fan_in: int, dtype: Any = jnp.float32,
+           name: str | None = None) -> nn.Dense:
+  """nn.Dense with PyTorch's default initialisation."""
+  return nn.Dense(features, kernel_init=torch_default_kernel_init,
+                  bias_init=torch_default_bias_init(fan_in), dtype=dtype, name=name)
+
+
+def global_avg_pool(x_BxHxWxC: jax.Array) -> jax.Array:
+  return jnp.mean(x_BxHxWxC.astype(jnp.float32), axis=(1, 2))
+
+
+def bn(dtype: Any = None, name: str | None = None) -> BatchNorm:
+  return BatchNorm(dtype=dtype, name=name)
+
+
+relu = nn.relu
+leaky_relu = partial(nn.leaky_relu, negative_slope=0.2)

@@ -1,0 +1,67 @@
+"""CIFAR ResNet-20/32/44/56/110 with option-A shortcuts (He et al. 2016).
+
+Layout and names follow akamaster/pytorch_resnet_cifar10 so that the
+converter maps `layer{L}.{j}.conv1.weight` to `layer{L}_{j}/conv1/kernel`.
+"""
+
+from functools import partial
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from caedfkd_jax.models.layers import BatchNorm, conv3x3, global_avg_pool, linear
+
+
+def option_a_shortcut(x_BxHxWxC: jax.Array, planes: int) -> jax.Array:
+  """Parameter-free shortcut: subsample by 2, zero-pad channels on both sides."""
+  pad = planes // 4
+  x = x_BxHxWxC[:, ::2, ::2, :]
+  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (pad, pad)))
+
+
+class BasicBlockA(nn.Module):
+  planes: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    out = conv3x3(self.planes, self.stride, dtype=self.dtype, name="conv1")(x)
+    out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, not train))
+    out = conv3x3(self.planes, dtype=self.dtype, name="conv2")(out)
+    out = BatchNorm(dtype=self.dtype, name="bn2")(out, not train)
+    if self.stride != 1 or x.shape[-1] != self.planes:
+      x = option_a_shortcut(x, self.planes)
+    return nn.relu(out + x)
+
+
+class CifarResNet(nn.Module):
+  """Returns (logits, {"features": pooled penultimate features})."""
+  stage_sizes: Sequence[int]
+  num_classes: int = 10
+  width: int = 16
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxHxWxC: jax.Array, train: bool = False):
+    x = conv3x3(self.width, dtype=self.dtype, name="conv1")(x_BxHxWxC.astype(self.dtype))
+    x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, not train))
+    for i, num_blocks in enumerate(self.stage_sizes):
+      planes = self.width * 2**i
+      for j in range(num_blocks):
+        stride = 2 if (i > 0 and j == 0) else 1
+        x = BasicBlockA(planes, stride, self.dtype, name=f"layer{i + 1}_{j}")(x, train)
+    features = global_avg_pool(x)
+    logits = linear(self.num_classes, features.shape[-1], name="linear")(features)
+    return logits.astype(jnp.float32), {"features": features}
+
+
+ResNet20 = partial(CifarResNet, stage_sizes=(3, 3, 3))
+ResNet32 = partial(CifarResNet, stage_sizes=(5, 5, 5))
+ResNet44 = partial(CifarResNet, stage_sizes=(7, 7, 7))
+ResNet56 = partial(CifarResNet, stage_sizes=(9, 9, 9))
+ResNet110 = partial(CifarResNet, stage_sizes=(18, 18, 18))
+# For tests only: one block per stage, 4 base channels.
+ResNetTinyA = partial(CifarResNet, stage_sizes=(1, 1, 1), width=4)

@@ -1,0 +1,38 @@
+"""Shared fixtures. `../shared` (real CIFAR-10 JPEGs, teachers, embeddings) is
+read where it exists; tests that need it skip with the reason otherwise."""
+
+import os
+import pathlib
+
+# 8 simulated CPU devices for the data-parallel tests; must precede importing jax.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED_DATA = pathlib.Path(os.environ.get("CAEDFKD_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
+
+
+def _shared(relative: str) -> pathlib.Path:
+  path = SHARED_DATA / relative
+  if not path.exists():
+    pytest.skip(f"{path} is absent: this test needs the project's shared data "
+                "(set CAEDFKD_SHARED_DATA to its location)")
+  return path
+
+
+@pytest.fixture
+def cifar10_dir() -> pathlib.Path:
+  return _shared("cifar10")
+
+
+@pytest.fixture
+def teachers_dir() -> pathlib.Path:
+  return _shared("teachers/akamaster-cifar10")
+
+
+@pytest.fixture
+def embeddings_dir() -> pathlib.Path:
+  return _shared("embeddings")
