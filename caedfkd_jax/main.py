@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
   args = cmd_parser.parse_args(rest)
   try:
     return int(module.run(args) or 0)
-  except (ValueError, FileNotFoundError) as e:
-    # Bad input: one clear message, no traceback.
+  except (ValueError, FileNotFoundError, ImportError) as e:
+    # Bad input or a missing optional extra: one clear message, no traceback.
     print(f"caedfkd {name}: error: {e}", file=sys.stderr)
     return 2
 
