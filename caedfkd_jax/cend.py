@@ -1,0 +1,97 @@
+"""CEND (Eq. 3): category embeddings diffused by N noise sources of distinct distributions.
+
+    e^n_k = e^off_k + M_n * q_n,   q_n ~ NS_n,   n = 1..N
+
+Every source is zero-mean and unit-variance, so M_n alone sets the strength.
+`build_generator_batch` lays one synthesis batch out as CNCL groups.
+"""
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+NOISE_SOURCES = ("gaussian", "uniform", "laplace", "rademacher", "exponential", "student_t")
+MODES = ("cend", "clean", "gaussian")
+
+
+def sample_noise(rng: jax.Array, source: str, shape: Sequence[int]) -> jax.Array:
+  """Zero-mean, unit-variance noise from one named source."""
+  if source == "gaussian":
+    return jax.random.normal(rng, shape)
+  if source == "uniform":
+    return jax.random.uniform(rng, shape, minval=-jnp.sqrt(3.0), maxval=jnp.sqrt(3.0))
+  if source == "laplace":
+    return jax.random.laplace(rng, shape) / jnp.sqrt(2.0)
+  if source == "rademacher":
+    return jax.random.rademacher(rng, shape, dtype=jnp.float32)
+  if source == "exponential":
+    return jax.random.exponential(rng, shape) - 1.0
+  if source == "student_t":
+    dof = 5.0
+    return jax.random.t(rng, dof, shape) / jnp.sqrt(dof / (dof - 2.0))
+  raise ValueError(f"Unknown noise source {source!r}; choose from {NOISE_SOURCES}.")
+
+
+def _sources(num_sources: int, sources: Sequence[str] | None) -> tuple[str, ...]:
+  if sources is None:
+    if not 1 <= num_sources <= len(NOISE_SOURCES):
+      raise ValueError(f"num_sources={num_sources}: CEND has {len(NOISE_SOURCES)} built-in sources "
+                       f"{NOISE_SOURCES}; pass `sources` to choose others.")
+    return NOISE_SOURCES[:num_sources]
+  if len(sources) != num_sources:
+    raise ValueError(f"{len(sources)} sources given for num_sources={num_sources}.")
+  return tuple(sources)
+
+
+def diffuse(rng: jax.Array, clean_KxD: jax.Array, num_sources: int = 4,
+            magnitude: float | Sequence[float] = 0.1,
+            sources: Sequence[str] | None = None) -> jax.Array:
+  """The N diffused copies of every class embedding: N x K x D."""
+  names = _sources(num_sources, sources)
+  magnitudes = jnp.broadcast_to(jnp.asarray(magnitude, jnp.float32), (num_sources,))
+  keys = jax.random.split(rng, num_sources)
+  noise = jnp.stack([sample_noise(k, s, clean_KxD.shape) for k, s in zip(keys, names)])
+  return clean_KxD[None] + magnitudes[:, None, None] * noise
+
+
+@struct.dataclass
+class GeneratorBatch:
+  embeddings_BxD: jax.Array
+  labels_B: jax.Array        # class k
+  source_index_B: jax.Array  # 0: clean anchor, n >= 1: diffused by source n
+  group_B: jax.Array         # CNCL group within the batch
+
+
+def build_generator_batch(rng: jax.Array, table_KxD: jax.Array, num_groups: int,
+                          num_sources: int = 4, magnitude: float | Sequence[float] = 0.1,
+                          mode: str = "cend", sources: Sequence[str] | None = None) -> GeneratorBatch:
+  """One synthesis batch of `num_groups` CNCL groups, B = num_groups * K * (N + 1).
+
+  Inside a group: the K anchors (classes 0..K-1), then the K copies diffused by
+  source 1, ..., then by source N. Every K consecutive rows therefore hold each
+  class once, which the generator's chunked noisy layer relies on.
+  Modes: "cend" (Eq. 3), "clean" (NAYER: every row the clean embedding) and
+  "gaussian" (rows are N(0, I): the plain-noise base without CEND).
+  """
+  if mode not in MODES:
+    raise ValueError(f"Unknown CEND mode {mode!r}; choose from {MODES}.")
+  k, d = table_KxD.shape
+  views = num_sources + 1
+  table_KxD = jnp.asarray(table_KxD, jnp.float32)
+  if mode == "cend":
+    keys = jax.random.split(rng, num_groups)
+    diffused = jax.vmap(lambda r: diffuse(r, table_KxD, num_sources, magnitude, sources))(keys)
+    anchors = jnp.broadcast_to(table_KxD, (num_groups, 1, k, d))
+    emb = jnp.concatenate([anchors, diffused], axis=1)                   # G x V x K x D
+  elif mode == "clean":
+    emb = jnp.broadcast_to(table_KxD, (num_groups, views, k, d))
+  else:
+    emb = jax.random.normal(rng, (num_groups, views, k, d))
+  shape = (num_groups, views, k)
+  labels = jnp.broadcast_to(jnp.arange(k), shape)
+  source_index = jnp.broadcast_to(jnp.arange(views)[:, None], shape)
+  group = jnp.broadcast_to(jnp.arange(num_groups)[:, None, None], shape)
+  return GeneratorBatch(emb.reshape(-1, d), labels.reshape(-1).astype(jnp.int32),
+                        source_index.reshape(-1).astype(jnp.int32), group.reshape(-1).astype(jnp.int32))

@@ -1,0 +1,85 @@
+"""Defaults shared by every config in configs/: CAE-DFKD on NAYER's schedule.
+
+Values tagged [INFERRED] come from ../shared/spec/METHOD.md's reconstruction,
+not from the paper: each one is a field so that ablations can settle it.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # Models
+  config.teacher = ""            # Path of the teacher bundle (`caedfkd convert`). Required.
+  config.teacher_arch_expected = ""   # If set, the teacher bundle's arch must be this.
+  config.student_arch = "resnet18"
+  config.compute_dtype = "float32"   # "bfloat16" on GPUs; params stay float32.
+
+  # Embeddings and CEND (Eq. 3)
+  config.embeddings = "cifar10"  # Shipped table name ("cifar10", "cifar100") or a .npy path.
+  config.cend = ml_collections.ConfigDict()
+  config.cend.mode = "cend"      # "cend" | "clean" (NAYER: clean embeddings) | "gaussian" (plain noise).
+  config.cend.num_sources = 4    # N; the paper's best is 4.
+  config.cend.magnitude = 0.1    # M_n for every source [INFERRED].
+  config.cend.sources = ml_collections.config_dict.placeholder(tuple)  # None: first N of cend.NOISE_SOURCES.
+  config.num_groups = 8          # Synthesis batch = num_groups * K * (N + 1) (400 for CIFAR-10, N=4).
+
+  # Generator (NAYER's NLGenerator) and its loss (Eq. 5)
+  config.generator = ml_collections.ConfigDict()
+  config.generator.noise_dim = 1000      # NAYER's le_emb_size.
+  config.generator.ngf = 64
+  config.generator.lr = 4e-3             # NAYER 4e-3; the paper says Adam 1e-3.
+  config.generator.b1 = 0.5
+  config.generator.b2 = 0.999
+  config.generator.steps = 30            # g_steps per round (40 for CIFAR-100).
+  config.generator.life_epochs = 10      # Re-create the whole generator every g_life epochs.
+  config.generator.reinit_noisy_layer = True   # NAYER: new noisy layer every round.
+  config.loss = ml_collections.ConfigDict()
+  config.loss.ce = 0.5                   # NAYER's absolute weights (CE 1, alpha 20, beta 2.66 rescaled).
+  config.loss.bn = 10.0
+  config.loss.adv = 1.33                 # Off during warm-up.
+  config.loss.bn_momentum = 0.9          # EMA of the teacher BN input stats across rounds (0: off).
+  config.low_confidence = 0.5            # Teacher confidence under which a synthetic image counts as
+                                         # "low confidence" (the paper's Figure 2a statistic).
+
+  # Student (Eq. 6)
+  config.student = ml_collections.ConfigDict()
+  config.student.lr = 0.1                # [PAPER]; NAYER uses 0.2.
+  config.student.momentum = 0.9
+  config.student.weight_decay = 1e-4
+  config.student.eta_min = 2e-4          # Cosine floor.
+  config.student.batch_groups = 10       # KD batch = batch_groups whole CNCL groups (500 for CIFAR-10).
+  config.student.kd_steps = 400          # KD steps per epoch after warm-up.
+  config.student.steps_per_call = 50     # KD steps fused into one compiled call (lax.scan).
+  config.student.temperature = 20.0      # KL temperature (x t^2).
+  config.student.cncl_weight = 0.5       # lambda in Eq. 6 [INFERRED]; 0 turns CNCL off.
+  config.student.cncl_temperature = 0.07 # tau [INFERRED].
+  config.student.cncl_form = "infonce"   # "infonce" | "supcon".
+  config.student.cncl_same_group = False # Restrict positives to the anchor's own group.
+
+  # Schedule
+  config.epochs = 120                    # Including warm-up (NAYER: 120/220/320).
+  config.warmup_epochs = 20              # Generator only; no KD, no adversarial term.
+  config.g_loops = 2                     # Generator rounds per epoch after warm-up.
+  config.warmup_g_loops = 10             # ... and during warm-up.
+  config.bank_capacity = 0               # Images kept; 0 = every image the schedule makes.
+
+  # Evaluation
+  config.eval_data = ""                  # Data spec for periodic evaluation (see `caedfkd evaluate`).
+  config.eval_split = "test"
+  config.eval_every_epochs = 1
+  config.eval_batch_size = 500
+
+  # Checkpointing
+  config.checkpoint_every_minutes = 10.0 # Also at every epoch's end.
+  config.max_checkpoints = 2
+  config.time_budget_minutes = 0.0       # Stop cleanly after this many minutes (0: no limit).
+  config.max_units = 0                   # Stop cleanly after this many units (rounds or KD calls)
+                                         # in this invocation (0: no limit); for smoke tests.
+
+  # Logging
+  config.grid_images_per_class = 8       # PNG grid of synthetic images per epoch.
+  config.distributed = False             # Call jax.distributed.initialize() (multi-host).
+  return config

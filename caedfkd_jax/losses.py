@@ -1,0 +1,82 @@
+"""The CAE-DFKD losses as pure functions (METHOD.md a.3-a.6). All return float32 scalars."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = object
+
+
+def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
+  """Teacher CE against the class an image was generated for."""
+  return optax.softmax_cross_entropy_with_integer_labels(
+      logits_BxC.astype(jnp.float32), labels_B).mean()
+
+
+def bn_statistics_loss(batch_stats: PyTree, running_stats: PyTree) -> jax.Array:
+  """DeepInversion's L_BN: sum over BN layers of ||var_run - var||_2 + ||mean_run - mean||_2.
+
+  Both trees hold per-channel "mean"/"var" leaves in the same layout (the
+  teacher's "bn_stats" collection and its "batch_stats").
+  """
+  norms = jax.tree.map(lambda a, b: jnp.linalg.norm((a - b).astype(jnp.float32)),
+                       batch_stats, running_stats)
+  return sum(jax.tree.leaves(norms), jnp.float32(0.0))
+
+
+def blend_bn_statistics(batch_stats: PyTree, ema: PyTree, momentum: float) -> PyTree:
+  """NAYER/Fast's BN momentum: the current stats blended with an EMA of past rounds."""
+  return jax.tree.map(lambda cur, old: (1.0 - momentum) * cur + momentum * old, batch_stats, ema)
+
+
+def _kl_rows(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
+  log_p_t = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), -1)
+  log_p_s = jax.nn.log_softmax(student_logits.astype(jnp.float32), -1)
+  return jnp.sum(jnp.exp(log_p_t) * (log_p_t - log_p_s), -1)
+
+
+def adversarial_loss(teacher_logits: jax.Array, student_logits: jax.Array) -> jax.Array:
+  """-KL(p_T || p_S) on the samples where student and teacher agree (mean over all)."""
+  agree = jnp.argmax(student_logits, -1) == jnp.argmax(teacher_logits, -1)
+  return -jnp.mean(jnp.where(agree, _kl_rows(teacher_logits, student_logits), 0.0))
+
+
+def kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array,
+                  temperature: float) -> jax.Array:
+  """t^2 * KL(softmax(T/t) || softmax(S/t)), batch mean (Eq. 6's first term)."""
+  t = temperature
+  return t * t * jnp.mean(_kl_rows(teacher_logits / t, student_logits / t))
+
+
+def cncl_loss(features_BxD: jax.Array, labels_B: jax.Array, source_index_B: jax.Array,
+              temperature: float = 0.07, group_B: jax.Array | None = None,
+              same_group_positives: bool = False, form: str = "infonce",
+              eps: float = 1e-8) -> jax.Array:
+  """CNCL (Eq. 4): clean-embedding images are anchors, the same class's diffused
+  images positives, every other class's images negatives; cosine / temperature.
+
+  "infonce": -log(sum_pos / (sum_pos + sum_neg)); "supcon": the mean over
+  positives of -log(exp(s_p) / (sum_pos + sum_neg)). Averaged over the anchors
+  that have at least one positive; 0 when none has.
+  """
+  if form not in ("infonce", "supcon"):
+    raise ValueError(f"Unknown CNCL form {form!r}; use 'infonce' or 'supcon'.")
+  f = features_BxD.astype(jnp.float32)
+  f = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), eps)
+  logits_BxB = f @ f.T / temperature
+  same_class = labels_B[:, None] == labels_B[None, :]
+  anchor_B = source_index_B == 0
+  positive = same_class & (source_index_B[None, :] >= 1)
+  if same_group_positives and group_B is not None:
+    positive &= group_B[:, None] == group_B[None, :]
+  negative = ~same_class
+  neg_inf = jnp.float32(-1e30)
+  log_pos = jax.nn.logsumexp(jnp.where(positive, logits_BxB, neg_inf), axis=-1)
+  log_all = jax.nn.logsumexp(jnp.where(positive | negative, logits_BxB, neg_inf), axis=-1)
+  if form == "infonce":
+    per_anchor = log_all - log_pos
+  else:
+    n_pos = jnp.maximum(positive.sum(-1), 1)
+    per_anchor = jnp.sum(jnp.where(positive, log_all[:, None] - logits_BxB, 0.0), -1) / n_pos
+  valid = anchor_B & positive.any(-1)
+  return jnp.sum(jnp.where(valid, per_anchor, 0.0)) / jnp.maximum(valid.sum(), 1)

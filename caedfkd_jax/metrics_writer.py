@@ -1,0 +1,63 @@
+"""Where a run's numbers and pictures go: TensorBoard events, JSON lines, PNG grids."""
+
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+
+class MetricsWriter:
+  """Writes each epoch's scalars to `metrics.jsonl` and TensorBoard event files."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    if not enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    try:
+      from tensorboardX import SummaryWriter
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    except ImportError:  # TensorBoard files are a nicety; JSON lines always exist.
+      self._tb = None
+
+  def write(self, step: int, scalars: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    self._jsonl.write(json.dumps({"epoch": step, **scalars}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        self._tb.add_scalar(k, v, step)
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._jsonl.close()
+      if self._tb is not None:
+        self._tb.close()
+
+
+def image_grid(images01_BxHxWxC: np.ndarray, labels_B: np.ndarray, num_classes: int,
+               per_class: int, pad: int = 2) -> np.ndarray:
+  """One row per class, `per_class` images each (blank where a class has fewer)."""
+  _, h, w, c = images01_BxHxWxC.shape
+  grid = np.ones((num_classes * (h + pad) + pad, per_class * (w + pad) + pad, c), np.float32)
+  for k in range(num_classes):
+    for j, i in enumerate(np.flatnonzero(labels_B == k)[:per_class]):
+      y, x = pad + k * (h + pad), pad + j * (w + pad)
+      grid[y:y + h, x:x + w] = images01_BxHxWxC[i]
+  return (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
+
+
+def save_image_grid(path: str, images01_BxHxWxC: np.ndarray, labels_B: np.ndarray,
+                    num_classes: int, per_class: int, enabled: bool = True) -> None:
+  if not enabled or per_class <= 0:
+    return
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  grid = image_grid(images01_BxHxWxC, labels_B, num_classes, per_class)
+  if grid.shape[-1] == 1:
+    grid = grid[..., 0]
+  Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)

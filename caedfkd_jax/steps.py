@@ -1,0 +1,240 @@
+"""The two CAE-DFKD updates as pure functions: a generator round and KD steps.
+
+`generator_step` (Eq. 5) and `student_step` (Eq. 6) are pure; a round scans
+`generator_step` over g_steps and a KD call scans `student_step`, so each
+phase is one compiled call. `make_step_fns` jits both over a ("data",) mesh:
+the state is replicated and every batch is sharded along "data", so BatchNorm
+statistics and losses cover the global batch whatever the device count.
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from caedfkd_jax import augment, cend, generator as generator_lib, losses, memory_bank
+from caedfkd_jax.bundle import normalize
+
+PyTree = Any
+
+
+@struct.dataclass
+class TrainState:
+  """Everything a run needs to continue exactly where it stopped."""
+  epoch: jax.Array          # int32: current epoch.
+  unit: jax.Array           # int32: next unit (generator round or KD call) inside the epoch.
+  kd_step: jax.Array        # int32: KD steps taken so far (drives the LR schedule).
+  generator_params: PyTree
+  student: PyTree           # {"params", "batch_stats"}
+  student_opt_state: PyTree
+  bn_ema: PyTree            # EMA of the teacher's BN input stats (NAYER's momentum).
+  bn_ema_valid: jax.Array   # bool: bn_ema holds a value yet.
+  bank: memory_bank.MemoryBank
+  rng: jax.Array            # Base key; every use folds in (epoch, unit, step).
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+  """The static side of a run: networks, tables, optimisers, hyper-parameters."""
+  teacher: nn.Module
+  student: nn.Module
+  generator: nn.Module
+  table_KxD: jax.Array
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  student_tx: optax.GradientTransformation
+  generator_tx: optax.GradientTransformation
+  config: Any               # ml_collections.ConfigDict (frozen view).
+
+  @property
+  def num_classes(self) -> int:
+    return int(self.table_KxD.shape[0])
+
+  @property
+  def group_size(self) -> int:
+    return self.num_classes * (self.config.cend.num_sources + 1)
+
+  @property
+  def synthesis_batch(self) -> int:
+    return self.config.num_groups * self.group_size
+
+
+def _constrain_batch(tree: PyTree, mesh: Mesh | None) -> PyTree:
+  """Shards the leading (batch) axis over "data": the data-parallel split."""
+  if mesh is None:
+    return tree
+  sharding = NamedSharding(mesh, P("data"))
+  return jax.tree.map(lambda x: jax.lax.with_sharding_constraint(x, sharding), tree)
+
+
+# --------------------------------------------------------------------------- #
+# Generator (Eq. 5)
+# --------------------------------------------------------------------------- #
+
+
+def generator_loss(params: PyTree, setup: Setup, teacher_vars: PyTree, student: PyTree,
+                   batch: cend.GeneratorBatch, bn_ema: PyTree, bn_ema_valid: jax.Array,
+                   adv_on: jax.Array, rng: jax.Array, mesh: Mesh | None = None):
+  """L_G = ce * CE(T(A(G(e))), y) + bn * L_BN + adv * L_adv. Returns (loss, aux)."""
+  cfg = setup.config
+  images = setup.generator.apply({"params": params}, batch.embeddings_BxD)
+  images = _constrain_batch(images, mesh)
+  x = normalize(augment.random_crop_flip(rng, images), setup.mean, setup.std)
+  (t_logits, _), t_state = setup.teacher.apply(teacher_vars, x, train=False, mutable=["bn_stats"])
+  bn_stats = t_state["bn_stats"]
+  blended = jax.tree.map(
+      lambda cur, ema: jnp.where(bn_ema_valid, losses.blend_bn_statistics(cur, ema, cfg.loss.bn_momentum), cur),
+      bn_stats, bn_ema)
+  l_bn = losses.bn_statistics_loss(blended, teacher_vars["batch_stats"])
+  l_ce = losses.cross_entropy(t_logits, batch.labels_B)
+  s_logits, _ = setup.student.apply(student, x, train=False)
+  l_adv = losses.adversarial_loss(t_logits, s_logits)
+  loss = cfg.loss.ce * l_ce + cfg.loss.bn * l_bn + cfg.loss.adv * adv_on * l_adv
+  metrics = {"gen/loss": loss, "gen/ce": l_ce, "gen/bn": l_bn, "gen/adv": l_adv}
+  return loss, (images, jax.lax.stop_gradient(bn_stats), metrics)
+
+
+def generator_step(carry, rng, *, setup, teacher_vars, student, batch, bn_ema, bn_ema_valid,
+                   adv_on, mesh=None):
+  """One Adam step of G; keeps the batch with the lowest loss seen this round."""
+  params, opt_state, best_loss, best_images, _ = carry
+  grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
+  (loss, (images, bn_stats, metrics)), grads = grad_fn(
+      params, setup, teacher_vars, student, batch, bn_ema, bn_ema_valid, adv_on, rng, mesh)
+  updates, opt_state = setup.generator_tx.update(grads, opt_state, params)
+  params = optax.apply_updates(params, updates)
+  better = loss < best_loss
+  best_images = jnp.where(better, jax.lax.stop_gradient(images), best_images)
+  best_loss = jnp.where(better, loss, best_loss)
+  return (params, opt_state, best_loss, best_images, bn_stats), metrics
+
+
+def generator_round(state: TrainState, teacher_vars: PyTree, *, setup: Setup, warmup: bool,
+                    mesh: Mesh | None = None):
+  """A NAYER round: new noisy layer, one CEND batch, g_steps of a fresh Adam.
+
+  Adds the best batch to the memory bank and updates the BN-stat EMA. Returns
+  (state, per-step metrics, per-class low-confidence share, best images).
+  """
+  cfg = setup.config
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.epoch), state.unit)
+  rng_noisy, rng_batch, rng_steps = jax.random.split(rng, 3)
+  params = state.generator_params
+  if cfg.generator.reinit_noisy_layer:
+    params = generator_lib.reinit_noisy_layer(params, rng_noisy)
+  batch = cend.build_generator_batch(
+      rng_batch, setup.table_KxD, cfg.num_groups, cfg.cend.num_sources,
+      cfg.cend.magnitude, mode=cfg.cend.mode, sources=cfg.cend.sources)
+  batch = _constrain_batch(batch, mesh)
+  adv_on = jnp.float32(0.0 if warmup else 1.0)
+  image_shape = (setup.synthesis_batch, *state.bank.images.shape[1:])
+  first_stats = jax.tree.map(jnp.zeros_like, state.bn_ema)
+  carry = (params, setup.generator_tx.init(params), jnp.float32(jnp.inf),
+           jnp.zeros(image_shape, jnp.float32), first_stats)
+  step = functools.partial(
+      generator_step, setup=setup, teacher_vars=teacher_vars, student=state.student,
+      batch=batch, bn_ema=state.bn_ema, bn_ema_valid=state.bn_ema_valid, adv_on=adv_on, mesh=mesh)
+  (params, _, _, best_images, last_stats), metrics = jax.lax.scan(
+      step, carry, jax.random.split(rng_steps, cfg.generator.steps))
+
+  m = cfg.loss.bn_momentum
+  bn_ema = jax.tree.map(
+      lambda ema, last: jnp.where(state.bn_ema_valid, m * ema + (1 - m) * last, last),
+      state.bn_ema, last_stats)
+  bank = memory_bank.add(state.bank, best_images, batch.labels_B, batch.source_index_B, batch.group_B)
+
+  # Figure 2a: share of each class's images the teacher is unsure about.
+  x = normalize(best_images, setup.mean, setup.std)
+  t_logits, _ = setup.teacher.apply(teacher_vars, x, train=False)
+  confident = jnp.max(jax.nn.softmax(t_logits), axis=-1) >= cfg.low_confidence
+  onehot = jax.nn.one_hot(batch.labels_B, setup.num_classes)
+  low_conf_K = jnp.sum(onehot * (~confident)[:, None], 0) / jnp.maximum(jnp.sum(onehot, 0), 1)
+  teacher_acc = jnp.mean(jnp.argmax(t_logits, -1) == batch.labels_B)
+  metrics = dict(metrics, **{"gen/teacher_acc_on_best": jnp.broadcast_to(teacher_acc, metrics["gen/loss"].shape)})
+
+  state = state.replace(generator_params=params, bn_ema=bn_ema,
+                        bn_ema_valid=jnp.bool_(True), bank=bank, unit=state.unit + 1)
+  return state, metrics, low_conf_K, best_images
+
+
+# --------------------------------------------------------------------------- #
+# Student (Eq. 6)
+# --------------------------------------------------------------------------- #
+
+
+def student_loss(params: PyTree, batch_stats: PyTree, setup: Setup, x: jax.Array,
+                 t_logits: jax.Array, labels: jax.Array, source_index: jax.Array,
+                 group: jax.Array):
+  """L_S = t^2 KL(T || S) + lambda * L_CNCL on the student's penultimate features."""
+  cfg = setup.config.student
+  (s_logits, aux), new_vars = setup.student.apply(
+      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
+  l_kl = losses.kl_divergence(t_logits, s_logits, cfg.temperature)
+  l_cncl = losses.cncl_loss(aux["features"], labels, source_index, cfg.cncl_temperature,
+                            group_B=group, same_group_positives=cfg.cncl_same_group,
+                            form=cfg.cncl_form)
+  loss = l_kl + cfg.cncl_weight * l_cncl
+  agree = jnp.mean(jnp.argmax(s_logits, -1) == jnp.argmax(t_logits, -1))
+  metrics = {"kd/loss": loss, "kd/kl": l_kl, "kd/cncl": l_cncl, "kd/agreement": agree}
+  return loss, (new_vars["batch_stats"], metrics)
+
+
+def student_step(state: TrainState, rng: jax.Array, *, setup: Setup, teacher_vars: PyTree,
+                 mesh: Mesh | None = None):
+  """One SGD step on whole CNCL groups drawn from the memory bank."""
+  cfg = setup.config.student
+  rng_sample, rng_aug = jax.random.split(rng)
+  images, labels, source_index, group = memory_bank.sample_groups(
+      state.bank, rng_sample, cfg.batch_groups, setup.group_size)
+  images, labels, source_index, group = _constrain_batch((images, labels, source_index, group), mesh)
+  x = normalize(augment.random_crop_flip(rng_aug, images), setup.mean, setup.std)
+  t_logits, _ = setup.teacher.apply(teacher_vars, x, train=False)
+  grad_fn = jax.value_and_grad(student_loss, has_aux=True)
+  (_, (batch_stats, metrics)), grads = grad_fn(
+      state.student["params"], state.student["batch_stats"], setup, x,
+      jax.lax.stop_gradient(t_logits), labels, source_index, group)
+  updates, opt_state = setup.student_tx.update(grads, state.student_opt_state, state.student["params"])
+  params = optax.apply_updates(state.student["params"], updates)
+  state = state.replace(student={"params": params, "batch_stats": batch_stats},
+                        student_opt_state=opt_state, kd_step=state.kd_step + 1)
+  return state, metrics
+
+
+def student_steps(state: TrainState, teacher_vars: PyTree, *, setup: Setup, num_steps: int,
+                  mesh: Mesh | None = None):
+  """`num_steps` KD steps fused in one lax.scan. Returns (state, per-step metrics)."""
+  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.epoch), state.unit)
+  step = functools.partial(student_step, setup=setup, teacher_vars=teacher_vars, mesh=mesh)
+  state, metrics = jax.lax.scan(step, state, jax.random.split(rng, num_steps))
+  return state.replace(unit=state.unit + 1), metrics
+
+
+# --------------------------------------------------------------------------- #
+# Compilation over a mesh
+# --------------------------------------------------------------------------- #
+
+
+def make_mesh(devices=None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  return jax.make_mesh((len(devices),), ("data",), devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def make_step_fns(setup: Setup, mesh: Mesh) -> dict[str, Callable]:
+  """Jitted phases: state and teacher replicated, batches sharded, state donated."""
+  replicated = NamedSharding(mesh, P())
+  jit = functools.partial(jax.jit, in_shardings=(replicated, replicated),
+                          donate_argnums=(0,))
+  fns = {
+      "warmup_round": jit(functools.partial(generator_round, setup=setup, warmup=True, mesh=mesh)),
+      "round": jit(functools.partial(generator_round, setup=setup, warmup=False, mesh=mesh)),
+      "kd": jit(functools.partial(student_steps, setup=setup,
+                                  num_steps=setup.config.student.steps_per_call, mesh=mesh)),
+  }
+  return fns

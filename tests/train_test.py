@@ -1,0 +1,160 @@
+"""The engine end to end on tiny models: runs, resumes identically, shards, stops on NaN."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from caedfkd_jax import bundle as bundle_lib
+from caedfkd_jax import default_config, embeddings, steps, train
+
+NUM_CLASSES = 4
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+  """A tiny random teacher: the mechanics do not need a good one."""
+  directory = tmp_path_factory.mktemp("teacher")
+  spec = bundle_lib.ModelSpec("resnet_tiny_a", NUM_CLASSES, 32,
+                              class_names=[f"c{k}" for k in range(NUM_CLASSES)])
+  bundle_lib.save_bundle(str(directory), spec, bundle_lib.init_variables(spec, 1))
+  return str(directory)
+
+
+@pytest.fixture(scope="module")
+def table_path(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("table")
+  vectors = np.random.default_rng(0).normal(size=(NUM_CLASSES, 16)).astype(np.float32)
+  table = embeddings.EmbeddingTable(vectors, [f"c{k}" for k in range(NUM_CLASSES)], {"encoder": "test"})
+  path = str(directory / "table.npy")
+  table.save(path)
+  return path
+
+
+def tiny_config(teacher_dir, table_path):
+  config = default_config.get_config()
+  config.teacher = teacher_dir
+  config.embeddings = table_path
+  config.student_arch = "resnet_tiny_a"
+  config.cend.num_sources = 1            # group = 4 classes x 2 views = 8 images
+  config.num_groups = 2                  # 16 images per round
+  config.generator.noise_dim = 8
+  config.generator.ngf = 4
+  config.generator.steps = 2
+  config.warmup_g_loops = 2
+  config.g_loops = 1
+  config.student.batch_groups = 2
+  config.student.kd_steps = 4
+  config.student.steps_per_call = 2
+  config.warmup_epochs = 1
+  config.epochs = 3
+  config.grid_images_per_class = 2
+  config.eval_every_epochs = 1
+  return config
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_run_writes_student_logs_samples_and_checkpoints(teacher_dir, table_path, tmp_path):
+  config = tiny_config(teacher_dir, table_path)
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["epoch"] == 3 and not result["stopped_early"]
+  student = bundle_lib.load_bundle(result["student"])
+  assert student.spec.arch == "resnet_tiny_a" and student.spec.num_classes == NUM_CLASSES
+  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [l["epoch"] for l in lines] == [1, 2, 3]
+  assert "kd/kl" not in lines[0] and "kd/kl" in lines[1]       # no KD during warm-up
+  assert lines[0]["bank/size"] == 2 * 16 and lines[2]["bank/size"] == 4 * 16
+  assert 0.0 <= lines[1]["gen/low_confidence_share"] <= 1.0
+  assert sorted(os.listdir(tmp_path / "samples")) == [f"epoch_{e:04d}.png" for e in (1, 2, 3)]
+  assert os.listdir(tmp_path / "tensorboard")
+  # The student learnt something from the teacher: its params moved.
+  init = bundle_lib.init_variables(student.spec, 0)
+  assert any(not np.allclose(a, b) for a, b in zip(_leaves(init["params"]), _leaves(student.variables["params"])))
+
+
+def test_interrupted_run_resumes_identically(teacher_dir, table_path, tmp_path):
+  config = tiny_config(teacher_dir, table_path)
+  full = train.train_and_evaluate(config, str(tmp_path / "full"))
+  # Stop after 3 units (mid warm-up epoch / mid KD epoch), then resume twice.
+  for stop_after in (3, 5):
+    config.max_units = stop_after
+    partial = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert partial["stopped_early"]
+  config.max_units = 0
+  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  a = bundle_lib.load_bundle(full["student"]).variables
+  b = bundle_lib.load_bundle(resumed["student"]).variables
+  for x, y in zip(_leaves(a), _leaves(b)):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_eight_devices_match_one(teacher_dir, table_path):
+  assert jax.device_count() == 8, "conftest sets 8 simulated CPU devices"
+  config = tiny_config(teacher_dir, table_path)
+  teacher = bundle_lib.load_bundle(teacher_dir)
+  setup = train.create_setup(config, teacher, embeddings.load_table(table_path))
+  outputs = []
+  for devices in (jax.devices()[:1], jax.devices()):
+    mesh = steps.make_mesh(devices)
+    fns = steps.make_step_fns(setup, mesh)
+    state = train.create_state(setup, teacher.variables, 32)
+    state, gen_metrics, _, images = fns["warmup_round"](state, teacher.variables)
+    state, _, _, _ = fns["round"](state, teacher.variables)
+    state, kd_metrics = fns["kd"](state, teacher.variables)
+    outputs.append((jax.device_get(gen_metrics), jax.device_get(kd_metrics), np.asarray(images)))
+  (g1, k1, im1), (g8, k8, im8) = outputs
+  for name in g1:
+    np.testing.assert_allclose(g1[name], g8[name], rtol=2e-4, atol=1e-5, err_msg=name)
+  for name in k1:
+    np.testing.assert_allclose(k1[name], k8[name], rtol=2e-4, atol=1e-5, err_msg=name)
+  np.testing.assert_allclose(im1, im8, atol=1e-4)
+
+
+def test_nan_stops_naming_the_term_and_keeps_the_last_checkpoint(teacher_dir, table_path, tmp_path):
+  config = tiny_config(teacher_dir, table_path)
+  config.student.lr = 1e30                      # diverges in the first KD epoch
+  with pytest.raises(train.NonFiniteLossError, match=r"kd/.* at epoch 1"):
+    train.train_and_evaluate(config, str(tmp_path))
+  # The warm-up epoch's checkpoint survives for inspection or a retry.
+  assert os.listdir(tmp_path / train.CHECKPOINT_DIR)
+
+
+def test_clear_errors_for_bad_inputs(teacher_dir, table_path, tmp_path):
+  config = tiny_config(teacher_dir, table_path)
+  config.teacher = str(tmp_path / "nope")
+  with pytest.raises(FileNotFoundError, match="model.json"):
+    train.train_and_evaluate(config, str(tmp_path / "w1"))
+
+  config = tiny_config(teacher_dir, table_path)
+  config.student_arch = "resnet9000"
+  with pytest.raises(ValueError, match="Unknown student_arch 'resnet9000'"):
+    train.train_and_evaluate(config, str(tmp_path / "w2"))
+
+  wrong = embeddings.EmbeddingTable(np.ones((NUM_CLASSES + 1, 16), np.float32),
+                                    [str(k) for k in range(NUM_CLASSES + 1)], {})
+  wrong.save(str(tmp_path / "wrong.npy"))
+  config = tiny_config(teacher_dir, table_path)
+  config.embeddings = str(tmp_path / "wrong.npy")
+  with pytest.raises(ValueError, match="5 classes but the teacher has 4"):
+    train.train_and_evaluate(config, str(tmp_path / "w3"))
+
+
+def test_distill_cli_runs_and_resumes(teacher_dir, table_path, tmp_path):
+  from caedfkd_jax import main
+  args = ["distill", "--config", os.path.join(os.path.dirname(__file__), "..", "configs",
+                                              "cifar10_resnet56_resnet20.py"),
+          "--workdir", str(tmp_path), f"--config.teacher={teacher_dir}",
+          f"--config.embeddings={table_path}", "--config.student_arch=resnet_tiny_a",
+          "--config.cend.num_sources=1", "--config.num_groups=1", "--config.generator.ngf=4",
+          "--config.generator.noise_dim=8", "--config.generator.steps=1", "--config.warmup_g_loops=1",
+          "--config.student.batch_groups=1", "--config.student.kd_steps=2",
+          "--config.student.steps_per_call=1", "--config.warmup_epochs=1", "--config.epochs=2"]
+  assert main.main(args) == 0
+  assert os.path.exists(tmp_path / "student" / "model.json")
+  assert main.main(["distill", "--workdir", str(tmp_path)]) == 2   # no --config: usage error
