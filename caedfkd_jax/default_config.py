@@ -16,6 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher_arch_expected = ""   # If set, the teacher bundle's arch must be this.
   config.student_arch = "resnet18"
   config.compute_dtype = "float32"   # "bfloat16" on GPUs; params stay float32.
+  config.fuse_steps = False          # One lax.scan per round / KD call: True on GPUs, False on
+                                     # CPUs (XLA:CPU runs convs in loops ~100x slower).
 
   # Embeddings and CEND (Eq. 3)
   config.embeddings = "cifar10"  # Shipped table name ("cifar10", "cifar100") or a .npy path.

@@ -2,12 +2,14 @@
 
 BN1d over the embeddings -> a chunked "noisy layer" (one Linear per chunk of K
 rows, re-drawn from N(0, 1) every round) -> Linear to init x init x 2ngf ->
-upsample/conv/BN/LeakyReLU stages -> 3x3 conv -> sigmoid. The generator always
-normalises with its batch statistics (NAYER keeps it in train mode), so it has
-params only and no running statistics.
+upsample/conv/BN/LeakyReLU stages -> 3x3 conv -> sigmoid. NAYER keeps its
+generator in train mode, so every BatchNorm here normalises with the batch's
+statistics: the generator has params only, no running statistics.
+
+The noisy layer holds B // K Linears, so a set of params is made for one
+synthesis batch size B (see `init_generator`).
 """
 
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -20,14 +22,18 @@ NOISY_LAYER = "noisy_layer"
 
 
 class BatchStatNorm(nn.Module):
-  """BatchNorm that always uses batch statistics (over every axis but the last)."""
+  """BatchNorm in train mode: batch mean and biased variance over every axis but the last.
+
+  Learnable scale/bias like PyTorch's BatchNorm1d/2d; no running averages are
+  kept because NAYER's generator never runs in eval mode.
+  """
   epsilon: float = 1e-5
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones, (c,))
-    bias = self.param("bias", nn.initializers.zeros, (c,))
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,))
+    bias = self.param("bias", nn.initializers.zeros, (features,))
     x32 = x.astype(jnp.float32)
     axes = tuple(range(x.ndim - 1))
     mean = x32.mean(axes)
@@ -36,28 +42,52 @@ class BatchStatNorm(nn.Module):
 
 
 class NoisyLayer(nn.Module):
-  """B // K separate Linear(D -> noise_dim) layers; chunk i of K rows goes through layer i."""
+  """B // K separate Linear(D -> features) layers; chunk i (rows iK..iK+K-1) goes through layer i.
+
+  Stored as one (B // K, D, features) kernel and applied with one batched
+  einsum. Initialised like NAYER's freshly built nn.Linear layers (PyTorch
+  default); `reinit_noisy_layer` then redraws it from N(0, 1) every round.
+  """
   num_classes: int
   features: int
 
   @nn.compact
   def __call__(self, x_BxD: jax.Array) -> jax.Array:
     b, d = x_BxD.shape
-    if b % self.num_classes:
-      raise ValueError(f"Generator batch {b} is not a multiple of the {self.num_classes} classes: "
-                       "every chunk of K rows must hold each class once.")
-    chunks = b // self.num_classes
-    kernel = self.param("kernel", nn.initializers.normal(1.0), (chunks, d, self.features))
-    bias = self.param("bias", nn.initializers.zeros, (chunks, self.features))
-    x = x_BxD.reshape(chunks, self.num_classes, d)
-    return (jnp.einsum("nkd,ndf->nkf", x, kernel) + bias[:, None]).reshape(b, self.features)
+    k = self.num_classes
+    if b % k:
+      raise ValueError(f"Generator batch of {b} embeddings is not a multiple of num_classes={k}: "
+                       f"the noisy layer feeds chunks of {k} rows (one per class) to separate "
+                       f"Linears; use a synthesis batch that is a multiple of {k}.")
+    chunks = b // k
+    if self.has_variable("params", "kernel"):
+      made_for = self.get_variable("params", "kernel").shape[0]
+      if made_for != chunks:
+        raise ValueError(f"These generator params were made for a batch of {made_for * k} "
+                         f"embeddings ({made_for} noisy-layer chunks of {k}), got {b}; make new "
+                         f"ones with init_generator(..., batch_size={b}, ...).")
+    # fan_in is D alone: the leading chunk axis indexes separate layers.
+    kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", batch_axis=(0,))
+    kernel = self.param("kernel", kernel_init, (chunks, d, self.features))
+    bias = self.param("bias", torch_default_bias_init(d), (chunks, self.features))
+    x_NxKxD = x_BxD.reshape(chunks, k, d)
+    out_NxKxF = jnp.einsum("nkd,ndf->nkf", x_NxKxD, kernel) + bias[:, None]
+    return out_NxKxF.reshape(b, self.features)
 
 
 class Generator(nn.Module):
-  """`apply({"params": p}, embeddings_BxD)` -> images in [0, 1], B x img x img x channels.
+  """`apply({"params": p}, embeddings_BxD)` -> images in [0, 1], B x img_size x img_size x channels.
 
-  The noisy layer's size depends on the synthesis batch (B // K chunks), so
-  params are made for one batch size.
+  Two layouts, chosen by `num_upsamples` (None: 2 below 128 px, 4 from 128 px):
+  - 2 upsamples, NAYER's NLGenerator (32 and 64 px): project to init = img/4,
+    BN, then [upsample, conv 2ngf, BN, LReLU], [upsample, conv ngf, BN, LReLU].
+  - more, NAYER's NLDeepGenerator (224 px, init 14): project to init = img/16
+    without BN, [conv 2ngf, BN, LReLU] at init, then per upsample [upsample,
+    conv, BN, LReLU] with 2ngf, ngf, ngf, ngf channels.
+  Both end in a biased 3x3 conv to `channels` and a sigmoid. Convs are 3x3,
+  padding 1, bias-free; LeakyReLU slope 0.2; nearest-neighbour upsampling.
+  B must be the batch size the params were made for (a multiple of
+  `num_classes`).
   """
   num_classes: int
   img_size: int = 32
@@ -65,39 +95,50 @@ class Generator(nn.Module):
   ngf: int = 64
   channels: int = 3
   dtype: Any = jnp.float32
+  num_upsamples: int | None = None
 
-  @property
-  def num_upsamples(self) -> int:
-    # NAYER: init = img // 4 with two upsamples (32, 64); 224 starts at 14 with four.
-    return 4 if self.img_size >= 128 else 2
+  def layout(self) -> tuple[int, bool, tuple[tuple[bool, int], ...]]:
+    """(init size, BN after the projection?, conv stages as (upsample first?, out channels))."""
+    ups = self.num_upsamples if self.num_upsamples is not None else (4 if self.img_size >= 128 else 2)
+    if ups < 1 or self.img_size % 2**ups:
+      raise ValueError(f"img_size={self.img_size} with num_upsamples={ups}: the image size must be "
+                       f"divisible by 2**num_upsamples (NAYER: 32/64 px with 2, 224 px with 4).")
+    up_stages = ((True, 2 * self.ngf),) + ((True, self.ngf),) * (ups - 1)
+    deep = ups > 2
+    stages = ((False, 2 * self.ngf),) + up_stages if deep else up_stages
+    return self.img_size // 2**ups, not deep, stages
 
   @nn.compact
   def __call__(self, embeddings_BxD: jax.Array) -> jax.Array:
-    init = self.img_size // 2**self.num_upsamples
-    if init * 2**self.num_upsamples != self.img_size:
-      raise ValueError(f"img_size {self.img_size} is not divisible by {2**self.num_upsamples}.")
+    init, project_norm, stages = self.layout()
+    width = 2 * self.ngf
     x = BatchStatNorm(name="embed_norm")(embeddings_BxD.astype(jnp.float32))
     x = NoisyLayer(self.num_classes, self.noise_dim, name=NOISY_LAYER)(x)
-    width = 2 * self.ngf
     x = nn.Dense(width * init * init, kernel_init=torch_default_kernel_init,
-                 bias_init=torch_default_bias_init(self.noise_dim), dtype=self.dtype, name="project")(x)
+                 bias_init=torch_default_bias_init(self.noise_dim), dtype=self.dtype,
+                 name="project")(x)
     x = x.reshape(-1, init, init, width)
-    x = BatchStatNorm(name="norm0")(x)
-    channels = [width] * (self.num_upsamples - 1) + [self.ngf]
-    for i, c in enumerate(channels):
-      b, h, w, ch = x.shape
-      x = jax.image.resize(x, (b, 2 * h, 2 * w, ch), "nearest")
-      x = nn.Conv(c, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
-                  kernel_init=torch_default_kernel_init, dtype=self.dtype, name=f"conv{i + 1}")(x)
-      x = nn.leaky_relu(BatchStatNorm(name=f"norm{i + 1}")(x), 0.2)
+    if project_norm:
+      x = BatchStatNorm(name="project_norm")(x)
+    for i, (upsample, features) in enumerate(stages, start=1):
+      if upsample:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # Nearest-neighbour x2.
+      x = nn.Conv(features, (3, 3), padding=((1, 1), (1, 1)), use_bias=False,
+                  kernel_init=torch_default_kernel_init, dtype=self.dtype, name=f"conv{i}")(x)
+      x = nn.leaky_relu(BatchStatNorm(name=f"norm{i}")(x), 0.2)
     x = nn.Conv(self.channels, (3, 3), padding=((1, 1), (1, 1)),
                 kernel_init=torch_default_kernel_init,
-                bias_init=torch_default_bias_init(9 * self.ngf), dtype=self.dtype, name="to_image")(x)
+                bias_init=torch_default_bias_init(9 * stages[-1][1]), dtype=self.dtype,
+                name="to_image")(x)
     return jax.nn.sigmoid(x.astype(jnp.float32))
 
 
 def init_generator(rng: jax.Array, generator: Generator, batch_size: int, embed_dim: int):
-  """Fresh params for a synthesis batch of `batch_size` embeddings of size `embed_dim`."""
+  """Fresh params for synthesis batches of `batch_size` embeddings of size `embed_dim`.
+
+  The noisy layer gets batch_size // num_classes Linears, so the params only
+  fit that batch size.
+  """
   return generator.init(rng, jnp.zeros((batch_size, embed_dim), jnp.float32))["params"]
 
 

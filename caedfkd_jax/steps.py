@@ -100,28 +100,27 @@ def generator_loss(params: PyTree, setup: Setup, teacher_vars: PyTree, student: 
   return loss, (images, jax.lax.stop_gradient(bn_stats), metrics)
 
 
-def generator_step(carry, rng, *, setup, teacher_vars, student, batch, bn_ema, bn_ema_valid,
-                   adv_on, mesh=None):
-  """One Adam step of G; keeps the batch with the lowest loss seen this round."""
-  params, opt_state, best_loss, best_images, _ = carry
-  grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
-  (loss, (images, bn_stats, metrics)), grads = grad_fn(
-      params, setup, teacher_vars, student, batch, bn_ema, bn_ema_valid, adv_on, rng, mesh)
-  updates, opt_state = setup.generator_tx.update(grads, opt_state, params)
-  params = optax.apply_updates(params, updates)
-  better = loss < best_loss
-  best_images = jnp.where(better, jax.lax.stop_gradient(images), best_images)
-  best_loss = jnp.where(better, loss, best_loss)
-  return (params, opt_state, best_loss, best_images, bn_stats), metrics
+@struct.dataclass
+class RoundCarry:
+  """What changes during a generator round."""
+  params: PyTree
+  opt_state: PyTree
+  best_loss: jax.Array
+  best_images: jax.Array
+  last_bn_stats: PyTree
 
 
-def generator_round(state: TrainState, teacher_vars: PyTree, *, setup: Setup, warmup: bool,
-                    mesh: Mesh | None = None):
-  """A NAYER round: new noisy layer, one CEND batch, g_steps of a fresh Adam.
+@struct.dataclass
+class RoundContext:
+  """What a round fixes at its start: the CEND batch and the adversarial switch."""
+  batch: cend.GeneratorBatch
+  adv_on: jax.Array
+  rng: jax.Array
 
-  Adds the best batch to the memory bank and updates the BN-stat EMA. Returns
-  (state, per-step metrics, per-class low-confidence share, best images).
-  """
+
+def start_round(state: TrainState, *, setup: Setup, warmup: bool,
+                mesh: Mesh | None = None) -> tuple[RoundCarry, RoundContext]:
+  """A NAYER round begins: new noisy layer, one CEND batch, a fresh Adam."""
   cfg = setup.config
   rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.epoch), state.unit)
   rng_noisy, rng_batch, rng_steps = jax.random.split(rng, 3)
@@ -132,34 +131,67 @@ def generator_round(state: TrainState, teacher_vars: PyTree, *, setup: Setup, wa
       rng_batch, setup.table_KxD, cfg.num_groups, cfg.cend.num_sources,
       cfg.cend.magnitude, mode=cfg.cend.mode, sources=cfg.cend.sources)
   batch = _constrain_batch(batch, mesh)
-  adv_on = jnp.float32(0.0 if warmup else 1.0)
   image_shape = (setup.synthesis_batch, *state.bank.images.shape[1:])
-  first_stats = jax.tree.map(jnp.zeros_like, state.bn_ema)
-  carry = (params, setup.generator_tx.init(params), jnp.float32(jnp.inf),
-           jnp.zeros(image_shape, jnp.float32), first_stats)
-  step = functools.partial(
-      generator_step, setup=setup, teacher_vars=teacher_vars, student=state.student,
-      batch=batch, bn_ema=state.bn_ema, bn_ema_valid=state.bn_ema_valid, adv_on=adv_on, mesh=mesh)
-  (params, _, _, best_images, last_stats), metrics = jax.lax.scan(
-      step, carry, jax.random.split(rng_steps, cfg.generator.steps))
+  carry = RoundCarry(params, setup.generator_tx.init(params), jnp.float32(jnp.inf),
+                     jnp.zeros(image_shape, jnp.float32), jax.tree.map(jnp.zeros_like, state.bn_ema))
+  return carry, RoundContext(batch, jnp.float32(0.0 if warmup else 1.0), rng_steps)
 
-  m = cfg.loss.bn_momentum
+
+def generator_step(carry: RoundCarry, ctx: RoundContext, step: jax.Array, state: TrainState,
+                   teacher_vars: PyTree, *, setup: Setup, mesh: Mesh | None = None):
+  """One Adam step of G (Eq. 5); keeps the batch with the lowest loss seen this round."""
+  grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
+  (loss, (images, bn_stats, metrics)), grads = grad_fn(
+      carry.params, setup, teacher_vars, state.student, ctx.batch, state.bn_ema,
+      state.bn_ema_valid, ctx.adv_on, jax.random.fold_in(ctx.rng, step), mesh)
+  updates, opt_state = setup.generator_tx.update(grads, carry.opt_state, carry.params)
+  better = loss < carry.best_loss
+  carry = RoundCarry(
+      params=optax.apply_updates(carry.params, updates), opt_state=opt_state,
+      best_loss=jnp.where(better, loss, carry.best_loss),
+      best_images=jnp.where(better, jax.lax.stop_gradient(images), carry.best_images),
+      last_bn_stats=bn_stats)
+  return carry, metrics
+
+
+def finish_round(state: TrainState, carry: RoundCarry, ctx: RoundContext, teacher_vars: PyTree,
+                 *, setup: Setup):
+  """Banks the round's best batch and updates the BN-stat EMA with its last step.
+
+  Returns (state, per-class low-confidence share, teacher accuracy on the best batch).
+  """
+  m = setup.config.loss.bn_momentum
   bn_ema = jax.tree.map(
       lambda ema, last: jnp.where(state.bn_ema_valid, m * ema + (1 - m) * last, last),
-      state.bn_ema, last_stats)
-  bank = memory_bank.add(state.bank, best_images, batch.labels_B, batch.source_index_B, batch.group_B)
-
+      state.bn_ema, carry.last_bn_stats)
+  batch = ctx.batch
+  bank = memory_bank.add(state.bank, carry.best_images, batch.labels_B, batch.source_index_B,
+                         batch.group_B)
   # Figure 2a: share of each class's images the teacher is unsure about.
-  x = normalize(best_images, setup.mean, setup.std)
+  x = normalize(carry.best_images, setup.mean, setup.std)
   t_logits, _ = setup.teacher.apply(teacher_vars, x, train=False)
-  confident = jnp.max(jax.nn.softmax(t_logits), axis=-1) >= cfg.low_confidence
+  confident = jnp.max(jax.nn.softmax(t_logits), axis=-1) >= setup.config.low_confidence
   onehot = jax.nn.one_hot(batch.labels_B, setup.num_classes)
   low_conf_K = jnp.sum(onehot * (~confident)[:, None], 0) / jnp.maximum(jnp.sum(onehot, 0), 1)
   teacher_acc = jnp.mean(jnp.argmax(t_logits, -1) == batch.labels_B)
-  metrics = dict(metrics, **{"gen/teacher_acc_on_best": jnp.broadcast_to(teacher_acc, metrics["gen/loss"].shape)})
-
-  state = state.replace(generator_params=params, bn_ema=bn_ema,
+  state = state.replace(generator_params=carry.params, bn_ema=bn_ema,
                         bn_ema_valid=jnp.bool_(True), bank=bank, unit=state.unit + 1)
+  return state, low_conf_K, teacher_acc
+
+
+def generator_round(state: TrainState, teacher_vars: PyTree, *, setup: Setup, warmup: bool,
+                    mesh: Mesh | None = None):
+  """A whole round fused in one lax.scan (for accelerators; see `make_step_fns`).
+
+  Returns (state, per-step metrics, low-confidence share per class, best images).
+  """
+  carry, ctx = start_round(state, setup=setup, warmup=warmup, mesh=mesh)
+  def body(carry, step):
+    return generator_step(carry, ctx, step, state, teacher_vars, setup=setup, mesh=mesh)
+  carry, metrics = jax.lax.scan(body, carry, jnp.arange(setup.config.generator.steps))
+  best_images = carry.best_images
+  state, low_conf_K, teacher_acc = finish_round(state, carry, ctx, teacher_vars, setup=setup)
+  metrics["gen/teacher_acc_on_best"] = jnp.broadcast_to(teacher_acc, metrics["gen/loss"].shape)
   return state, metrics, low_conf_K, best_images
 
 
@@ -206,12 +238,18 @@ def student_step(state: TrainState, rng: jax.Array, *, setup: Setup, teacher_var
   return state, metrics
 
 
+def kd_rng(state: TrainState) -> jax.Array:
+  return jax.random.fold_in(jax.random.fold_in(state.rng, state.epoch), state.unit)
+
+
 def student_steps(state: TrainState, teacher_vars: PyTree, *, setup: Setup, num_steps: int,
                   mesh: Mesh | None = None):
   """`num_steps` KD steps fused in one lax.scan. Returns (state, per-step metrics)."""
-  rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.epoch), state.unit)
-  step = functools.partial(student_step, setup=setup, teacher_vars=teacher_vars, mesh=mesh)
-  state, metrics = jax.lax.scan(step, state, jax.random.split(rng, num_steps))
+  rng = kd_rng(state)
+  def body(state, step):
+    return student_step(state, jax.random.fold_in(rng, step), setup=setup,
+                        teacher_vars=teacher_vars, mesh=mesh)
+  state, metrics = jax.lax.scan(body, state, jnp.arange(num_steps))
   return state.replace(unit=state.unit + 1), metrics
 
 
@@ -227,14 +265,52 @@ def make_mesh(devices=None) -> Mesh:
 
 
 def make_step_fns(setup: Setup, mesh: Mesh) -> dict[str, Callable]:
-  """Jitted phases: state and teacher replicated, batches sharded, state donated."""
+  """Jitted phases over `mesh`: state and teacher replicated, batches sharded, state donated.
+
+  With `config.fuse_steps`, a generator round and a KD call are each one
+  compiled lax.scan (fewest dispatches: the GPU choice). Without it, every step
+  is its own compiled call driven from Python: XLA:CPU runs convolutions inside
+  a while loop about 100x slower, so this is the CPU choice.
+  """
   replicated = NamedSharding(mesh, P())
-  jit = functools.partial(jax.jit, in_shardings=(replicated, replicated),
-                          donate_argnums=(0,))
-  fns = {
-      "warmup_round": jit(functools.partial(generator_round, setup=setup, warmup=True, mesh=mesh)),
-      "round": jit(functools.partial(generator_round, setup=setup, warmup=False, mesh=mesh)),
-      "kd": jit(functools.partial(student_steps, setup=setup,
-                                  num_steps=setup.config.student.steps_per_call, mesh=mesh)),
-  }
-  return fns
+  jit = functools.partial(jax.jit, donate_argnums=(0,))
+  cfg = setup.config
+  fused = {
+      warm: jit(functools.partial(generator_round, setup=setup, warmup=warm, mesh=mesh),
+                in_shardings=(replicated, replicated))
+      for warm in (True, False)}
+  kd_fused = jit(functools.partial(student_steps, setup=setup,
+                                   num_steps=cfg.student.steps_per_call, mesh=mesh),
+                 in_shardings=(replicated, replicated))
+  if cfg.fuse_steps:
+    return {"warmup_round": fused[True], "round": fused[False], "kd": kd_fused}
+
+  start = {warm: jax.jit(functools.partial(start_round, setup=setup, warmup=warm, mesh=mesh))
+           for warm in (True, False)}
+  g_step = jax.jit(functools.partial(generator_step, setup=setup, mesh=mesh), donate_argnums=(0,))
+  finish = jax.jit(functools.partial(finish_round, setup=setup), donate_argnums=(0,))
+  s_step = jax.jit(functools.partial(student_step, setup=setup, mesh=mesh), donate_argnums=(0,))
+
+  def stepped_round(warm):
+    def run(state, teacher_vars):
+      carry, ctx = start[warm](state)
+      metrics = []
+      for i in range(cfg.generator.steps):
+        carry, m = g_step(carry, ctx, jnp.int32(i), state, teacher_vars)
+        metrics.append(m)
+      best_images = jnp.copy(carry.best_images)
+      state, low_conf_K, teacher_acc = finish(state, carry, ctx, teacher_vars)
+      metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
+      metrics["gen/teacher_acc_on_best"] = jnp.broadcast_to(teacher_acc, metrics["gen/loss"].shape)
+      return state, metrics, low_conf_K, best_images
+    return run
+
+  def stepped_kd(state, teacher_vars):
+    rng = kd_rng(state)
+    metrics = []
+    for i in range(cfg.student.steps_per_call):
+      state, m = s_step(state, jax.random.fold_in(rng, i), teacher_vars=teacher_vars)
+      metrics.append(m)
+    return state.replace(unit=state.unit + 1), jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
+
+  return {"warmup_round": stepped_round(True), "round": stepped_round(False), "kd": stepped_kd}
