@@ -5,7 +5,7 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax.numpy as jnp
 
-from caedfkd_jax.models import resnet_cifar
+from caedfkd_jax.models import resnet, resnet_cifar, vgg, wrn
 
 # arch name -> constructor taking num_classes (and dtype). Names follow the
 # zoos they come from (akamaster resnet20.., DFKD resnet18/34, wrn*, vgg*).
@@ -16,6 +16,17 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
     "resnet56": resnet_cifar.ResNet56,
     "resnet110": resnet_cifar.ResNet110,
     "resnet_tiny_a": resnet_cifar.ResNetTinyA,
+    "resnet18": resnet.ResNet18,
+    "resnet34": resnet.ResNet34,
+    "resnet50": resnet.ResNet50,  # torchvision's ImageNet layout (FC named `fc`)
+    "resnet_tiny_b": resnet.ResNetTinyB,
+    "wrn16_1": wrn.WRN16_1,
+    "wrn16_2": wrn.WRN16_2,
+    "wrn40_1": wrn.WRN40_1,
+    "wrn40_2": wrn.WRN40_2,
+    "wrn_tiny": wrn.WRNTiny,
+    "vgg8": vgg.VGG8,
+    "vgg11": vgg.VGG11,
 }
 
 
