@@ -264,6 +264,7 @@ _VGG_S = [[64], [128], [256], [512], [512]]
 _VGG_A = [[64], [128], [256, 256], [512, 512], [512, 512]]
 
 _BUILDERS = {
+    "resnet8": lambda c: AkaResNet([1, 1, 1], c),
     "resnet20": lambda c: AkaResNet([3, 3, 3], c),
     "resnet32": lambda c: AkaResNet([5, 5, 5], c),
     "resnet44": lambda c: AkaResNet([7, 7, 7], c),

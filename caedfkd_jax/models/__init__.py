@@ -10,6 +10,7 @@ from caedfkd_jax.models import resnet, resnet_cifar, vgg, wrn
 # arch name -> constructor taking num_classes (and dtype). Names follow the
 # zoos they come from (akamaster resnet20.., DFKD resnet18/34, wrn*, vgg*).
 ARCHS: dict[str, Callable[..., nn.Module]] = {
+    "resnet8": resnet_cifar.ResNet8,
     "resnet20": resnet_cifar.ResNet20,
     "resnet32": resnet_cifar.ResNet32,
     "resnet44": resnet_cifar.ResNet44,

@@ -58,6 +58,8 @@ class CifarResNet(nn.Module):
     return logits.astype(jnp.float32), {"features": features}
 
 
+# ResNet-8: the smallest of the family (one block per stage); the demo's student.
+ResNet8 = partial(CifarResNet, stage_sizes=(1, 1, 1))
 ResNet20 = partial(CifarResNet, stage_sizes=(3, 3, 3))
 ResNet32 = partial(CifarResNet, stage_sizes=(5, 5, 5))
 ResNet44 = partial(CifarResNet, stage_sizes=(7, 7, 7))

@@ -1,0 +1,77 @@
+"""`caedfkd evaluate`: top-1 and per-class accuracy of a bundle on real images."""
+
+import argparse
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from caedfkd_jax import bundle as bundle_lib
+from caedfkd_jax import data as data_lib
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _logits(model, variables, images_uint8, mean, std):
+  x = (images_uint8.astype(jnp.float32) / 255.0 - mean) / std
+  return model.apply(variables, x, train=False)[0]
+
+
+def predict(model, variables, images_uint8: np.ndarray, mean, std, batch_size: int = 500,
+            progress: bool = True) -> np.ndarray:
+  """Logits for uint8 N x H x W x C images, in eval mode; one compiled batch shape."""
+  n = len(images_uint8)
+  batch_size = min(batch_size, n)
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+  variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  out = []
+  for start in tqdm(range(0, n, batch_size), desc="evaluate", unit="batch", disable=not progress):
+    batch = images_uint8[start:start + batch_size]
+    pad = batch_size - len(batch)
+    if pad:
+      batch = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
+    out.append(np.asarray(_logits(model, variables, batch, mean, std))[:batch_size - pad])
+  return np.concatenate(out)
+
+
+def evaluate_bundle(bundle: bundle_lib.Bundle, dataset, batch_size: int = 500,
+                    progress: bool = True) -> dict:
+  spec = bundle.spec
+  if len(dataset.class_names) != spec.num_classes:
+    raise ValueError(f"The model has {spec.num_classes} classes but the data has "
+                     f"{len(dataset.class_names)} ({', '.join(dataset.class_names[:5])}, ...).")
+  if dataset.images.shape[1:3] != (spec.image_size, spec.image_size):
+    raise ValueError(f"The model expects {spec.image_size}x{spec.image_size} images; the data's "
+                     f"are {dataset.images.shape[1]}x{dataset.images.shape[2]}.")
+  logits = predict(bundle.model, bundle.variables, dataset.images, spec.mean, spec.std,
+                   batch_size, progress)
+  correct = np.argmax(logits, -1) == dataset.labels
+  per_class = [float(correct[dataset.labels == k].mean() * 100) if np.any(dataset.labels == k)
+               else float("nan") for k in range(spec.num_classes)]
+  return {"top1": float(correct.mean() * 100), "correct": int(correct.sum()), "total": len(correct),
+          "per_class": per_class, "logits": logits}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--model", required=True, help="model bundle directory")
+  parser.add_argument("--data", required=True,
+                      help="SPLIT/CLASS/*.jpg folder, CIFAR python batches directory, or tfds:NAME")
+  parser.add_argument("--split", default="test")
+  parser.add_argument("--batch-size", type=int, default=500)
+  parser.add_argument("--logits", help="write logits and labels (dataset order) to this .npz")
+
+
+def run(args: argparse.Namespace) -> int:
+  bundle = bundle_lib.load_bundle(args.model)
+  dataset = data_lib.load_dataset(args.data, args.split, progress=True)
+  result = evaluate_bundle(bundle, dataset, args.batch_size)
+  print(f"{bundle.spec.arch} on {args.data} ({args.split}, {result['total']} images): "
+        f"top-1 {result['top1']:.2f}% ({result['correct']}/{result['total']})")
+  width = max(len(n) for n in dataset.class_names)
+  for name, acc in zip(dataset.class_names, result["per_class"]):
+    print(f"  {name:<{width}}  {acc:6.2f}%")
+  if args.logits:
+    np.savez(args.logits, logits=result["logits"], labels=dataset.labels)
+    print(f"logits written to {args.logits}")
+  return 0
