@@ -69,9 +69,12 @@ def train_teacher(x_train, y_train, spec: bundle_lib.ModelSpec, epochs: int, see
 
 
 def write_image_folder(root: str, images01, labels, class_names) -> str:
-  """The held-out split as `root/test/<class>/NNNN.png`, the layout `--data` reads."""
+  """The held-out split as `root/test/<k>_<class>/NNNN.png`, the layout `--data` reads.
+
+  The index prefix keeps the folders' sorted order equal to the label order.
+  """
   for i, (img, label) in enumerate(zip(images01, labels)):
-    d = os.path.join(root, "test", class_names[label])
+    d = os.path.join(root, "test", f"{label}_{class_names[label]}")
     os.makedirs(d, exist_ok=True)
     Image.fromarray((img * 255).round().astype(np.uint8)).save(os.path.join(d, f"{i:04d}.png"))
   return root
@@ -83,6 +86,10 @@ def demo_config(teacher_dir: str, eval_dir: str, minutes: float):
   config.teacher = teacher_dir
   config.embeddings = "digits"
   config.student_arch = "resnet8"
+  # NAYER's weights (CE 0.5, BN 10) let the BN term swamp the class signal on this small
+  # teacher (measured: the teacher labelled 15% of the synthetic digits as intended).
+  config.loss.ce = 1.0
+  config.loss.bn = 1.0
   config.num_groups = 2                  # 2 x 10 x 5 = 100 synthetic digits per round.
   config.generator.steps = 20
   config.generator.ngf = 32
