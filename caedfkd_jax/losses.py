@@ -62,7 +62,8 @@ def cncl_loss(features_BxD: jax.Array, labels_B: jax.Array, source_index_B: jax.
   if form not in ("infonce", "supcon"):
     raise ValueError(f"Unknown CNCL form {form!r}; use 'infonce' or 'supcon'.")
   f = features_BxD.astype(jnp.float32)
-  f = f / jnp.maximum(jnp.linalg.norm(f, axis=-1, keepdims=True), eps)
+  # rsqrt(|f|^2 + eps^2) rather than |f|: finite gradients for all-zero features too.
+  f = f * jax.lax.rsqrt(jnp.sum(f * f, axis=-1, keepdims=True) + eps * eps)
   logits_BxB = f @ f.T / temperature
   same_class = labels_B[:, None] == labels_B[None, :]
   anchor_B = source_index_B == 0
