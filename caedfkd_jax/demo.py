@@ -120,7 +120,7 @@ def plot_accuracy(metrics_path: str, teacher_top1: float, out_png: str) -> None:
   ax.set_ylabel("top-1 on held-out digits (%)")
   ax.set_ylim(0, 100)
   ax.legend(loc="lower right")
-  ax.set_title("CAE-DFKD on digits: no real image seen by the student")
+  ax.set_title("CAE-DFKD on digits: the student sees no real image", fontsize=9)
   fig.tight_layout()
   fig.savefig(out_png)
   plt.close(fig)
