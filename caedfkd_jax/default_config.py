@@ -15,9 +15,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.teacher = ""            # Path of the teacher bundle (`caedfkd convert`). Required.
   config.teacher_arch_expected = ""   # If set, the teacher bundle's arch must be this.
   config.student_arch = "resnet18"
-  config.compute_dtype = "float32"   # "bfloat16" on GPUs; params stay float32.
-  config.fuse_steps = False          # One lax.scan per round / KD call: True on GPUs, False on
-                                     # CPUs (XLA:CPU runs convs in loops ~100x slower).
+  config.compute_dtype = "auto"      # "auto": bfloat16 on GPUs/TPUs, float32 on CPUs; or
+                                     # "float32" / "bfloat16". Params stay float32 either way.
+  config.fuse_steps = ml_collections.config_dict.placeholder(bool)  # One lax.scan per round /
+                                     # KD call. Unset: on for GPUs/TPUs, off for CPUs (XLA:CPU
+                                     # runs convs inside loops ~100x slower, measured).
 
   # Embeddings and CEND (Eq. 3)
   config.embeddings = "cifar10"  # Shipped table name ("cifar10", "cifar100") or a .npy path.

@@ -264,26 +264,40 @@ def make_mesh(devices=None) -> Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def make_step_fns(setup: Setup, mesh: Mesh) -> dict[str, Callable]:
+def resolve_fuse(config, fuse: bool | None = None) -> bool:
+  """Whether a round / KD call is one lax.scan: `fuse`, else `config.fuse_steps`, else by platform.
+
+  Unset (None) means fused on accelerators and per-step calls on CPUs, where
+  XLA runs convolutions inside a while loop about 100x slower (measured).
+  """
+  if fuse is None:
+    fuse = config.fuse_steps
+  if fuse is None:
+    fuse = jax.default_backend() != "cpu"
+  return bool(fuse)
+
+
+def make_step_fns(setup: Setup, mesh: Mesh, fuse: bool | None = None) -> dict[str, Callable]:
   """Jitted phases over `mesh`: state and teacher replicated, batches sharded, state donated.
 
-  With `config.fuse_steps`, a generator round and a KD call are each one
-  compiled lax.scan (fewest dispatches: the GPU choice). Without it, every step
-  is its own compiled call driven from Python: XLA:CPU runs convolutions inside
-  a while loop about 100x slower, so this is the CPU choice.
+  Fused (see `resolve_fuse`), a generator round and a KD call are each one
+  compiled lax.scan: the fewest dispatches, the accelerator choice. Otherwise
+  every step is its own compiled call driven from Python, the CPU choice.
+  Either way each phase compiles once: shapes, dtypes and shardings of the
+  state never change between calls.
   """
   replicated = NamedSharding(mesh, P())
   jit = functools.partial(jax.jit, donate_argnums=(0,))
   cfg = setup.config
-  fused = {
-      warm: jit(functools.partial(generator_round, setup=setup, warmup=warm, mesh=mesh),
-                in_shardings=(replicated, replicated))
-      for warm in (True, False)}
-  kd_fused = jit(functools.partial(student_steps, setup=setup,
-                                   num_steps=cfg.student.steps_per_call, mesh=mesh),
-                 in_shardings=(replicated, replicated))
-  if cfg.fuse_steps:
-    return {"warmup_round": fused[True], "round": fused[False], "kd": kd_fused}
+  if resolve_fuse(cfg, fuse):
+    rounds = {
+        warm: jit(functools.partial(generator_round, setup=setup, warmup=warm, mesh=mesh),
+                  in_shardings=(replicated, replicated))
+        for warm in (True, False)}
+    kd = jit(functools.partial(student_steps, setup=setup, num_steps=cfg.student.steps_per_call,
+                               mesh=mesh),
+             in_shardings=(replicated, replicated))
+    return {"warmup_round": rounds[True], "round": rounds[False], "kd": kd}
 
   start = {warm: jax.jit(functools.partial(start_round, setup=setup, warmup=warm, mesh=mesh))
            for warm in (True, False)}

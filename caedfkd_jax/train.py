@@ -35,11 +35,18 @@ class NonFiniteLossError(RuntimeError):
   pass
 
 
-def _dtype(name: str):
+def compute_dtype(name: str, platform: str | None = None):
+  """The activation dtype: "auto" is bfloat16 on accelerators and float32 on CPUs.
+
+  XLA:CPU has no fast bfloat16 convolutions, so "auto" keeps CPUs in float32.
+  """
+  if name == "auto":
+    platform = platform or jax.default_backend()
+    return jnp.float32 if platform == "cpu" else jnp.bfloat16
   try:
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
   except KeyError:
-    raise ValueError(f"compute_dtype {name!r}: use float32, bfloat16 or float16") from None
+    raise ValueError(f"compute_dtype {name!r}: use auto, float32, bfloat16 or float16") from None
 
 
 def epoch_plan(config, epoch: int) -> tuple[int, int]:
@@ -77,7 +84,7 @@ def validate_config(config, num_devices: int, group_size: int) -> None:
 
 
 def create_setup(config, teacher: bundle_lib.Bundle, table: embeddings.EmbeddingTable) -> steps.Setup:
-  dtype = _dtype(config.compute_dtype)
+  dtype = compute_dtype(config.compute_dtype)
   num_classes = teacher.spec.num_classes
   if table.vectors.shape[0] != num_classes:
     raise ValueError(
@@ -151,23 +158,31 @@ def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options)
 
 
-def _save(mngr: ocp.CheckpointManager, state: steps.TrainState, config) -> None:
+def _save(mngr: ocp.CheckpointManager, state: steps.TrainState, config,
+          train_seconds: float) -> None:
   step = int(state.epoch) * 10_000 + int(state.unit)
   if mngr.latest_step() == step:
     return
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      config=ocp.args.JsonSave(config.to_dict())))
+      config=ocp.args.JsonSave(config.to_dict()),
+      progress=ocp.args.JsonSave({"train_seconds": train_seconds})))
   mngr.wait_until_finished()
 
 
-def _restore(mngr: ocp.CheckpointManager, abstract_state) -> steps.TrainState | None:
+def _restore(mngr: ocp.CheckpointManager, abstract_state) -> tuple[steps.TrainState | None, float]:
+  """(state, training seconds spent before it) of the latest checkpoint, or (None, 0)."""
   step = mngr.latest_step()
   if step is None:
-    return None
+    return None, 0.0
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state)))
-  return restored["state"]
+  try:
+    progress = mngr.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
+    seconds = float(progress["progress"]["train_seconds"])
+  except (FileNotFoundError, KeyError, ValueError):
+    seconds = 0.0  # A checkpoint written before training time was recorded.
+  return restored["state"], seconds
 
 
 def _load_eval_data(config):
@@ -210,7 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   abstract = jax.eval_shape(lambda: create_state(setup, teacher_vars, teacher.spec.image_size))
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
   mngr = _checkpoint_manager(workdir, config)
-  state = _restore(mngr, abstract)
+  state, seconds_before = _restore(mngr, abstract)
   resumed = state is not None
   if state is None:
     state = jax.device_put(create_state(setup, teacher_vars, teacher.spec.image_size), replicated)
@@ -218,28 +233,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_data = _load_eval_data(config)
   writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
 
+  # Host mirrors of the state's position: reading state.epoch / state.unit would wait for
+  # the device after every unit. Metrics of a unit are fetched after the next one is
+  # dispatched, so the device always has work queued while the host logs.
+  epoch, unit = int(state.epoch), int(state.unit)
   units_per_epoch = [sum(epoch_plan(config, e)) for e in range(config.epochs)]
-  done_units = sum(units_per_epoch[:int(state.epoch)]) + int(state.unit)
-  bar = tqdm(total=sum(units_per_epoch), initial=done_units, unit="unit", dynamic_ncols=True,
-             desc="CAE-DFKD", disable=jax.process_index() != 0)
+  bar = tqdm(total=sum(units_per_epoch), initial=sum(units_per_epoch[:epoch]) + unit, unit="unit",
+             dynamic_ncols=True, desc="CAE-DFKD", disable=jax.process_index() != 0)
   if resumed:
-    bar.write(f"Resumed from {mngr.directory} at epoch {int(state.epoch)}, unit {int(state.unit)}.")
+    bar.write(f"Resumed from {mngr.directory} at epoch {epoch}, unit {unit}.")
   budget_s = config.time_budget_minutes * 60
+  eval_seconds = 0.0  # Evaluation is measurement, not training: kept out of train_seconds.
+  train_seconds = lambda: seconds_before + time.time() - start - eval_seconds
   last_save = time.time()
   stopped_early = False
   units_run = 0
   result: dict[str, Any] = {}
 
-  while int(state.epoch) < config.epochs:
-    epoch = int(state.epoch)
+  while epoch < config.epochs:
     rounds, kd_calls = epoch_plan(config, epoch)
-    if int(state.unit) == 0 and epoch % config.generator.life_epochs == 0 and epoch > 0:
+    if unit == 0 and epoch % config.generator.life_epochs == 0 and epoch > 0:
       rng_g = jax.random.fold_in(jax.random.fold_in(state.rng, epoch), 2**31 - 1)
       state = state.replace(generator_params=jax.device_put(new_generator_params(setup, rng_g), replicated))
     epoch_metrics: dict[str, list] = {"low_conf": []}
     best_images = None
-    while int(state.unit) < rounds + kd_calls:
-      unit = int(state.unit)
+    in_flight = None  # (metrics, unit, what) of the last dispatched unit.
+
+    def record(metrics, unit_done: int, what: str) -> None:
+      metrics = jax.device_get(metrics)  # Waits for that unit only.
+      _check_finite(metrics, epoch, unit_done, what)
+      for k, v in metrics.items():
+        epoch_metrics.setdefault(k, []).append(np.mean(v))
+      bar.update(1)
+      bar.set_postfix({k.split("/")[1]: f"{np.mean(v):.3g}" for k, v in metrics.items()
+                       if k in ("gen/loss", "kd/kl", "kd/cncl")}, refresh=False)
+
+    while unit < rounds + kd_calls:
       if unit < rounds:
         fn = fns["warmup_round"] if epoch < config.warmup_epochs else fns["round"]
         state, metrics, low_conf_K, best_images = fn(state, teacher_vars)
@@ -248,21 +277,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       else:
         state, metrics = fns["kd"](state, teacher_vars)
         what = f"KD call {unit - rounds}"
-      metrics = jax.device_get(metrics)
-      _check_finite(metrics, epoch, unit, what)
-      for k, v in metrics.items():
-        epoch_metrics.setdefault(k, []).append(np.mean(v))
-      bar.update(1)
-      bar.set_postfix({k.split("/")[1]: f"{np.mean(v):.3g}" for k, v in metrics.items()
-                       if k in ("gen/loss", "kd/kl", "kd/cncl")}, refresh=False)
+      if in_flight is not None:
+        record(*in_flight)
+      in_flight = (metrics, unit, what)
+      unit += 1
       units_run += 1
       now = time.time()
-      if (budget_s and now - start > budget_s) or (config.max_units and units_run >= config.max_units):
+      out_of_time = budget_s and now - start > budget_s
+      if out_of_time or (config.max_units and units_run >= config.max_units):
         stopped_early = True
         break
       if now - last_save > config.checkpoint_every_minutes * 60:
-        _save(mngr, state, config)
+        record(*in_flight)  # Never checkpoint a state whose losses were not checked.
+        in_flight = None
+        _save(mngr, state, config, train_seconds())
         last_save = now
+    if in_flight is not None:
+      record(*in_flight)
     if stopped_early:
       break
 
@@ -278,9 +309,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                     alpha=config.student.eta_min / config.student.lr)(int(state.kd_step)))
     summary["bank/size"] = int(state.bank.size)
     summary["time/minutes"] = (time.time() - start) / 60
+    summary["time/train_minutes"] = train_seconds() / 60
     if eval_data is not None and epoch >= config.warmup_epochs and (
         (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.epochs):
+      eval_start = time.time()
       summary.update(_evaluate_student(setup, state, eval_data, config))
+      eval_seconds += time.time() - eval_start
     writer.write(epoch + 1, summary)
     if best_images is not None:
       save_image_grid(os.path.join(workdir, "samples", f"epoch_{epoch + 1:04d}.png"),
@@ -289,19 +323,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                       enabled=jax.process_index() == 0)
     bar.write(_format_summary(epoch + 1, config.epochs, summary))
     result = summary
-    state = state.replace(epoch=state.epoch + 1, unit=jnp.int32(0))
-    _save(mngr, state, config)
+    state = state.replace(epoch=state.epoch + 1, unit=jnp.zeros_like(state.unit))  # keeps its sharding
+    epoch, unit = epoch + 1, 0
+    _save(mngr, state, config, train_seconds())
     last_save = time.time()
 
   bar.close()
-  _save(mngr, state, config)
+  _save(mngr, state, config, train_seconds())
   mngr.close()
   student_dir = os.path.join(workdir, STUDENT_DIR)
   if jax.process_index() == 0:
     bundle_lib.save_bundle(student_dir, _student_spec(config, teacher), jax.device_get(state.student))
   writer.close()
   result.update({"epoch": int(state.epoch), "stopped_early": stopped_early, "student": student_dir,
-                 "minutes": (time.time() - start) / 60})
+                 "minutes": (time.time() - start) / 60, "train_minutes": train_seconds() / 60})
   with open(os.path.join(workdir, "result.json"), "w") as f:
     json.dump(result, f, indent=2)
   return result

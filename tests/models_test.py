@@ -12,17 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from caedfkd_jax import convert, models
+from caedfkd_jax import convert, models, torch_zoo
 from caedfkd_jax.models import wrn
-
-import torch_reference
 
 TINY = ("resnet_tiny_a", "resnet_tiny_b", "wrn_tiny")
 
 
 def _randomized_reference(arch: str, num_classes: int, seed: int = 0) -> torch.nn.Module:
   torch.manual_seed(seed)
-  model = torch_reference.build(arch, num_classes)
+  model = torch_zoo.build(arch, num_classes)
   with torch.no_grad():
     for m in model.modules():
       if isinstance(m, torch.nn.BatchNorm2d):
@@ -69,6 +67,10 @@ def test_eval_logits_and_features_match_torch(arch, num_classes, size, batch):
   x_torch, x_jax = _inputs(batch, size)
   with torch.no_grad():
     ref_logits = ref_model(x_torch).numpy()
+    ref_logits_again, ref_features = ref_model(x_torch, return_features=True)
+  # return_features=True gives the classifier's input (the benchmark's CNCL uses it).
+  np.testing.assert_array_equal(ref_logits_again.numpy(), ref_logits)
+  np.testing.assert_array_equal(ref_features.numpy(), captured["features"])
 
   variables = convert.state_dict_to_variables(
       _state_dict(ref_model), arch, num_classes, image_size=size)
@@ -84,7 +86,7 @@ def test_eval_logits_and_features_match_torch(arch, num_classes, size, batch):
 @pytest.mark.parametrize("arch", list(models.ARCHS))
 def test_flax_names_give_torch_state_dict_in_order(arch):
   """Every Flax variable maps to the reference's key, in PyTorch's module order."""
-  ref_keys = list(torch_reference.build(arch, 10).state_dict())
+  ref_keys = list(torch_zoo.build(arch, 10).state_dict())
   assert [e.torch_key for e in convert.torch_layout(arch, 10, 32)] == ref_keys
 
 
@@ -104,7 +106,7 @@ KNOWN_PARAM_COUNTS = {("resnet20", 10): 269_722, ("resnet56", 10): 853_018,
 @pytest.mark.parametrize("arch", list(models.ARCHS))
 def test_param_count_matches_torch(arch):
   num_classes = 1000 if arch == "resnet50" else 10
-  ref = sum(p.numel() for p in torch_reference.build(arch, num_classes).parameters())
+  ref = sum(p.numel() for p in torch_zoo.build(arch, num_classes).parameters())
   assert _flax_param_count(arch, num_classes) == ref
   if (arch, num_classes) in KNOWN_PARAM_COUNTS:
     assert ref == KNOWN_PARAM_COUNTS[arch, num_classes]

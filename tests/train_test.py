@@ -3,6 +3,7 @@
 import json
 import os
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -88,6 +89,8 @@ def test_interrupted_run_resumes_identically(teacher_dir, table_path, tmp_path):
     assert partial["stopped_early"]
   config.max_units = 0
   resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  # Training time adds up across the three invocations.
+  assert resumed["train_minutes"] > partial["train_minutes"] > 0
   a = bundle_lib.load_bundle(full["student"]).variables
   b = bundle_lib.load_bundle(resumed["student"]).variables
   for x, y in zip(_leaves(a), _leaves(b)):
@@ -150,6 +153,7 @@ def test_distill_cli_runs_and_resumes(teacher_dir, table_path, tmp_path):
   args = ["distill", "--config", os.path.join(os.path.dirname(__file__), "..", "configs",
                                               "cifar10_resnet56_resnet20.py"),
           "--workdir", str(tmp_path), f"--config.teacher={teacher_dir}",
+          "--config.teacher_arch_expected=",   # the config expects resnet56; this teacher is tiny
           f"--config.embeddings={table_path}", "--config.student_arch=resnet_tiny_a",
           "--config.cend.num_sources=1", "--config.num_groups=1", "--config.generator.ngf=4",
           "--config.generator.noise_dim=8", "--config.generator.steps=1", "--config.warmup_g_loops=1",
@@ -158,3 +162,74 @@ def test_distill_cli_runs_and_resumes(teacher_dir, table_path, tmp_path):
   assert main.main(args) == 0
   assert os.path.exists(tmp_path / "student" / "model.json")
   assert main.main(["distill", "--workdir", str(tmp_path)]) == 2   # no --config: usage error
+
+
+@pytest.mark.parametrize("fuse", [False, True], ids=["per_step", "fused"])
+def test_each_phase_is_traced_once_over_a_whole_run(teacher_dir, table_path, tmp_path, monkeypatch,
+                                                    fuse):
+  """No retracing: four epochs (warm-up, then KD) reuse one compiled program per phase."""
+  chex.clear_trace_counter()
+  if fuse:
+    traced = {"generator_round": 2, "student_steps": 1}   # warm-up and regular rounds
+  else:
+    traced = {"generator_step": 1, "finish_round": 1, "student_step": 1}
+  for name, n in traced.items():
+    monkeypatch.setattr(steps, name, chex.assert_max_traces(getattr(steps, name), n=n))
+  config = tiny_config(teacher_dir, table_path)
+  config.fuse_steps = fuse
+  config.epochs = 4
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["epoch"] == 4
+
+
+def test_fused_scans_compute_what_per_step_calls_compute(teacher_dir, table_path):
+  """GPUs run each round / KD call as one lax.scan, CPUs step by step: same numbers either way."""
+  config = tiny_config(teacher_dir, table_path)
+  teacher = bundle_lib.load_bundle(teacher_dir)
+  setup = train.create_setup(config, teacher, embeddings.load_table(table_path))
+  mesh = steps.make_mesh(jax.devices()[:1])
+  outputs = []
+  for fuse in (False, True):
+    fns = steps.make_step_fns(setup, mesh, fuse=fuse)
+    state = train.create_state(setup, teacher.variables, 32)
+    state, gen_metrics, low_conf, images = fns["warmup_round"](state, teacher.variables)
+    state, _, _, _ = fns["round"](state, teacher.variables)
+    state, kd_metrics = fns["kd"](state, teacher.variables)
+    outputs.append((jax.device_get((gen_metrics, kd_metrics, low_conf, images)),
+                    jax.device_get(state.student["params"]), int(state.unit)))
+  (a, params_a, unit_a), (b, params_b, unit_b) = outputs
+  assert unit_a == unit_b == 3
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-5)
+  for x, y in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_allclose(x, y, rtol=2e-4, atol=1e-6)
+
+
+def test_resnet56_config_has_a_cpu_and_a_full_schedule():
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "cifar10_resnet56_resnet20.py")
+  spec = importlib.util.spec_from_file_location("r56_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  cpu, full, defaults = module.get_config(), module.get_config("full"), default_config.get_config()
+  assert cpu.num_groups == 2 and cpu.epochs == 16
+  assert full.teacher_arch_expected == "resnet56" and full.student_arch == "resnet20"
+  for name in ("num_groups", "g_loops", "warmup_g_loops", "warmup_epochs", "epochs"):
+    assert full[name] == defaults[name], name
+  assert full.generator.steps == 30 and full.student.kd_steps == 400 and full.student.batch_groups == 10
+  with pytest.raises(ValueError, match="schedule 'paper'"):
+    module.get_config("paper")
+
+
+def test_platform_picks_dtype_and_fusion_unless_the_config_says():
+  assert train.compute_dtype("auto", "cpu") == jnp.float32
+  assert train.compute_dtype("auto", "gpu") == jnp.bfloat16
+  assert train.compute_dtype("bfloat16", "cpu") == jnp.bfloat16
+  with pytest.raises(ValueError, match="compute_dtype 'fp8'"):
+    train.compute_dtype("fp8")
+  config = default_config.get_config()
+  assert config.fuse_steps is None and jax.default_backend() == "cpu"
+  assert steps.resolve_fuse(config) is False            # CPU: per-step calls
+  assert steps.resolve_fuse(config, fuse=True) is True
+  config.fuse_steps = True
+  assert steps.resolve_fuse(config) is True

@@ -1,10 +1,11 @@
-"""PyTorch reference networks for the parity tests, written from each zoo's layout.
+"""PyTorch twins of the model zoo: parity tests, the side-by-side benchmark, exported students.
 
-Module names (hence state-dict keys) and forward passes follow the sources:
+Needs the `torch` extra. Module names (hence state-dict keys) and forward passes follow the sources:
 akamaster/pytorch_resnet_cifar10 (option-A ResNets), the DFKD CIFAR zoo of
 Fast/CMI/NAYER (`resnet.py`, `wresnet.py`, RepDistiller `vgg.py`) and
-torchvision's ResNet-50 (v1.5). torchvision itself is not installed here.
-Every `forward` returns logits (NCHW input).
+torchvision's ResNet-50 (v1.5). torchvision is not needed.
+Every `forward(x, return_features=False)` takes NCHW input and returns logits,
+or (logits, pooled penultimate features) like the DFKD zoo's return_features.
 """
 
 import torch
@@ -18,6 +19,10 @@ def _conv3x3(cin: int, cout: int, stride: int = 1, bias: bool = False) -> nn.Con
 
 def _conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
   return nn.Conv2d(cin, cout, 1, stride=stride, bias=False)
+
+
+def _with_features(logits, features, return_features: bool):
+  return (logits, features) if return_features else logits
 
 
 # --- akamaster: ResNet-20..110, option-A shortcut ---------------------------------
@@ -72,11 +77,11 @@ class AkaResNet(nn.Module):
       self.in_planes = planes
     return nn.Sequential(*layers)
 
-  def forward(self, x):
+  def forward(self, x, return_features: bool = False):
     out = F.relu(self.bn1(self.conv1(x)))
     out = self.layer3(self.layer2(self.layer1(out)))
-    out = F.avg_pool2d(out, out.size()[3])
-    return self.linear(out.flatten(1))
+    features = F.avg_pool2d(out, out.size()[3]).flatten(1)
+    return _with_features(self.linear(features), features, return_features)
 
 
 # --- DFKD zoo ResNet-18/34 (CIFAR stem, option-B) and torchvision ResNet-50 --------
@@ -160,11 +165,12 @@ class ResNet(nn.Module):
       self.in_planes = planes * block.expansion
     return nn.Sequential(*layers)
 
-  def forward(self, x):
+  def forward(self, x, return_features: bool = False):
     out = self.maxpool(self.relu(self.bn1(self.conv1(x))))
     out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-    out = self.avgpool(out).flatten(1)
-    return self.fc(out) if self.imagenet else self.linear(out)
+    features = self.avgpool(out).flatten(1)
+    logits = self.fc(features) if self.imagenet else self.linear(features)
+    return _with_features(logits, features, return_features)
 
 
 # --- DFKD zoo WRN-d-w (pre-activation) -------------------------------------------
@@ -219,11 +225,11 @@ class WideResNet(nn.Module):
     self.relu = nn.ReLU(inplace=True)
     self.fc = nn.Linear(channels[3], num_classes)
 
-  def forward(self, x):
+  def forward(self, x, return_features: bool = False):
     out = self.block3(self.block2(self.block1(self.conv1(x))))
     out = self.relu(self.bn1(out))
-    out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-    return self.fc(out)
+    features = F.adaptive_avg_pool2d(out, 1).flatten(1)
+    return _with_features(self.fc(features), features, return_features)
 
 
 # --- RepDistiller VGG with BN -----------------------------------------------------
@@ -248,7 +254,7 @@ class VGG(nn.Module):
     self.pool4 = nn.AdaptiveAvgPool2d((1, 1))
     self.classifier = nn.Linear(512, num_classes)
 
-  def forward(self, x):
+  def forward(self, x, return_features: bool = False):
     h = x.shape[2]
     x = self.pool0(F.relu(self.block0(x)))
     x = self.pool1(F.relu(self.block1(x)))
@@ -257,7 +263,8 @@ class VGG(nn.Module):
     if h == 64:
       x = self.pool3(x)
     x = F.relu(self.block4(x))
-    return self.classifier(self.pool4(x).flatten(1))
+    features = self.pool4(x).flatten(1)
+    return _with_features(self.classifier(features), features, return_features)
 
 
 _VGG_S = [[64], [128], [256], [512], [512]]

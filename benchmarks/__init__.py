@@ -1,0 +1,1 @@
+"""Benchmarks: caedfkd-jax against PyTorch (see dfkd_benchmark.py)."""

@@ -1,0 +1,94 @@
+r"""Where a framework gap comes from: one zoo network's forward and training step, JAX vs PyTorch.
+
+  python -m benchmarks.network_breakdown --archs resnet56,resnet20 --batch 100
+
+For each arch: the eval-mode forward (what the teacher does in a KD step), the input gradient
+(what the teacher does in a generator step: no weight gradients) and the train-mode
+forward+backward with weight gradients (what the student does), in both frameworks on the
+same machine, median of --repeats calls after a warm-up call.
+"""
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from caedfkd_jax import models, torch_zoo
+
+
+def _median_ms(fn, repeats: int) -> float:
+  jax.block_until_ready(fn())
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - start)
+  return 1e3 * statistics.median(times)
+
+
+def jax_times(arch: str, x_BxHxWxC: np.ndarray, dtype, repeats: int) -> dict[str, float]:
+  model = models.create_model(arch, 10, dtype)
+  variables = model.init(jax.random.key(0), jnp.asarray(x_BxHxWxC[:1]))
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  x = jnp.asarray(x_BxHxWxC)
+
+  def logits_sum(params, x, train):
+    out = model.apply({"params": params, "batch_stats": batch_stats}, x, train=train,
+                      mutable=["batch_stats"] if train else False)
+    return (out[0][0] if train else out[0]).sum()
+
+  forward = jax.jit(lambda p, x: model.apply({"params": p, "batch_stats": batch_stats}, x)[0])
+  input_grad = jax.jit(jax.grad(lambda x: logits_sum(params, x, False)))
+  train_grad = jax.jit(jax.grad(lambda p: logits_sum(p, x, True)))
+  return {"forward": _median_ms(lambda: forward(params, x), repeats),
+          "input_grad": _median_ms(lambda: input_grad(x), repeats),
+          "train_step": _median_ms(lambda: train_grad(params), repeats)}
+
+
+def torch_times(arch: str, x_BxHxWxC: np.ndarray, repeats: int) -> dict[str, float]:
+  model = torch_zoo.build(arch, 10)
+  x = torch.from_numpy(x_BxHxWxC.transpose(0, 3, 1, 2).copy())
+
+  def forward():
+    with torch.no_grad():
+      return model.eval()(x)
+
+  def input_grad():
+    xg = x.clone().requires_grad_(True)
+    model.eval().requires_grad_(False)(xg).sum().backward()
+    return xg.grad
+
+  def train_step():
+    model.train().requires_grad_(True).zero_grad()
+    model(x).sum().backward()
+
+  return {"forward": _median_ms(forward, repeats), "input_grad": _median_ms(input_grad, repeats),
+          "train_step": _median_ms(train_step, repeats)}
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--archs", default="resnet56,resnet20")
+  parser.add_argument("--batch", type=int, default=100)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--jax_dtype", default="float32", choices=["float32", "bfloat16"])
+  args = parser.parse_args(argv)
+  x = np.random.default_rng(0).random((args.batch, 32, 32, 3), np.float32)
+  print(f"batch {args.batch}, JAX {args.jax_dtype} on {jax.devices()[0].device_kind}, "
+        f"PyTorch {torch.__version__} float32 ({torch.get_num_threads()} threads); ms per call")
+  print("| arch | phase | JAX ms | PyTorch ms | JAX speed |\n|---|---|---|---|---|")
+  for arch in args.archs.split(","):
+    ours = jax_times(arch, x, jnp.dtype(args.jax_dtype), args.repeats)
+    theirs = torch_times(arch, x, args.repeats)
+    for phase in ours:
+      print(f"| {arch} | {phase} | {ours[phase]:.1f} | {theirs[phase]:.1f} | "
+            f"{theirs[phase] / ours[phase]:.2f}x |", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

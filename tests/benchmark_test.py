@@ -1,0 +1,155 @@
+"""The side-by-side benchmark: the PyTorch side computes what the JAX side computes, the
+quick mode runs end to end and prints the ratio table, FLOP counts and time-to-accuracy are right."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from benchmarks import flops, time_to_accuracy, torch_side
+from caedfkd_jax import augment, convert, generator as generator_lib, losses, models, torch_zoo
+from caedfkd_jax.models.layers import BN_STATS
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_torch_crop_flip_matches_jax():
+  rng = np.random.default_rng(0)
+  images = rng.random((6, 8, 8, 3), np.float32)
+  dy, dx = rng.integers(0, 9, 6), rng.integers(0, 9, 6)
+  flip = rng.random(6) < 0.5
+  ours = augment.crop_flip(jnp.asarray(images), jnp.asarray(dy), jnp.asarray(dx), jnp.asarray(flip))
+  theirs = torch_side.crop_flip(torch.from_numpy(images.transpose(0, 3, 1, 2)), torch.from_numpy(dy),
+                                torch.from_numpy(dx), torch.from_numpy(flip))
+  np.testing.assert_array_equal(np.asarray(ours), theirs.numpy().transpose(0, 2, 3, 1))
+
+
+def test_torch_losses_match_jax():
+  rng = np.random.default_rng(1)
+  k, views, groups = 5, 3, 2
+  labels = np.tile(np.arange(k), views * groups)
+  source = np.tile(np.repeat(np.arange(views), k), groups)
+  features = rng.normal(size=(labels.size, 16)).astype(np.float32)
+  ours = losses.cncl_loss(jnp.asarray(features), jnp.asarray(labels), jnp.asarray(source), 0.1)
+  theirs = torch_side.cncl(torch.from_numpy(features), torch.from_numpy(labels),
+                           torch.from_numpy(source), 0.1)
+  np.testing.assert_allclose(float(theirs), float(ours), rtol=1e-5)
+
+  t_logits, s_logits = rng.normal(size=(2, 12, k)).astype(np.float32) * 3
+  np.testing.assert_allclose(
+      float(400 * torch_side.kl_rows(torch.from_numpy(t_logits) / 20,
+                                     torch.from_numpy(s_logits) / 20).mean()),
+      float(losses.kl_divergence(jnp.asarray(t_logits), jnp.asarray(s_logits), 20.0)), rtol=1e-5)
+
+
+def test_torch_bn_statistics_loss_matches_jax():
+  """Hooks on the PyTorch teacher give the JAX BN loss, first plain, then blended with the EMA."""
+  torch.manual_seed(0)
+  teacher = torch_zoo.build("resnet_tiny_a", 4).eval()
+  with torch.no_grad():
+    for m in teacher.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.running_mean.normal_(0, 0.3)
+        m.running_var.uniform_(0.5, 1.5)
+  state_dict = {k: v.numpy() for k, v in teacher.state_dict().items()}
+  variables = convert.state_dict_to_variables(state_dict, "resnet_tiny_a", 4, image_size=16)
+  model = models.create_model("resnet_tiny_a", 4)
+  bn = torch_side.BNStatistics(teacher, momentum=0.9)
+  batches = np.random.default_rng(2).normal(size=(2, 8, 16, 16, 3)).astype(np.float32)
+  ema = None
+  for x in batches:
+    bn.stats.clear()
+    with torch.no_grad():
+      teacher(torch.from_numpy(x.transpose(0, 3, 1, 2)))
+      theirs = float(bn.loss())
+    _, state = model.apply(variables, jnp.asarray(x), train=False, mutable=[BN_STATS])
+    stats = state[BN_STATS]
+    blended = stats if ema is None else losses.blend_bn_statistics(stats, ema, 0.9)
+    ours = float(losses.bn_statistics_loss(blended, variables["batch_stats"]))
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4)
+    bn.end_round()
+    ema = stats if ema is None else jax.tree.map(lambda e, s: 0.9 * e + 0.1 * s, ema, stats)
+
+
+def test_torch_generator_has_the_jax_generators_parameters():
+  k, batch, dim = 10, 50, 384
+  g = generator_lib.Generator(num_classes=k, img_size=32, noise_dim=100, ngf=16)
+  params = generator_lib.init_generator(jax.random.key(0), g, batch, dim)
+  ours = sum(x.size for x in jax.tree.leaves(params))
+  theirs = torch_side.Generator(k, batch, dim, noise_dim=100, ngf=16)
+  assert sum(p.numel() for p in theirs.parameters()) == ours
+  assert theirs(torch.randn(batch, dim)).shape == (batch, 3, 32, 32)
+
+
+def test_xla_counts_a_resnet20_forward_near_its_textbook_flops():
+  """2 x 40.6M multiply-adds per 32x32 image (He et al.); XLA skips the padding taps (~8%)."""
+  model = models.create_model("resnet20", 10)
+  x = jnp.zeros((4, 32, 32, 3))
+  variables = model.init(jax.random.key(0), x)
+  counted = flops.lowered_flops(jax.jit(lambda v, x: model.apply(v, x)[0]).lower(variables, x))
+  textbook = 2 * 40.55e6 * 4
+  assert 0.88 * textbook < counted < 1.0 * textbook
+
+
+def test_quick_benchmark_runs_both_sides_and_prints_the_ratio_table(tmp_path):
+  out = tmp_path / "bench.json"
+  cmd = [sys.executable, "-m", "benchmarks.dfkd_benchmark",
+         "--config", os.path.join(REPO_ROOT, "configs", "cifar10_resnet56_resnet20.py"),
+         "--quick", "--repeats=1", "--teacher_arch=resnet8", "--config.student_arch=resnet_tiny_a",
+         "--config.generator.ngf=8", "--config.generator.noise_dim=32", f"--out_json={out}"]
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device, not conftest's 8
+  done = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "| generator step, images/s |" in done.stdout
+  assert "jax vs PyTorch (equivalent step)" in done.stdout
+  report = json.loads(out.read_text())
+  jax_side, torch_result = report["sides"]
+  assert jax_side["name"] == "caedfkd-jax" and torch_result["name"].startswith("PyTorch")
+  for side in (jax_side, torch_result):
+    assert side["generator_images_per_s"] > 0 and side["student_images_per_s"] > 0
+    assert side["epoch_s"] > 0
+  assert jax_side["epoch_plan"] == {"rounds": 1, "g_steps": 2, "kd_steps": 4}
+  assert jax_side["step_flops"]["generator_step"] > jax_side["step_flops"]["student_step"] > 0
+  assert 0 < jax_side["mfu_student"] < 1
+
+
+def _write_run(directory, rows):
+  os.makedirs(directory)
+  with open(os.path.join(directory, "metrics.jsonl"), "w") as f:
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
+
+
+def test_time_to_accuracy_reads_runs_and_computes_speedups(tmp_path, capsys):
+  _write_run(tmp_path / "plain", [
+      {"epoch": 1, "time/train_minutes": 1.0},  # warm-up: no evaluation
+      {"epoch": 2, "time/train_minutes": 2.0, "eval/top1": 15.0},
+      {"epoch": 3, "time/train_minutes": 3.0, "eval/top1": 25.0},
+      {"epoch": 4, "time/train_minutes": 4.0, "eval/top1": 31.0}])
+  _write_run(tmp_path / "cend", [
+      {"epoch": 2, "time/train_minutes": 2.0, "eval/top1": 22.0},
+      {"epoch": 3, "time/train_minutes": 3.0, "eval/top1": 28.0}])
+  rc = time_to_accuracy.main([str(tmp_path / "plain"), str(tmp_path / "cend"),
+                              "--thresholds", "20,30", "--plot", str(tmp_path / "curves.png"),
+                              "--out_json", str(tmp_path / "tta.json")])
+  assert rc == 0
+  rows = json.loads((tmp_path / "tta.json").read_text())["rows"]
+  assert rows[0]["minutes"] == {"plain": 3.0, "cend": 2.0}
+  assert rows[0]["speedup_vs_first"]["cend"] == pytest.approx(1.5)
+  assert rows[1]["minutes"] == {"plain": 4.0, "cend": None}       # CEND never reached 30%
+  assert rows[2]["threshold"] == "common best 28.00%"
+  assert rows[2]["minutes"] == {"plain": 4.0, "cend": 3.0}
+  assert "not reached" in capsys.readouterr().out
+  assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_time_to_accuracy_names_a_run_without_evaluations(tmp_path, capsys):
+  _write_run(tmp_path / "noeval", [{"epoch": 1, "time/train_minutes": 1.0}])
+  assert time_to_accuracy.main([str(tmp_path / "noeval")]) == 2
+  assert "--config.eval_data" in capsys.readouterr().err
