@@ -1,8 +1,9 @@
 """The two CAE-DFKD updates as pure functions: a generator round and KD steps.
 
-`generator_step` (Eq. 5) and `student_step` (Eq. 6) are pure; a round scans
-`generator_step` over g_steps and a KD call scans `student_step`, so each
-phase is one compiled call. `make_step_fns` jits both over a ("data",) mesh:
+`generator_step` (Eq. 5) and `student_step` (Eq. 6) are pure. On accelerators a
+round scans `generator_step` over g_steps and a KD call scans `student_step`, so
+each phase is one compiled call; on CPUs each step is its own compiled call
+(`resolve_fuse`). `make_step_fns` jits them over a ("data",) mesh:
 the state is replicated and every batch is sharded along "data", so BatchNorm
 statistics and losses cover the global batch whatever the device count.
 """
