@@ -126,6 +126,8 @@ def measure(config, teacher: bundle_lib.Bundle, table, repeats: int = 3,
       "epoch_s": epoch_s,
       "epoch_plan": {"rounds": rounds, "g_steps": g_steps, "kd_steps": kd_calls * kd_per_call},
       "compile_s": max(first_round_s - round_median, 0.0) + max(first_kd_s - kd_median, 0.0),
+      # Set only through JAX_COMPILATION_CACHE_DIR: with it, compile_s may be a warm figure.
+      "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
       "step_flops": flops,
       "generator_flops_per_s": flops["generator_step"] * g_steps / round_median,
       "student_flops_per_s": flops["student_step"] * kd_per_call / kd_median,

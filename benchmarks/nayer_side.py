@@ -5,7 +5,9 @@ imported from the checkout, and its synthesizer (`datafree.synthesis.NAYER`:
 generator rounds, PNG memory pool, DataLoader) runs as NAYER runs it. The KD loop
 is `datafree_kd.train`'s, restated because that module starts wandb on import:
 `synthesizer.sample()`, teacher under no_grad, `datafree.criterions.KLDiv(T)`, SGD.
-NAYER's generator gets the clean class table (NAYER's method: no CEND, no CNCL).
+NAYER's generator gets the clean class table (NAYER's method: no CEND, no CNCL), and
+NAYER's registry builds the networks (its resnet20/56 are RepDistiller's option-B
+variants, a few percent more FLOPs than the akamaster option-A ones).
 
 NAYER hard-codes `.cuda()`. Without CUDA, `.cuda()` is mapped to the CPU for the
 duration of the measurement, and the result says so. NAYER needs torchvision and

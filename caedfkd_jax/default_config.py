@@ -20,6 +20,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.fuse_steps = ml_collections.config_dict.placeholder(bool)  # One lax.scan per round /
                                      # KD call. Unset: on for GPUs/TPUs, off for CPUs (XLA:CPU
                                      # runs convs inside loops ~100x slower, measured).
+  config.compilation_cache_dir = "auto"  # Persistent XLA cache, so a resumed run or a rerun
+                                     # skips most compiling. "auto": ~/.cache/caedfkd_jax/xla
+                                     # (or $JAX_COMPILATION_CACHE_DIR); "": off. Process-wide:
+                                     # the first directory a process uses stays.
 
   # Embeddings and CEND (Eq. 3)
   config.embeddings = "cifar10"  # Shipped table name ("cifar10", "cifar100") or a .npy path.

@@ -49,6 +49,24 @@ def compute_dtype(name: str, platform: str | None = None):
     raise ValueError(f"compute_dtype {name!r}: use auto, float32, bfloat16 or float16") from None
 
 
+def enable_compilation_cache(directory: str) -> str | None:
+  """Points JAX's persistent compilation cache at `directory` ("auto": the user cache).
+
+  JAX fixes the directory once a process first uses the cache, so a directory
+  already configured (e.g. by JAX_COMPILATION_CACHE_DIR) is kept. Returns the
+  directory in use, or None when off.
+  """
+  current = jax.config.jax_compilation_cache_dir
+  if not directory or current:
+    return current or None
+  if directory == "auto":
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    directory = os.path.join(base, "caedfkd_jax", "xla")
+  directory = os.path.abspath(os.path.expanduser(directory))
+  jax.config.update("jax_compilation_cache_dir", directory)
+  return directory
+
+
 def epoch_plan(config, epoch: int) -> tuple[int, int]:
   """(generator rounds, KD calls) of an epoch."""
   warm = epoch < config.warmup_epochs
@@ -205,6 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start = time.time()
   if config.distributed:
     jax.distributed.initialize()
+  enable_compilation_cache(config.compilation_cache_dir)
   if not config.teacher:
     raise ValueError("config.teacher is empty: pass --config.teacher=PATH_TO_TEACHER_BUNDLE "
                      "(make one with `caedfkd convert`).")

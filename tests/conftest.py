@@ -3,11 +3,14 @@ read where it exists; tests that need it skip with the reason otherwise."""
 
 import os
 import pathlib
+import tempfile
 
 # 8 simulated CPU devices for the data-parallel tests; must precede importing jax.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Runs default to a persistent XLA cache in the user's home; tests keep theirs in a temp dir.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="caedfkd_test_xla_"))
 
 import pytest  # noqa: E402
 

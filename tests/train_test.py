@@ -233,3 +233,31 @@ def test_platform_picks_dtype_and_fusion_unless_the_config_says():
   assert steps.resolve_fuse(config, fuse=True) is True
   config.fuse_steps = True
   assert steps.resolve_fuse(config) is True
+
+
+def test_a_rerun_reuses_the_persistent_compilation_cache(teacher_dir, table_path, tmp_path):
+  """Two fresh processes, same config: the second compiles nothing the first did not cache."""
+  import subprocess
+  import sys
+  cache = tmp_path / "xla"
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
+  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"   # tiny test programs compile fast
+  def distill(workdir):
+    args = [sys.executable, "-m", "caedfkd_jax.main", "distill",
+            "--config", os.path.join(os.path.dirname(__file__), "..", "configs",
+                                     "cifar10_resnet56_resnet20.py"),
+            "--workdir", str(workdir), f"--config.teacher={teacher_dir}",
+            "--config.teacher_arch_expected=", f"--config.embeddings={table_path}",
+            "--config.student_arch=resnet_tiny_a", "--config.cend.num_sources=1",
+            "--config.num_groups=1", "--config.generator.ngf=4", "--config.generator.noise_dim=8",
+            "--config.generator.steps=1", "--config.warmup_g_loops=1",
+            "--config.student.batch_groups=1", "--config.student.kd_steps=2",
+            "--config.student.steps_per_call=1", "--config.warmup_epochs=1", "--config.epochs=2",
+            f"--config.compilation_cache_dir={cache}"]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+  distill(tmp_path / "first")
+  cached = set(os.listdir(cache))
+  assert any(name.startswith("jit_generator_step") for name in cached)
+  distill(tmp_path / "second")
+  assert set(os.listdir(cache)) == cached
