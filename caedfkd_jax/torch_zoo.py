@@ -25,7 +25,7 @@ def _with_features(logits, features, return_features: bool):
   return (logits, features) if return_features else logits
 
 
-# --- akamaster: ResNet-20..110, option-A shortcut ---------------------------------
+# --- The ResNet basic block of both CIFAR zoos -------------------------------------
 
 
 class LambdaLayer(nn.Module):
@@ -38,9 +38,13 @@ class LambdaLayer(nn.Module):
     return self.fn(x)
 
 
-class AkaBasicBlock(nn.Module):
+class BasicBlock(nn.Module):
+  """Post-activation basic block. Its shortcut, where the shape changes: option B (DFKD zoo,
+  `shortcut.0/1` = 1x1 conv + BN) or, option_a=True, akamaster's parameter-free option A
+  (subsample by 2, zero-pad planes // 4 channels on both sides)."""
+  expansion = 1
 
-  def __init__(self, in_planes: int, planes: int, stride: int = 1):
+  def __init__(self, in_planes: int, planes: int, stride: int = 1, option_a: bool = False):
     super().__init__()
     self.conv1 = _conv3x3(in_planes, planes, stride)
     self.bn1 = nn.BatchNorm2d(planes)
@@ -48,14 +52,20 @@ class AkaBasicBlock(nn.Module):
     self.bn2 = nn.BatchNorm2d(planes)
     self.shortcut = nn.Sequential()
     if stride != 1 or in_planes != planes:
-      pad = planes // 4
-      self.shortcut = LambdaLayer(
-          lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad), "constant", 0))
+      if option_a:
+        pad = planes // 4
+        self.shortcut = LambdaLayer(
+            lambda x: F.pad(x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad), "constant", 0))
+      else:
+        self.shortcut = nn.Sequential(_conv1x1(in_planes, planes, stride), nn.BatchNorm2d(planes))
 
   def forward(self, x):
     out = F.relu(self.bn1(self.conv1(x)))
     out = self.bn2(self.conv2(out))
     return F.relu(out + self.shortcut(x))
+
+
+# --- akamaster: ResNet-20..110, option-A shortcut ---------------------------------
 
 
 class AkaResNet(nn.Module):
@@ -73,7 +83,7 @@ class AkaResNet(nn.Module):
   def _make_layer(self, planes, num_blocks, stride):
     layers = []
     for s in [stride] + [1] * (num_blocks - 1):
-      layers.append(AkaBasicBlock(self.in_planes, planes, s))
+      layers.append(BasicBlock(self.in_planes, planes, s, option_a=True))
       self.in_planes = planes
     return nn.Sequential(*layers)
 
@@ -85,25 +95,6 @@ class AkaResNet(nn.Module):
 
 
 # --- DFKD zoo ResNet-18/34 (CIFAR stem, option-B) and torchvision ResNet-50 --------
-
-
-class BasicBlock(nn.Module):
-  expansion = 1
-
-  def __init__(self, in_planes: int, planes: int, stride: int = 1):
-    super().__init__()
-    self.conv1 = _conv3x3(in_planes, planes, stride)
-    self.bn1 = nn.BatchNorm2d(planes)
-    self.conv2 = _conv3x3(planes, planes)
-    self.bn2 = nn.BatchNorm2d(planes)
-    self.shortcut = nn.Sequential()
-    if stride != 1 or in_planes != planes:
-      self.shortcut = nn.Sequential(_conv1x1(in_planes, planes, stride), nn.BatchNorm2d(planes))
-
-  def forward(self, x):
-    out = F.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    return F.relu(out + self.shortcut(x))
 
 
 class Bottleneck(nn.Module):
