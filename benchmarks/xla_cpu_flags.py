@@ -9,6 +9,7 @@ overrides given here, and per-step (`--fuse=false`) unless the variant says othe
 A variant that runs past --timeout_s (default 900) is reported as stopped.
 """
 
+import argparse
 import json
 import os
 import signal
@@ -59,23 +60,22 @@ def run_variant(name: str, argv: list[str], timeout_s: float) -> dict:
 
 
 def main(argv: list[str]) -> int:
-  out_json, names, rest, timeout_s = None, list(VARIANTS), [], 900.0
-  for arg in argv:
-    if arg.startswith("--timeout_s="):
-      timeout_s = float(arg.split("=", 1)[1])
-    elif arg.startswith("--out_json="):
-      out_json = arg.split("=", 1)[1]
-    elif arg.startswith("--variants="):
-      names = arg.split("=", 1)[1].split(",")
-    else:
-      rest.append(arg)
+  parser = argparse.ArgumentParser(
+      description=__doc__.split("\n\n")[0], allow_abbrev=False,
+      epilog="Every other argument (--config, --config.X=..., --repeats, ...) goes to "
+             "benchmarks.dfkd_benchmark.")
+  parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names")
+  parser.add_argument("--timeout_s", type=float, default=900.0)
+  parser.add_argument("--out_json")
+  args, rest = parser.parse_known_args(argv)
+  names = args.variants.split(",")
   unknown = set(names) - set(VARIANTS)
   if unknown:
     print(f"Unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}", file=sys.stderr)
     return 2
   rows = []
   for name in names:
-    rows.append(run_variant(name, rest, timeout_s))
+    rows.append(run_variant(name, rest, args.timeout_s))
     r = rows[-1]
     print(f"{name}: " + (r["error"] if "error" in r else
                          f"gen {r['generator_images_per_s']:.1f} img/s, student "
@@ -92,8 +92,8 @@ def main(argv: list[str]) -> int:
     print(f"| {r['variant']} | `{r['xla_flags'] or '-'}` {' '.join(r['extra'])} | "
           f"{r['generator_images_per_s']:.1f} | {r['student_images_per_s']:.1f} | "
           f"{r['epoch_s']:.2f} | {speedup} | {r['compile_s']:.1f} |")
-  if out_json:
-    with open(out_json, "w") as f:
+  if args.out_json:
+    with open(args.out_json, "w") as f:
       json.dump(rows, f, indent=2)
   return 0
 
