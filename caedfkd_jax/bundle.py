@@ -8,6 +8,8 @@ inputs are normalised) and `variables/`, an Orbax checkpoint of `params` and
 import dataclasses
 import json
 import os
+import shutil
+import uuid
 from typing import Any
 
 import flax.linen as nn
@@ -20,6 +22,10 @@ from caedfkd_jax import models
 
 MODEL_JSON = "model.json"
 VARIABLES_DIR = "variables"
+# Beside bundle dir X during a save: .X.bundle-tmp-<pid>-* (the new bundle being written) and
+# .X.bundle-old (the old one, between the two renames that swap the new one in).
+_TEMP_INFIX = ".bundle-tmp-"
+_BACKUP_SUFFIX = ".bundle-old"
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -86,25 +92,122 @@ def init_variables(spec: ModelSpec, rng: jax.Array | int = 0) -> dict[str, Any]:
   return {"params": variables["params"], "batch_stats": variables.get("batch_stats", {})}
 
 
+def _local_checkpointer() -> ocp.StandardCheckpointer:
+  """An Orbax checkpointer of this process alone, with no cross-process barrier.
+
+  A bundle is a small host tree: in a multi-process run process 0 alone writes
+  the student and every process reads the teacher on its own.
+  """
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}))
+
+
+def _backup_path(directory: str) -> str:
+  parent, name = os.path.split(directory)
+  return os.path.join(parent, f".{name}{_BACKUP_SUFFIX}")
+
+
+def _temp_prefix(directory: str) -> str:
+  parent, name = os.path.split(directory)
+  return os.path.join(parent, f".{name}{_TEMP_INFIX}")
+
+
+def _is_complete(directory: str) -> bool:
+  return (os.path.isfile(os.path.join(directory, MODEL_JSON))
+          and os.path.isdir(os.path.join(directory, VARIABLES_DIR)))
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except OSError:  # e.g. EPERM: someone else's live process
+    return True
+  return True
+
+
+def _recover(directory: str) -> None:
+  """Undoes a save killed between its two renames: the old bundle is then only in the backup."""
+  backup = _backup_path(directory)
+  if not os.path.exists(directory) and _is_complete(backup):
+    try:
+      os.rename(backup, directory)
+    except OSError:
+      if not os.path.exists(directory):  # lost a race with a concurrent save: that one wins
+        raise
+
+
+def _remove_leftovers(directory: str) -> None:
+  """Deletes the backup of a finished swap and temp dirs of saves whose process is dead."""
+  if os.path.exists(directory):
+    shutil.rmtree(_backup_path(directory), ignore_errors=True)
+  parent, prefix = os.path.dirname(directory), os.path.basename(_temp_prefix(directory))
+  for entry in os.listdir(parent):
+    if entry.startswith(prefix):
+      pid = entry[len(prefix):].split("-", 1)[0]
+      if not (pid.isdigit() and _pid_alive(int(pid))):
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def bundle_exists(directory: str) -> bool:
+  """Whether `directory` holds a bundle (or the backup a killed save left of one)."""
+  directory = os.path.realpath(directory)
+  return os.path.isfile(os.path.join(directory, MODEL_JSON)) or (
+      not os.path.exists(directory) and _is_complete(_backup_path(directory)))
+
+
 def save_bundle(directory: str, spec: ModelSpec, variables: dict[str, Any]) -> str:
-  """Writes a bundle (overwriting one that is there) and returns its path."""
+  """Writes a bundle, replacing one that is there, and returns its path.
+
+  Atomic, so a kill never leaves a half-written bundle: the new bundle is written
+  whole into a temp dir beside `directory`, then swapped in by two renames (old ->
+  backup, new -> final). A kill between them is undone by the next load or save.
+  """
   directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
+  target = os.path.realpath(directory)  # a symlinked bundle dir stays a symlink
+  if os.path.exists(target) and not os.path.isdir(target):
+    raise ValueError(f"{directory} is a file, not a bundle directory; give a directory path.")
+  parent = os.path.dirname(target)
+  os.makedirs(parent, exist_ok=True)
+  _recover(target)
+  _remove_leftovers(target)
+  if os.path.isdir(target):
+    foreign = sorted(set(os.listdir(target)) - {MODEL_JSON, VARIABLES_DIR, MODEL_JSON + ".tmp"})
+    if foreign:
+      raise ValueError(
+          f"{directory} holds files that are not part of a bundle ({', '.join(foreign[:5])}), "
+          "and saving replaces the whole directory; give a new or empty directory.")
   variables = {"params": variables["params"],
                "batch_stats": variables.get("batch_stats", {})}
   variables = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), variables)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, VARIABLES_DIR), variables, force=True)
-  tmp = os.path.join(directory, MODEL_JSON + ".tmp")
-  with open(tmp, "w") as f:
-    json.dump(spec.to_json(), f, indent=2)
-  os.replace(tmp, os.path.join(directory, MODEL_JSON))
+  # Not tempfile.mkdtemp: its dirs are private (0700), and a bundle keeps the usual permissions.
+  tmp = f"{_temp_prefix(target)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  os.mkdir(tmp)
+  backup = _backup_path(target)
+  try:
+    with _local_checkpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, VARIABLES_DIR), variables)
+      ckptr.wait_until_finished()
+    with open(os.path.join(tmp, MODEL_JSON), "w") as f:
+      json.dump(spec.to_json(), f, indent=2)
+    if os.path.exists(target):
+      os.rename(target, backup)
+    os.rename(tmp, target)
+  except BaseException:
+    if not os.path.exists(target) and os.path.exists(backup):
+      os.rename(backup, target)  # put the old bundle back
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  shutil.rmtree(backup, ignore_errors=True)
   return directory
 
 
 def load_bundle(directory: str) -> Bundle:
   """Reads a bundle; errors say which file is missing or unreadable."""
   directory = os.path.abspath(directory)
+  _recover(os.path.realpath(directory))
   json_path = os.path.join(directory, MODEL_JSON)
   if not os.path.isfile(json_path):
     raise FileNotFoundError(
@@ -114,6 +217,6 @@ def load_bundle(directory: str) -> Bundle:
     spec = ModelSpec.from_json(json.load(f))
   target = jax.eval_shape(lambda: init_variables(spec))
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), target)
-  with ocp.StandardCheckpointer() as ckptr:
+  with _local_checkpointer() as ckptr:
     variables = ckptr.restore(os.path.join(directory, VARIABLES_DIR), target)
   return Bundle(spec, variables)

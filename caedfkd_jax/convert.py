@@ -467,9 +467,17 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 def convert_checkpoint(src: str | os.PathLike, arch: str, num_classes: int, preset: str,
                        out: str | os.PathLike,
-                       class_names: Sequence[str] | None = None) -> str:
-  """PyTorch checkpoint -> bundle at `out` (returned), with its provenance in `extra`."""
+                       class_names: Sequence[str] | None = None,
+                       overwrite: bool = False) -> str:
+  """PyTorch checkpoint -> bundle at `out` (returned), with its provenance in `extra`.
+
+  An existing bundle at `out` is replaced only with `overwrite`: it may be a teacher
+  that other runs name.
+  """
   src = os.fspath(src)
+  if not overwrite and bundle_lib.bundle_exists(os.fspath(out)):
+    raise ValueError(f"--out {os.fspath(out)} already holds a model bundle; pass --overwrite "
+                     "to replace it, or give another --out.")
   preset_ = get_preset(preset)
   norm = preset_.normalization(num_classes)
   models.create_model(arch, num_classes)  # fail on a bad arch before reading the file
@@ -515,13 +523,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       f"one of {', '.join(class_names_lib.BUILTIN)}; default: CIFAR-10's "
                       "(CIFAR-100's) for 10 (100) class akamaster/dfkd checkpoints")
   parser.add_argument("--out", required=True, help="bundle directory to write")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace the bundle already at --out (refused otherwise)")
 
 
 def run(args: argparse.Namespace) -> int:
   class_names = (class_names_lib.resolve_classes(args.class_names)
                  if args.class_names else None)
   out = convert_checkpoint(args.src, args.arch, args.num_classes, args.preset, args.out,
-                           class_names)
+                           class_names, overwrite=args.overwrite)
   loaded = bundle_lib.load_bundle(out)
   spec = loaded.spec
   print(f"converted {args.src} ({spec.arch}, {spec.num_classes} classes, "

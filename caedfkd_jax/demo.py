@@ -9,6 +9,7 @@ same CAE-DFKD engine, config fields and shipped embeddings as every other run
 import argparse
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -22,6 +23,8 @@ from caedfkd_jax import bundle as bundle_lib
 from caedfkd_jax import default_config, evaluate, models, train
 
 IMAGE_SIZE = 16
+DEMO_JSON = "demo.json"                      # the arguments the workdir's run was made with
+OWN_DIRS = ("teacher", "heldout", "distill")  # what --fresh deletes
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -111,10 +114,16 @@ def plot_accuracy(metrics_path: str, teacher_top1: float, out_png: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  rows = [json.loads(l) for l in open(metrics_path)]
+  rows = []
+  if os.path.exists(metrics_path):  # absent or empty when the run stopped in its first epoch
+    with open(metrics_path) as f:
+      rows = [json.loads(line) for line in f if line.strip()]
   rows = [r for r in rows if "eval/top1" in r]
   fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
   ax.plot([r["time/minutes"] for r in rows], [r["eval/top1"] for r in rows], "o-", label="student")
+  if not rows:
+    ax.text(0.5, 0.5, "no evaluation yet: rerun with a larger --minutes", ha="center",
+            transform=ax.transAxes)
   ax.axhline(teacher_top1, color="gray", ls="--", label="teacher")
   ax.set_xlabel("minutes of distillation")
   ax.set_ylabel("top-1 on held-out digits (%)")
@@ -128,14 +137,59 @@ def plot_accuracy(metrics_path: str, teacher_top1: float, out_png: str) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--workdir", default="caedfkd_demo", help="where everything is written")
-  parser.add_argument("--minutes", type=float, default=3.0, help="distillation time budget")
+  parser.add_argument("--minutes", type=float, default=3.0,
+                      help="distillation time budget; rerun with a larger one to continue a run")
   parser.add_argument("--teacher-epochs", type=int, default=30)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--fresh", action="store_true",
+                      help="delete the demo's earlier teacher/, heldout/ and distill/ in --workdir "
+                           "and start over (by default a rerun with the same arguments resumes)")
+
+
+def _recorded_arguments(args: argparse.Namespace) -> dict[str, int]:
+  """What the workdir's contents depend on; --minutes is only the time budget, free to grow."""
+  return {"teacher_epochs": args.teacher_epochs, "seed": args.seed}
+
+
+def prepare_workdir(workdir: str, args: argparse.Namespace) -> None:
+  """Resumes an earlier run only if it had the same arguments, so a changed one is never ignored.
+
+  Writes `demo.json` (the arguments) before anything else, so even a killed run is recognised.
+  """
+  record = os.path.join(workdir, DEMO_JSON)
+  ours = [os.path.join(workdir, d) for d in OWN_DIRS]
+  wanted = _recorded_arguments(args)
+  if args.fresh:
+    for d in ours:
+      shutil.rmtree(d, ignore_errors=True)
+  elif os.path.exists(record):
+    with open(record) as f:
+      try:
+        recorded = json.load(f)
+      except json.JSONDecodeError:
+        recorded = {}
+    changed = [f"--{k.replace('_', '-')} {recorded.get(k)} -> {v}"
+               for k, v in wanted.items() if recorded.get(k) != v]
+    if changed:
+      raise ValueError(
+          f"--workdir {workdir} holds a demo run with other arguments ({', '.join(changed)}); "
+          "pass --fresh to delete that run and start over, or use another --workdir.")
+  elif any(os.path.exists(d) for d in ours):
+    raise ValueError(
+        f"--workdir {workdir} holds a demo run whose arguments were not recorded; pass --fresh "
+        "to delete that run and start over, or use another --workdir.")
+  os.makedirs(workdir, exist_ok=True)
+  tmp = f"{record}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(wanted, f, indent=2)
+    f.write("\n")
+  os.replace(tmp, record)
 
 
 def run(args: argparse.Namespace) -> int:
   start = time.time()
   workdir = os.path.abspath(args.workdir)
+  prepare_workdir(workdir, args)
   x_train, x_test, y_train, y_test = load_digits(args.seed)
   print(f"digits: {len(x_train)} training images for the teacher, {len(x_test)} held out")
 
@@ -162,14 +216,19 @@ def run(args: argparse.Namespace) -> int:
   student_top1 = top1(bundle_lib.load_bundle(result["student"]))
   plot = os.path.join(workdir, "student_accuracy.png")
   plot_accuracy(os.path.join(workdir, "distill", "metrics.jsonl"), teacher_top1, plot)
-  samples = sorted(os.listdir(os.path.join(workdir, "distill", "samples")))
+  samples_dir = os.path.join(workdir, "distill", "samples")
+  samples = sorted(os.listdir(samples_dir)) if os.path.isdir(samples_dir) else []
 
   print("\n| model | data seen | top-1 on held-out digits |")
   print("|---|---|---|")
   print(f"| teacher resnet20 ({_params(teacher.variables)} params) | real digits | {teacher_top1:.2f}% |")
   print(f"| student resnet8 ({_params(bundle_lib.load_bundle(result['student']).variables)} params) "
         f"| synthetic only | {student_top1:.2f}% |")
-  print(f"\nsynthetic digits: {os.path.join(workdir, 'distill', 'samples', samples[-1])}")
+  if samples:
+    print(f"\nsynthetic digits: {os.path.join(samples_dir, samples[-1])}")
+  else:  # --minutes ran out before the first epoch (the warm-up) ended
+    print("\nsynthetic digits: none saved yet (the time ran out in the first epoch); rerun with "
+          "a larger --minutes to continue the run")
   print(f"accuracy plot:    {plot}")
   print(f"student bundle:   {result['student']}")
   print(f"total time: {(time.time() - start) / 60:.1f} min")

@@ -20,6 +20,7 @@ import importlib.util
 import json
 import os
 import sys
+import uuid
 from typing import Any
 
 import numpy as np
@@ -55,14 +56,39 @@ class EmbeddingTable:
     return int(self.vectors.shape[1])
 
   def save(self, path: str) -> str:
-    """Writes `X.npy` and `X.json` (classes + metadata); returns the .npy path."""
+    """Writes `X.npy` and `X.json` (classes + metadata); returns the .npy path.
+
+    Both are written whole to temp files beside them and only then renamed into
+    place, so a failed or killed save leaves a table that was there loadable.
+    """
     npy_path, json_path = _table_paths(path)
     os.makedirs(os.path.dirname(os.path.abspath(npy_path)), exist_ok=True)
-    np.save(npy_path, self.vectors)
-    with open(json_path, "w", encoding="utf-8") as f:
-      json.dump({"classes": self.classes, "metadata": self.metadata}, f, indent=1)
-      f.write("\n")
+    temps = []
+    try:
+      with _temp_beside(npy_path, temps) as f:
+        np.save(f, self.vectors)
+      with _temp_beside(json_path, temps, "w") as f:
+        json.dump({"classes": self.classes, "metadata": self.metadata}, f, indent=1)
+        f.write("\n")
+      for tmp, final in zip(temps, (npy_path, json_path)):
+        os.replace(tmp, final)
+    finally:
+      for tmp in temps:
+        if os.path.exists(tmp):
+          os.remove(tmp)
     return npy_path
+
+
+def _temp_beside(path: str, temps: list[str], mode: str = "wb"):
+  """A new file beside `path` (so os.replace is atomic), its name added to `temps`.
+
+  Not `tempfile`: its files are private (0600), and a table should keep the usual permissions.
+  """
+  directory, name = os.path.split(os.path.abspath(path))
+  tmp = os.path.join(directory, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+  f = open(tmp, mode.replace("w", "x"), encoding=None if "b" in mode else "utf-8")
+  temps.append(tmp)
+  return f
 
 
 def _validate(vectors: np.ndarray, classes: list[str], where: str) -> None:
@@ -133,6 +159,33 @@ def load_table(name_or_path: str) -> EmbeddingTable:
   vectors = vectors.astype(np.float32)
   _validate(vectors, info["classes"], f"Embedding table {npy_path}")
   return EmbeddingTable(vectors, info["classes"], metadata)
+
+
+def _class_key(name: str) -> str:
+  """"Lawn_Mower", "lawn mower" -> "lawn mower": tables and bundles spell names either way."""
+  return " ".join(name.replace("_", " ").lower().split())
+
+
+def check_table_matches_classes(table: EmbeddingTable, class_names: list[str] | None,
+                                table_name: str) -> None:
+  """Refuses a table whose row k is not the teacher's class k: the generator would be told
+  to draw one class while the teacher is asked for another. No class names: nothing to check.
+  """
+  if not class_names:
+    return
+  if len(table.classes) != len(class_names):
+    raise ValueError(
+        f"The embedding table {table_name!r} has {len(table.classes)} classes but the teacher has "
+        f"{len(class_names)}; make a table for the teacher's classes with `caedfkd embed`.")
+  differ = [k for k, (a, b) in enumerate(zip(table.classes, class_names))
+            if _class_key(a) != _class_key(b)]
+  if differ:
+    shown = ", ".join(f"{k}: {table.classes[k]!r} vs {class_names[k]!r}" for k in differ[:3])
+    more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+    raise ValueError(
+        f"The embedding table {table_name!r} does not match the teacher's classes (label: table "
+        f"vs teacher) {shown}{more}; make a table for the teacher's classes in label order with "
+        "`caedfkd embed --classes FILE`.")
 
 
 # --- Making tables (needs the `text` extra) ---

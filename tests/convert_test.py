@@ -402,3 +402,24 @@ def test_cli_bad_input_exits_2(problem, expected, tmp_path, capsys):
   assert err.startswith("caedfkd convert: error: ") and expected in err
   assert "Traceback" not in err
   assert not (tmp_path / "bundle").exists()
+
+
+def test_cli_refuses_to_overwrite_a_bundle_unless_asked(tmp_path, capsys):
+  src, out = tmp_path / "t.th", tmp_path / "bundle"
+  torch.save(randomized(torch_model("resnet_tiny_a"), seed=2).state_dict(), src)
+  spec = bundle_lib.ModelSpec("resnet_tiny_a", 10, extra={"mine": True})
+  old = jax.device_get(bundle_lib.init_variables(spec, 0))
+  bundle_lib.save_bundle(str(out), spec, old)
+  argv = ["convert", str(src), "--arch", "resnet_tiny_a", "--num-classes", "10", "--out", str(out)]
+  assert main(argv) == 2
+  err = capsys.readouterr().err
+  assert err == (f"caedfkd convert: error: --out {out} already holds a model bundle; pass "
+                 "--overwrite to replace it, or give another --out.\n")
+  kept = bundle_lib.load_bundle(str(out))
+  assert kept.spec.extra == {"mine": True}
+  jax.tree.map(np.testing.assert_array_equal, kept.variables, old)
+  assert main(argv + ["--overwrite"]) == 0
+  replaced = bundle_lib.load_bundle(str(out))
+  assert replaced.spec.extra["source_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+  np.testing.assert_array_equal(replaced.variables["params"]["linear"]["kernel"],
+                                torch.load(src)["linear.weight"].numpy().T)

@@ -270,3 +270,96 @@ def test_shipped_tables_match_the_installed_encoder(name):
   remade = embeddings.embed_classes(class_names.BUILTIN[name])
   np.testing.assert_allclose(remade.vectors, shipped.vectors, atol=1e-5)
   assert remade.metadata["encoder_sha256"] == shipped.metadata["encoder_sha256"]
+
+
+# --- Saving atomically ---
+
+@pytest.mark.parametrize("fail_in", ["npy", "json"])
+def test_failed_save_leaves_the_old_table_loadable(fail_in, tmp_path, monkeypatch):
+  old = embeddings.EmbeddingTable(np.ones((2, 3)), ["a", "b"], {"v": 1})
+  old.save(str(tmp_path / "t.npy"))
+
+  def boom(f, *args, **kwargs):  # the disk fills up halfway through writing the file
+    f.write(b"\x93NUMPY" if fail_in == "npy" else '{"classes": [')
+    raise OSError("disk full")
+
+  if fail_in == "npy":
+    monkeypatch.setattr(np.lib.format, "write_array", boom)
+  else:
+    monkeypatch.setattr(json, "dump", lambda obj, f, **kwargs: boom(f))
+  with pytest.raises(OSError, match="disk full"):
+    embeddings.EmbeddingTable(np.zeros((3, 4)), ["x", "y", "z"], {"v": 2}).save(
+        str(tmp_path / "t.npy"))
+  monkeypatch.undo()
+  loaded = embeddings.load_table(str(tmp_path / "t.npy"))
+  np.testing.assert_array_equal(loaded.vectors, old.vectors)
+  assert loaded.classes == ["a", "b"] and loaded.metadata == {"v": 1}
+  assert sorted(os.listdir(tmp_path)) == ["t.json", "t.npy"]  # no temp files left
+
+
+def test_save_replaces_a_table_and_keeps_usual_permissions(tmp_path):
+  embeddings.EmbeddingTable(np.ones((2, 3)), ["a", "b"]).save(str(tmp_path / "t.npy"))
+  embeddings.EmbeddingTable(np.zeros((3, 4)), ["x", "y", "z"]).save(str(tmp_path / "t.npy"))
+  loaded = embeddings.load_table(str(tmp_path / "t.npy"))
+  assert loaded.vectors.shape == (3, 4) and loaded.classes == ["x", "y", "z"]
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(tmp_path / "t.npy").st_mode & 0o777 == 0o666 & ~umask
+  assert sorted(os.listdir(tmp_path)) == ["t.json", "t.npy"]
+
+
+# --- Table vs teacher classes ---
+
+def _table(classes):
+  return embeddings.EmbeddingTable(np.ones((len(classes), 2)), classes)
+
+
+def test_every_pairing_in_the_repo_matches():
+  from caedfkd_jax import convert, demo
+  pairs = [("digits", demo.DIGIT_NAMES)]
+  for preset in convert.PRESETS.values():
+    for num_classes, names in preset.default_class_names.items():
+      pairs.append(({10: "cifar10", 100: "cifar100"}[num_classes], list(names)))
+  assert len(pairs) == 4
+  for name, teacher_classes in pairs:
+    embeddings.check_table_matches_classes(embeddings.load_table(name), teacher_classes, name)
+
+
+def test_shared_clip_tables_match_converted_teachers(embeddings_dir):
+  for name, teacher_classes in (("cifar10", class_names.CIFAR10),
+                                ("cifar100", class_names.CIFAR100)):
+    path = str(embeddings_dir / f"{name}_clip_vitb32.npy")
+    embeddings.check_table_matches_classes(embeddings.load_table(path), teacher_classes, path)
+
+
+def test_class_names_compare_ignoring_case_and_underscores():
+  embeddings.check_table_matches_classes(_table(["lawn_mower", "Sweet Pepper", "cat"]),
+                                         ["Lawn Mower", "sweet_pepper", " cat "], "t")
+  embeddings.check_table_matches_classes(_table(["a", "b"]), None, "t")  # no names: no check
+  embeddings.check_table_matches_classes(_table(["a", "b"]), [], "t")
+
+
+def test_mismatching_classes_are_named():
+  with pytest.raises(ValueError, match=r"^The embedding table 't' does not match the teacher's "
+                     r"classes \(label: table vs teacher\) 1: 'cat' vs 'dog', 2: 'dog' vs 'cat';"):
+    embeddings.check_table_matches_classes(_table(["bird", "cat", "dog"]),
+                                           ["bird", "dog", "cat"], "t")
+  with pytest.raises(ValueError, match=r"0: 'zero' vs 'airplane', 1: 'one' vs 'automobile', "
+                     r"2: 'two' vs 'bird' and 7 more; make a table"):
+    embeddings.check_table_matches_classes(embeddings.load_table("digits"), class_names.CIFAR10,
+                                           "digits")
+  with pytest.raises(ValueError, match="has 2 classes but the teacher has 3"):
+    embeddings.check_table_matches_classes(_table(["a", "b"]), ["a", "b", "c"], "t")
+
+
+def test_training_refuses_a_table_for_other_classes():
+  from caedfkd_jax import bundle as bundle_lib
+  from caedfkd_jax import default_config, train
+  config = default_config.get_config()
+  config.embeddings = "digits"
+  table = embeddings.load_table("digits")
+  spec = bundle_lib.ModelSpec("resnet_tiny_a", 10, class_names=class_names.CIFAR10)
+  with pytest.raises(ValueError, match="'digits' does not match the teacher's classes"):
+    train.create_setup(config, bundle_lib.Bundle(spec, {}), table)
+  spec.class_names = class_names.DIGITS
+  assert train.create_setup(config, bundle_lib.Bundle(spec, {}), table).table_KxD.shape == (10, 384)
