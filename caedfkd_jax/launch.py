@@ -1,48 +1,241 @@
 """`caedfkd distill`: the launcher. Parses the config file and overrides, then trains.
 
-    caedfkd distill --config configs/cifar10_resnet56_resnet20.py --workdir runs/r56_r20 \
+    caedfkd distill --config cifar10_resnet56_resnet20 --workdir runs/r56_r20 \
         --config.teacher=teachers/resnet56 --config.time_budget_minutes=20
 
-Rerunning with the same workdir resumes from its last checkpoint.
+`--config` takes a path or the name of a config installed with the package
+(configs/ ships as `caedfkd_jax.configs`), so it works from any directory.
+Rerunning with the same workdir resumes from its last checkpoint. `--help`
+lists every config field; it imports no JAX, so it answers at once.
 """
 
+import ast
+import importlib.util
+import io
+import os
 import sys
+import textwrap
+import tokenize
+from typing import Any
 
 from absl import flags
+from ml_collections import config_dict
 from ml_collections import config_flags
+
+from caedfkd_jax import default_config
+
+PROG = "caedfkd distill"
+USAGE = (f"usage: {PROG} --config CONFIG[:ARG] --workdir DIR [--config.FIELD=VALUE ...]")
+EXAMPLE = (f"  {PROG} --config cifar10_resnet56_resnet20 --workdir runs/demo "
+           "--config.teacher=PATH_TO_TEACHER_BUNDLE")
+_HELP_FLAGS = ("-h", "--help", "-help")
+_CONFIG_FLAGS = ("--config", "-config")
+
+
+def installed_configs() -> dict[str, str]:
+  """Config name -> file, for the configs installed with the package (`caedfkd_jax.configs`)."""
+  spec = importlib.util.find_spec("caedfkd_jax.configs")
+  if spec is None or not spec.submodule_search_locations:
+    return {}
+  found = {}
+  for folder in spec.submodule_search_locations:
+    for entry in sorted(os.listdir(folder)):
+      if entry.endswith(".py") and not entry.startswith("_"):
+        found.setdefault(entry[:-3], os.path.join(folder, entry))
+  return found
+
+
+def resolve_config_path(spec: str) -> str:
+  """`--config PATH[:ARG]` or `NAME[.py][:ARG]` -> `FILE[:ARG]`: an existing path wins, then an
+  installed config of that name (also for `configs/NAME.py`, the repository-root spelling)."""
+  path, colon, arg = spec.partition(":")  # ml_collections splits at the first colon too.
+  if os.path.isfile(path):
+    return spec
+  folder, name = os.path.split(path)
+  name = name[:-3] if name.endswith(".py") else name
+  installed = installed_configs()
+  if folder in ("", "configs") and name in installed:
+    return installed[name] + colon + arg
+  raise ValueError(f"--config {spec}: no file {path!r} and no installed config {name!r}; give a "
+                   f"config file's path or one of: {', '.join(installed) or '(none installed)'}")
+
+
+def _split_argv(argv: list[str]) -> tuple[bool, list[str], str | None]:
+  """Takes out the help flags and resolves every --config value; returns (help?, argv, config file)."""
+  wants_help, out, config_file = False, [argv[0]], None
+  rest = iter(argv[1:])
+  for arg in rest:
+    if arg == "--":  # Everything after it is positional: left alone.
+      out += [arg, *rest]
+      break
+    if arg in _HELP_FLAGS:
+      wants_help = True
+      continue
+    name, eq, value = arg.partition("=")
+    if name in _CONFIG_FLAGS:
+      if not eq:
+        value = next(rest, None)
+        if value is None:
+          raise ValueError("--config needs a value: a config file's path or an installed config's "
+                           "name, e.g. --config cifar10_resnet56_resnet20")
+      value = resolve_config_path(value)
+      config_file = value.partition(":")[0]
+      arg = f"{name}={value}"
+    out.append(arg)
+  return wants_help, out, config_file
 
 
 def _parse(argv: list[str]):
   """Flags are defined per call: config_flags discovers --config.X overrides in `argv`."""
   values = flags.FlagValues()
   config = config_flags.DEFINE_config_file(
-      "config", None, "Path of a config file (configs/*.py); override fields with "
-      "--config.FIELD=VALUE.", flag_values=values, lock_config=True, sys_argv=argv)
+      "config", None, "Path of a config file (configs/*.py) or an installed config's name; "
+      "override fields with --config.FIELD=VALUE.", flag_values=values, lock_config=True,
+      sys_argv=argv)
   workdir = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, samples and "
                                 "the student bundle; an existing one is resumed.", flag_values=values)
   values(argv)
   return config, workdir
 
 
+def _one_line(error: Exception) -> str:
+  """ml_collections wraps a get_config error in its whole traceback: keep the flag and the error."""
+  message = str(error)
+  if "Traceback" not in message:
+    return message
+  lines = [line for line in message.splitlines() if line.strip()]
+  return f"{lines[0].split(': Error whilst')[0]}: {lines[-1]}"
+
+
+# --help: the config fields, their values and the comments default_config.py gives them.
+
+def _assigned_field(target: ast.expr) -> str | None:
+  """`config.a.b` or `config["a"].b` -> "a.b"; None for any other assignment target."""
+  parts = []
+  while True:
+    if isinstance(target, ast.Attribute):
+      parts.append(target.attr)
+      target = target.value
+    elif (isinstance(target, ast.Subscript) and isinstance(target.slice, ast.Constant)
+          and isinstance(target.slice.value, str)):
+      parts.append(target.slice.value)
+      target = target.value
+    else:
+      return ".".join(reversed(parts)) if isinstance(target, ast.Name) and parts else None
+
+
+def field_docs(source: str) -> tuple[dict[str, str], dict[str, int], dict[int, str]]:
+  """From a config file's source: field -> trailing comment (with its indented continuation
+  lines), field -> line of its first assignment, and line -> section header comment."""
+  comments = {}  # line -> (column, text, whether the comment has the line to itself)
+  for token in tokenize.generate_tokens(io.StringIO(source).readline):
+    if token.type == tokenize.COMMENT:
+      row, col = token.start
+      comments[row] = (col, token.string.lstrip("#").strip(), not token.line[:col].strip())
+  lines = source.splitlines()
+  docs, first_line, sections = {}, {}, {}
+  assigns = [node for node in ast.walk(ast.parse(source)) if isinstance(node, ast.Assign)]
+  for node in sorted(assigns, key=lambda node: node.lineno):
+    name = _assigned_field(node.targets[0]) if len(node.targets) == 1 else None
+    if name is None:
+      continue
+    first_line.setdefault(name, node.lineno)
+    trailing = comments.get(node.end_lineno)
+    if trailing and not trailing[2] and name not in docs:
+      text, row = [trailing[1]], node.end_lineno + 1
+      while row in comments and comments[row][2] and comments[row][0] > node.col_offset:
+        text.append(comments[row][1])
+        row += 1
+      docs[name] = " ".join(text)
+    header = comments.get(node.lineno - 1)
+    if (header and header[2] and header[0] == node.col_offset
+        and (node.lineno < 3 or not lines[node.lineno - 3].strip())):
+      sections[node.lineno] = header[1]
+  return docs, first_line, sections
+
+
+def _leaves(config: config_dict.ConfigDict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for key in config.keys():
+    value = config[key]
+    if isinstance(value, config_dict.ConfigDict):
+      out.update(_leaves(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def _read(path: str) -> str:
+  with open(path, encoding="utf-8") as f:
+    return f.read()
+
+
+def help_text(config: config_dict.ConfigDict | None = None, config_file: str | None = None) -> str:
+  """Usage, example, flags and every config field: `config`'s value (the defaults when None), the
+  default where it differs, and the field's comment from default_config.py (or `config_file`)."""
+  defaults = _leaves(default_config.get_config())
+  values = defaults if config is None else _leaves(config)
+  docs, order, sections = field_docs(_read(default_config.__file__))
+  extra_docs = field_docs(_read(config_file))[0] if config_file else {}
+  late = max(order.values(), default=0) + 1  # Fields default_config does not set go last.
+  names = sorted(values, key=lambda name: (order.get(name, late), name))
+  if any(name not in order for name in names):
+    sections.setdefault(late, "Other fields" + (f" (set by {config_file})" if config_file else ""))
+  source = f"{config_file} (defaults: caedfkd_jax/default_config.py)" if config_file else \
+      "caedfkd_jax/default_config.py"
+  out = [USAGE, "",
+         "CAE-DFKD: distil a teacher bundle into a student bundle without real data. Rerunning",
+         "with the same --workdir resumes from its last checkpoint.", "",
+         "example:", EXAMPLE, "",
+         "flags:",
+         "  --config CONFIG[:ARG]  a config file's path, or an installed config's name (from any",
+         "                         directory): " + ", ".join(installed_configs()) + ".",
+         "                         ARG goes to the file's get_config(ARG).",
+         "  --workdir DIR          checkpoints, logs, samples and the student bundle; an existing",
+         "                         one is resumed.",
+         "  --config.FIELD=VALUE   override one config field (below); repeatable.",
+         "  -h, --help             this help; with --config, that config's values.", "",
+         f"config fields, from {source}:"]
+  pending = sorted(sections.items())
+  for name in names:
+    line = order.get(name, late)
+    while pending and pending[0][0] <= line:
+      out += ["", f"  # {pending.pop(0)[1]}"]
+    field = f"  {name} = {values[name]!r}"
+    if name in defaults and values[name] != defaults[name]:
+      field += f"  (default: {defaults[name]!r})"
+    doc = docs.get(name) or extra_docs.get(name, "")
+    if not doc:
+      out.append(field)
+    elif len(field) <= 38:
+      out += textwrap.wrap(doc, 100, initial_indent=field.ljust(40), subsequent_indent=" " * 40)
+    else:
+      out += [field, *textwrap.wrap(doc, 100, initial_indent=" " * 40, subsequent_indent=" " * 40)]
+  return "\n".join(out)
+
+
 def main(argv: list[str]) -> int:
   try:
+    wants_help, argv, config_file = _split_argv(argv)
     config, workdir = _parse(argv)
-  except flags.Error as e:
-    print(f"caedfkd distill: error: {e}", file=sys.stderr)
+  except (flags.Error, ValueError) as e:
+    print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
     return 2
+  if wants_help:
+    print(help_text(config.value, config_file))
+    return 0
   if config.value is None or workdir.value is None:
-    print("caedfkd distill: error: --config and --workdir are required, e.g.\n"
-          "  caedfkd distill --config configs/cifar10_resnet56_resnet20.py --workdir runs/demo "
-          "--config.teacher=PATH_TO_TEACHER_BUNDLE", file=sys.stderr)
+    print(f"{PROG}: error: --config and --workdir are required, e.g.\n{EXAMPLE}\n"
+          f"(`{PROG} --help` lists the config fields)", file=sys.stderr)
     return 2
   from caedfkd_jax import train  # Imported late: flag errors should not wait for JAX.
   try:
     result = train.train_and_evaluate(config.value, workdir.value)
   except (ValueError, FileNotFoundError) as e:
-    print(f"caedfkd distill: error: {e}", file=sys.stderr)
+    print(f"{PROG}: error: {e}", file=sys.stderr)
     return 2
   except train.NonFiniteLossError as e:
-    print(f"caedfkd distill: stopped: {e}", file=sys.stderr)
+    print(f"{PROG}: stopped: {e}", file=sys.stderr)
     return 3
   print(f"Student bundle: {result['student']}"
         + (" (stopped at the time budget; rerun to continue)" if result["stopped_early"] else ""))

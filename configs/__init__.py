@@ -1,0 +1,1 @@
+"""Config files for `caedfkd distill --config`, installed as `caedfkd_jax.configs`."""
