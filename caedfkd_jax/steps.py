@@ -265,16 +265,17 @@ def make_mesh(devices=None) -> Mesh:
                        axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def resolve_fuse(config, fuse: bool | None = None) -> bool:
+def resolve_fuse(config, fuse: bool | None = None, platform: str | None = None) -> bool:
   """Whether a round / KD call is one lax.scan: `fuse`, else `config.fuse_steps`, else by platform.
 
   Unset (None) means fused on accelerators and per-step calls on CPUs, where
   XLA runs convolutions inside a while loop about 100x slower (measured).
+  `platform` defaults to JAX's default backend.
   """
   if fuse is None:
     fuse = config.fuse_steps
   if fuse is None:
-    fuse = jax.default_backend() != "cpu"
+    fuse = (platform or jax.default_backend()) != "cpu"
   return bool(fuse)
 
 
@@ -290,7 +291,7 @@ def make_step_fns(setup: Setup, mesh: Mesh, fuse: bool | None = None) -> dict[st
   replicated = NamedSharding(mesh, P())
   jit = functools.partial(jax.jit, donate_argnums=(0,))
   cfg = setup.config
-  if resolve_fuse(cfg, fuse):
+  if resolve_fuse(cfg, fuse, platform=mesh.devices.flat[0].platform):
     rounds = {
         warm: jit(functools.partial(generator_round, setup=setup, warmup=warm, mesh=mesh),
                   in_shardings=(replicated, replicated))
