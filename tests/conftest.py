@@ -7,6 +7,11 @@ import tempfile
 
 # 8 simulated CPU devices for the data-parallel tests; must precede importing jax.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# The suite checks numbers against float32 CPU references (PyTorch twins, float64 loops, bit-identical
+# resumes), so it runs on JAX's CPU backend even where jax[cuda12] is installed: GPUs would default to
+# TF32 matmuls and non-deterministic reductions. The GPU path is measured by benchmarks/. Set
+# JAX_PLATFORMS yourself to run the suite elsewhere.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Runs default to a persistent XLA cache in the user's home; tests keep theirs in a temp dir.
