@@ -209,14 +209,36 @@ def load_bundle(directory: str) -> Bundle:
   directory = os.path.abspath(directory)
   _recover(os.path.realpath(directory))
   json_path = os.path.join(directory, MODEL_JSON)
+  remake = ("Create it again with `caedfkd convert` (PyTorch teacher) or `caedfkd distill` "
+            "(student).")
   if not os.path.isfile(json_path):
+    absent = "" if os.path.isdir(directory) else " (the directory does not exist)"
     raise FileNotFoundError(
-        f"{directory} is not a model bundle: {MODEL_JSON} is missing. Create one "
+        f"{directory} is not a model bundle: {MODEL_JSON} is missing{absent}. Create one "
         "with `caedfkd convert` (PyTorch teacher) or `caedfkd distill` (student).")
-  with open(json_path) as f:
-    spec = ModelSpec.from_json(json.load(f))
+  try:
+    with open(json_path) as f:
+      spec = ModelSpec.from_json(json.load(f))
+    models.create_model(spec.arch, spec.num_classes)
+  except (ValueError, TypeError, KeyError, AttributeError) as e:  # JSONDecodeError: a ValueError
+    raise ValueError(f"{json_path} is not a valid bundle spec ({type(e).__name__}: "
+                     f"{_first_line(e)}). {remake}") from None
+  variables_dir = os.path.join(directory, VARIABLES_DIR)
+  if not os.path.isdir(variables_dir):
+    raise FileNotFoundError(f"{directory} is not a complete model bundle: {VARIABLES_DIR}/ is "
+                            f"missing. {remake}")
   target = jax.eval_shape(lambda: init_variables(spec))
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype), target)
-  with _local_checkpointer() as ckptr:
-    variables = ckptr.restore(os.path.join(directory, VARIABLES_DIR), target)
+  try:
+    with _local_checkpointer() as ckptr:
+      variables = ckptr.restore(variables_dir, target)
+  except Exception as e:  # noqa: BLE001 - Orbax fails in many ways; all mean the same to the user
+    raise ValueError(f"{variables_dir} cannot be read as the variables of a {spec.arch} with "
+                     f"{spec.num_classes} classes ({type(e).__name__}: {_first_line(e)}). "
+                     f"{remake}") from None
   return Bundle(spec, variables)
+
+
+def _first_line(error: BaseException) -> str:
+  lines = str(error).strip().splitlines()
+  return lines[0] if lines else "(no message)"

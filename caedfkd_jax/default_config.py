@@ -83,11 +83,22 @@ def get_config() -> ml_collections.ConfigDict:
   # Checkpointing
   config.checkpoint_every_minutes = 10.0 # Also at every epoch's end.
   config.max_checkpoints = 2
-  config.time_budget_minutes = 0.0       # Stop cleanly after this many minutes (0: no limit).
+  config.time_budget_minutes = 0.0       # Stop cleanly once the run (all its invocations
+                                         # together) has taken this many minutes (0: no limit).
   config.max_units = 0                   # Stop cleanly after this many units (rounds or KD calls)
                                          # in this invocation (0: no limit); for smoke tests.
+  config.allow_config_change = False     # Resume a workdir with changed hyper-parameters (the
+                                         # changes go into the student bundle). Shapes and the
+                                         # teacher can never change on a resume.
 
   # Logging
   config.grid_images_per_class = 8       # PNG grid of synthetic images per epoch.
-  config.distributed = False             # Call jax.distributed.initialize() (multi-host).
+
+  # Multi-host (README "Multi-host"): every process runs the same command, its own process_id.
+  config.distributed = False             # Call jax.distributed.initialize() before any JAX work.
+  config.coordinator_address = ""        # "HOST:PORT" of process 0; "": $JAX_COORDINATOR_ADDRESS
+                                         # or auto-detected (SLURM, Open MPI, Cloud TPU, k8s).
+  config.num_processes = ml_collections.config_dict.placeholder(int)  # None: auto-detected.
+  config.process_id = ml_collections.config_dict.placeholder(int)     # 0..num_processes-1;
+                                         # None: auto-detected.
   return config

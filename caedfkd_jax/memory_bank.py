@@ -84,6 +84,12 @@ def _gather(bank: MemoryBank, idx: jax.Array):
           bank.source_index[idx], bank.group[idx])
 
 
+def latest(bank: MemoryBank, n: int) -> tuple[jax.Array, jax.Array]:
+  """The last `n` images written (oldest first) and their labels: a round's banked batch."""
+  idx = (bank.cursor - n + jnp.arange(n)) % bank.capacity
+  return bank.images[idx], bank.labels[idx]
+
+
 def sample(bank: MemoryBank, rng: jax.Array, batch_size: int):
   """`batch_size` slots drawn uniformly (with replacement) from the filled ones.
 

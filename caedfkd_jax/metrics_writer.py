@@ -8,18 +8,25 @@ from PIL import Image
 
 
 class MetricsWriter:
-  """Writes each epoch's scalars to `metrics.jsonl` and TensorBoard event files."""
+  """Writes each epoch's scalars to `metrics.jsonl` and TensorBoard event files.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  A resumed run passes the epoch of its checkpoint: rows of later epochs were
+  logged by the killed invocation after that checkpoint and will be logged again,
+  so they are dropped (TensorBoard: purged) to keep one row per epoch.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, keep_through_epoch: int = 0):
     self.enabled = enabled
     self._tb = None
     if not enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    _drop_rows_after(path, keep_through_epoch)
+    self._jsonl = open(path, "a")
     try:
       from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=keep_through_epoch + 1)
     except ImportError:  # TensorBoard files are a nicety; JSON lines always exist.
       self._tb = None
 
@@ -38,6 +45,25 @@ class MetricsWriter:
       self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
+
+
+def _drop_rows_after(path: str, epoch: int) -> None:
+  """Keeps the rows of epochs <= `epoch` (and no half-written last line), atomically."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:
+        continue  # A line cut by a kill.
+      if row.get("epoch", 0) <= epoch:
+        kept.append(json.dumps(row) + "\n")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.writelines(kept)
+  os.replace(tmp, path)
 
 
 def image_grid(images01_BxHxWxC: np.ndarray, labels_B: np.ndarray, num_classes: int,

@@ -8,6 +8,8 @@ checkpointed unit and, all randomness being folded from (seed, epoch, unit),
 continues exactly as the uninterrupted run would.
 """
 
+import functools
+import hashlib
 import json
 import math
 import os
@@ -24,7 +26,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from caedfkd_jax import bundle as bundle_lib
-from caedfkd_jax import cend, embeddings, generator as generator_lib, memory_bank, models, steps
+from caedfkd_jax import cend, cpu_devices, embeddings, generator as generator_lib, memory_bank, models
+from caedfkd_jax import multihost, steps
 from caedfkd_jax.metrics_writer import MetricsWriter, save_image_grid
 
 STUDENT_DIR = "student"
@@ -84,9 +87,52 @@ def default_bank_capacity(config, synthesis_batch: int) -> int:
   return rounds * synthesis_batch
 
 
+# Fields that must be >= 1 (ints) or > 0 (floats), and fields that must be >= 0.
+_POSITIVE = ("num_groups", "epochs", "generator.steps", "generator.life_epochs", "generator.lr",
+             "generator.noise_dim", "generator.ngf", "student.batch_groups", "student.kd_steps",
+             "student.steps_per_call", "student.lr", "student.temperature",
+             "student.cncl_temperature", "eval_every_epochs", "eval_batch_size", "max_checkpoints")
+_NON_NEGATIVE = ("seed", "cend.num_sources", "warmup_epochs", "g_loops", "warmup_g_loops", "bank_capacity",
+                 "cend.magnitude", "loss.ce", "loss.bn", "loss.adv", "student.eta_min",
+                 "student.weight_decay", "student.cncl_weight", "time_budget_minutes",
+                 "max_units", "checkpoint_every_minutes", "grid_images_per_class")
+_FRACTIONS = ("generator.b1", "generator.b2", "student.momentum", "loss.bn_momentum",
+              "low_confidence")   # in [0, 1]
+
+
+def _field(config, name: str):
+  for part in name.split("."):
+    config = config[part]
+  return config
+
+
 def validate_config(config, num_devices: int, group_size: int) -> None:
-  """Catches the mistakes that would otherwise surface as shape errors mid-run."""
+  """One clear line for every value that would otherwise fail mid-run or with a traceback."""
+  for name in _POSITIVE:
+    if not _field(config, name) > 0:
+      raise ValueError(f"config.{name}={_field(config, name)!r} must be positive.")
+  for name in _NON_NEGATIVE:
+    if not _field(config, name) >= 0:
+      raise ValueError(f"config.{name}={_field(config, name)!r} must be >= 0.")
+  for name in _FRACTIONS:
+    if not 0 <= _field(config, name) <= 1:
+      raise ValueError(f"config.{name}={_field(config, name)!r} must lie in [0, 1].")
+  if config.cend.mode not in cend.MODES:
+    raise ValueError(f"config.cend.mode={config.cend.mode!r}: use one of {', '.join(cend.MODES)}.")
+  if config.student.cncl_form not in ("infonce", "supcon"):
+    raise ValueError(f"config.student.cncl_form={config.student.cncl_form!r}: use infonce or supcon.")
+  if config.student.eta_min > config.student.lr:
+    raise ValueError(f"config.student.eta_min={config.student.eta_min} exceeds "
+                     f"config.student.lr={config.student.lr}: the cosine floor must not be above its start.")
   s = config.student
+  if config.warmup_epochs * config.warmup_g_loops + config.g_loops == 0:
+    raise ValueError("No generator round runs before the first KD step (warmup_epochs * "
+                     "warmup_g_loops + g_loops = 0), so the student would learn from an empty "
+                     "memory bank; raise warmup_g_loops or g_loops.")
+  if config.bank_capacity and config.bank_capacity < config.num_groups * group_size:
+    raise ValueError(f"config.bank_capacity={config.bank_capacity} is smaller than one synthesis "
+                     f"batch (num_groups*K*(N+1) = {config.num_groups * group_size} images); raise "
+                     "it to at least that, or set 0 to keep every image the schedule makes.")
   if s.kd_steps % s.steps_per_call:
     raise ValueError(f"student.kd_steps={s.kd_steps} must be a multiple of "
                      f"student.steps_per_call={s.steps_per_call}")
@@ -108,6 +154,7 @@ def create_setup(config, teacher: bundle_lib.Bundle, table: embeddings.Embedding
     raise ValueError(
         f"The embedding table {config.embeddings!r} has {table.vectors.shape[0]} classes but the "
         f"teacher has {num_classes}; make a table for the teacher's classes with `caedfkd embed`.")
+  embeddings.check_table_matches_classes(table, teacher.spec.class_names, config.embeddings)
   if config.student_arch not in models.ARCHS:
     raise ValueError(f"Unknown student_arch {config.student_arch!r}. Known archs: "
                      f"{', '.join(sorted(models.ARCHS))}.")
@@ -151,6 +198,84 @@ def create_state(setup: steps.Setup, teacher_vars, image_size: int) -> steps.Tra
       rng=rng)
 
 
+# Fields that steer one invocation, not what the run computes: free to change on a resume.
+# (The teacher's path may change too; the teacher itself is compared by its weights.)
+INVOCATION_FIELDS = frozenset({
+    "teacher", "teacher_arch_expected", "time_budget_minutes", "max_units",
+    "checkpoint_every_minutes", "max_checkpoints", "eval_data", "eval_split", "eval_every_epochs",
+    "eval_batch_size", "grid_images_per_class", "compilation_cache_dir", "allow_config_change",
+    "distributed", "coordinator_address", "num_processes", "process_id"})
+
+
+def tree_sha256(tree) -> str:
+  """A fingerprint of a pytree's structure and values (identifies a teacher by its weights)."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    leaf = np.asarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
+def _shapes_signature(abstract_state) -> str:
+  leaves = jax.tree_util.tree_leaves_with_path(abstract_state)
+  text = ";".join(f"{jax.tree_util.keystr(p)}:{x.dtype}:{x.shape}" for p, x in leaves)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def config_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
+  """{field: (saved value, new value)} of every field that changes what the run computes."""
+  old = _flatten(saved)
+  new = _flatten(json.loads(json.dumps(config.to_dict())))   # tuples -> lists, as saved
+  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+          if k not in INVOCATION_FIELDS and old.get(k) != new.get(k)}
+
+
+def check_resume(workdir: str, saved_config: dict, saved_progress: dict, config,
+                 identity: dict[str, str]) -> dict[str, tuple[Any, Any]]:
+  """Refuses to continue a checkpoint with another teacher, other shapes or other settings.
+
+  Returns the changed fields when `config.allow_config_change` lets them through.
+  """
+  changes = config_changes(saved_config, config)
+  listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+  saved_teacher = saved_progress.get("teacher_sha256")
+  if saved_teacher and saved_teacher != identity["teacher_sha256"]:
+    raise ValueError(f"{workdir} holds a run distilled from another teacher (weights differ from "
+                     f"{config.teacher}); a checkpoint cannot switch teachers. Use a new --workdir.")
+  saved_shapes = saved_progress.get("state_shapes")
+  if saved_shapes and saved_shapes != identity["state_shapes"]:
+    raise ValueError(f"{workdir} holds a run whose saved state has other shapes than this config "
+                     f"makes ({listed or 'the embedding table or teacher differs'}); these can never "
+                     "change on a resume. Use the saved values or a new --workdir.")
+  if changes and not config.allow_config_change:
+    raise ValueError(f"{workdir} holds a run with another config ({listed}). Rerun with the saved "
+                     "values, pass --config.allow_config_change=True to continue with the new ones "
+                     "(recorded in the student bundle), or use a new --workdir.")
+  return changes
+
+
+def finite_parts(state: steps.TrainState) -> dict[str, jax.Array]:
+  """Whether each learnt part of the state is finite: checked after every unit, on the device."""
+  all_finite = lambda tree: jnp.all(jnp.stack(
+      [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)] or [jnp.bool_(True)]))
+  return {"generator params": all_finite(state.generator_params),
+          "student params": all_finite(state.student["params"]),
+          "student batch_stats": all_finite(state.student["batch_stats"]),
+          "student optimiser state": all_finite(state.student_opt_state),
+          "teacher BN-statistics EMA": all_finite(state.bn_ema)}
+
+
 def _check_finite(metrics: dict[str, np.ndarray], epoch: int, unit: int, what: str) -> None:
   for name, values in metrics.items():
     values = np.asarray(values).reshape(-1)
@@ -162,13 +287,33 @@ def _check_finite(metrics: dict[str, np.ndarray], epoch: int, unit: int, what: s
           "rate or loss weight of that term, or try compute_dtype=float32.")
 
 
-def _student_spec(config, teacher: bundle_lib.Bundle) -> bundle_lib.ModelSpec:
+def partial_epoch(epoch: int, epoch_metrics: dict[str, list]) -> dict[str, Any]:
+  """The per-unit numbers of an unfinished epoch, as JSON for its checkpoint."""
+  metrics = {k: (list(map(lambda x: np.asarray(x).tolist(), multihost.to_host(v)))
+                 if k == "low_conf" else v) for k, v in epoch_metrics.items()}
+  return {"epoch": epoch, "metrics": metrics}
+
+
+def _check_finite_parts(finite: dict[str, np.ndarray], epoch: int, unit: int, what: str) -> None:
+  bad = [name for name, ok in finite.items() if not bool(ok)]
+  if bad:
+    raise NonFiniteLossError(
+        f"The {' and '.join(bad)} became non-finite at epoch {epoch}, {what} (unit {unit}), while "
+        "its losses stayed finite. The run stopped; the last good checkpoint is kept. Lower the "
+        "learning rates, or try compute_dtype=float32.")
+
+
+def _student_spec(config, teacher: bundle_lib.Bundle, progress: dict[str, Any]) -> bundle_lib.ModelSpec:
   t = teacher.spec
+  extra = {"distilled_from": config.teacher, "teacher_sha256": progress["teacher_sha256"],
+           "method": "CAE-DFKD", "cend_mode": config.cend.mode,
+           "cncl_weight": config.student.cncl_weight,
+           "config": json.loads(json.dumps(config.to_dict()))}
+  if progress.get("config_changes"):
+    extra["config_changes"] = progress["config_changes"]
   return bundle_lib.ModelSpec(
       arch=config.student_arch, num_classes=t.num_classes, image_size=t.image_size,
-      mean=t.mean, std=t.std, class_names=t.class_names,
-      extra={"distilled_from": config.teacher, "method": "CAE-DFKD",
-             "cend_mode": config.cend.mode, "cncl_weight": config.student.cncl_weight})
+      mean=t.mean, std=t.std, class_names=t.class_names, extra=extra)
 
 
 def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
@@ -177,43 +322,58 @@ def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
 
 
 def _save(mngr: ocp.CheckpointManager, state: steps.TrainState, config,
-          train_seconds: float) -> None:
+          progress: dict[str, Any]) -> None:
+  """Orbax writes into a temporary directory and renames it when complete: a kill mid-save
+  leaves the previous checkpoint as the latest."""
   step = int(state.epoch) * 10_000 + int(state.unit)
   if mngr.latest_step() == step:
     return
   mngr.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
       config=ocp.args.JsonSave(config.to_dict()),
-      progress=ocp.args.JsonSave({"train_seconds": train_seconds})))
+      progress=ocp.args.JsonSave(progress)))
   mngr.wait_until_finished()
 
 
-def _restore(mngr: ocp.CheckpointManager, abstract_state) -> tuple[steps.TrainState | None, float]:
-  """(state, training seconds spent before it) of the latest checkpoint, or (None, 0)."""
+def _restore_json(mngr: ocp.CheckpointManager, step: int, name: str) -> dict[str, Any]:
+  try:
+    return dict(mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name])
+  except (FileNotFoundError, KeyError, ValueError):
+    return {}  # Written by an older version without it.
+
+
+def _restore(mngr: ocp.CheckpointManager, abstract_state, check) -> tuple[steps.TrainState | None, dict]:
+  """(state, progress) of the latest checkpoint, or (None, {}).
+
+  `check(saved_config, saved_progress)` runs before the state is read, so a refused
+  resume fails with its own message, not with Orbax's shape mismatch.
+  """
   step = mngr.latest_step()
   if step is None:
-    return None, 0.0
+    return None, {}
+  progress = _restore_json(mngr, step, "progress")
+  check(_restore_json(mngr, step, "config"), progress)
   restored = mngr.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_state)))
-  try:
-    progress = mngr.restore(step, args=ocp.args.Composite(progress=ocp.args.JsonRestore()))
-    seconds = float(progress["progress"]["train_seconds"])
-  except (FileNotFoundError, KeyError, ValueError):
-    seconds = 0.0  # A checkpoint written before training time was recorded.
-  return restored["state"], seconds
+  return restored["state"], progress
 
 
-def _load_eval_data(config):
+def _load_eval_data(config, spec: bundle_lib.ModelSpec):
+  """The eval split, refused before any work (not at the first evaluation) if the teacher's
+  student could not be scored on it."""
   if not config.eval_data:
     return None
-  from caedfkd_jax import data
-  return data.load_dataset(config.eval_data, config.eval_split)
+  from caedfkd_jax import data, evaluate
+  dataset = data.load_dataset(config.eval_data, config.eval_split)
+  evaluate.check_fits(spec, dataset, f"config.eval_data={config.eval_data!r}: the teacher")
+  return dataset
 
 
 def _evaluate_student(setup, state, dataset, config) -> dict[str, float]:
   from caedfkd_jax import evaluate
-  logits = evaluate.predict(setup.student, state.student, dataset.images, setup.mean, setup.std,
-                            config.eval_batch_size, progress=False)
+  # On the host: every process evaluates alone, with no collective.
+  logits = evaluate.predict(setup.student, multihost.to_host(state.student), dataset.images,
+                            setup.mean, setup.std, config.eval_batch_size, progress=False)
   pred = np.argmax(logits, -1)
   return {"eval/top1": float(np.mean(pred == dataset.labels) * 100)}
 
@@ -221,8 +381,8 @@ def _evaluate_student(setup, state, dataset, config) -> dict[str, float]:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Runs (or resumes) CAE-DFKD; writes checkpoints, logs and `workdir/student`."""
   start = time.time()
-  if config.distributed:
-    jax.distributed.initialize()
+  cpu_devices.reserve_intra_op_threads()  # Simulated CPU devices need spare threads.
+  multihost.initialize(config)  # Before any other JAX call.
   enable_compilation_cache(config.compilation_cache_dir)
   if not config.teacher:
     raise ValueError("config.teacher is empty: pass --config.teacher=PATH_TO_TEACHER_BUNDLE "
@@ -232,25 +392,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError(f"The teacher bundle {config.teacher} is a {teacher.spec.arch}, but this config "
                      f"is for a {config.teacher_arch_expected} teacher.")
   table = embeddings.load_table(config.embeddings)
-  setup = create_setup(config, teacher, table)
   mesh = steps.make_mesh()
-  validate_config(config, mesh.size, setup.group_size)
+  validate_config(config, mesh.size, teacher.spec.num_classes * (config.cend.num_sources + 1))
+  setup = create_setup(config, teacher, table)
+  eval_data = _load_eval_data(config, teacher.spec)  # A bad eval_data is refused before any work.
   os.makedirs(workdir, exist_ok=True)
 
   replicated = NamedSharding(mesh, P())
-  teacher_vars = jax.device_put(
+  teacher_vars = multihost.put(
       {"params": teacher.variables["params"], "batch_stats": teacher.variables["batch_stats"]},
       replicated)
   abstract = jax.eval_shape(lambda: create_state(setup, teacher_vars, teacher.spec.image_size))
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
+  identity = {"teacher_sha256": tree_sha256(teacher.variables), "state_shapes": _shapes_signature(abstract)}
+  changes: dict[str, tuple[Any, Any]] = {}
+
+  def check(saved_config, saved_progress):
+    changes.update(check_resume(workdir, saved_config, saved_progress, config, identity))
+
   mngr = _checkpoint_manager(workdir, config)
-  state, seconds_before = _restore(mngr, abstract)
+  state, saved = _restore(mngr, abstract, check)
   resumed = state is not None
   if state is None:
-    state = jax.device_put(create_state(setup, teacher_vars, teacher.spec.image_size), replicated)
+    state = multihost.put(create_state(setup, teacher_vars, teacher.spec.image_size), replicated)
   fns = steps.make_step_fns(setup, mesh)
-  eval_data = _load_eval_data(config)
-  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0)
+  # Rows logged after the checkpoint being resumed are logged again: drop them first.
+  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
+                         keep_through_epoch=int(state.epoch) if resumed else 0)
 
   # Host mirrors of the state's position: reading state.epoch / state.unit would wait for
   # the device after every unit. Metrics of a unit are fetched after the next one is
@@ -259,30 +427,59 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   units_per_epoch = [sum(epoch_plan(config, e)) for e in range(config.epochs)]
   bar = tqdm(total=sum(units_per_epoch), initial=sum(units_per_epoch[:epoch]) + unit, unit="unit",
              dynamic_ncols=True, desc="CAE-DFKD", disable=jax.process_index() != 0)
+  if not multihost.is_primary():
+    bar.write = lambda *args, **kwargs: None  # tqdm.write ignores `disable`: one process speaks.
   if resumed:
     bar.write(f"Resumed from {mngr.directory} at epoch {epoch}, unit {unit}.")
+  # Times add up over every invocation of the run, so a resumed run keeps its budget and
+  # its time axis. Evaluation is measurement, not training: kept out of train_seconds.
+  config_history = list(saved.get("config_changes", []))
+  if changes:
+    config_history.append({"epoch": epoch, "unit": unit,
+                           "changes": {k: list(v) for k, v in changes.items()}})
+    bar.write("Continuing with a changed config: " + ", ".join(
+        f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+  train_before = float(saved.get("train_seconds", 0.0))
+  wall_before = float(saved.get("wall_seconds", saved.get("train_seconds", 0.0)))
+  eval_seconds = 0.0
+  train_seconds = lambda: train_before + time.time() - start - eval_seconds
+  run_seconds = lambda: wall_before + time.time() - start
+  progress = lambda partial=None: {
+      "train_seconds": train_seconds(), "wall_seconds": run_seconds(), **identity,
+      "config_changes": config_history, "partial_epoch": partial}
   budget_s = config.time_budget_minutes * 60
-  eval_seconds = 0.0  # Evaluation is measurement, not training: kept out of train_seconds.
-  train_seconds = lambda: seconds_before + time.time() - start - eval_seconds
+  finite_fn = jax.jit(finite_parts)
+  latest_fn = jax.jit(functools.partial(memory_bank.latest, n=setup.synthesis_batch))
   last_save = time.time()
-  stopped_early = False
+  stopped_early = bool(budget_s) and wall_before >= budget_s and epoch < config.epochs
+  if stopped_early:
+    bar.write(f"The time budget of {config.time_budget_minutes:g} minutes is spent "
+              f"({wall_before / 60:.1f} minutes so far); raise --config.time_budget_minutes "
+              "to continue this run.")
   units_run = 0
   result: dict[str, Any] = {}
 
-  while epoch < config.epochs:
+  # The epoch's per-unit numbers so far; a run resumed mid-epoch gets them from its checkpoint,
+  # so that the epoch's row is the one the uninterrupted run logs.
+  partial = saved.get("partial_epoch") or {}
+  epoch_metrics: dict[str, list] = (partial["metrics"] if unit and partial.get("epoch") == epoch
+                                    else {"low_conf": []})
+  while epoch < config.epochs and not stopped_early:
     rounds, kd_calls = epoch_plan(config, epoch)
     if unit == 0 and epoch % config.generator.life_epochs == 0 and epoch > 0:
       rng_g = jax.random.fold_in(jax.random.fold_in(state.rng, epoch), 2**31 - 1)
-      state = state.replace(generator_params=jax.device_put(new_generator_params(setup, rng_g), replicated))
-    epoch_metrics: dict[str, list] = {"low_conf": []}
-    best_images = None
-    in_flight = None  # (metrics, unit, what) of the last dispatched unit.
+      state = state.replace(
+          generator_params=multihost.put(new_generator_params(setup, rng_g), replicated))
+    if unit == 0:
+      epoch_metrics = {"low_conf": []}
+    in_flight = None  # (metrics, finite parts, unit, what) of the last dispatched unit.
 
-    def record(metrics, unit_done: int, what: str) -> None:
-      metrics = jax.device_get(metrics)  # Waits for that unit only.
+    def record(metrics, finite, unit_done: int, what: str) -> None:
+      metrics, finite = multihost.to_host((metrics, finite))  # Waits for that unit only.
       _check_finite(metrics, epoch, unit_done, what)
+      _check_finite_parts(finite, epoch, unit_done, what)
       for k, v in metrics.items():
-        epoch_metrics.setdefault(k, []).append(np.mean(v))
+        epoch_metrics.setdefault(k, []).append(float(np.mean(v)))
       bar.update(1)
       bar.set_postfix({k.split("/")[1]: f"{np.mean(v):.3g}" for k, v in metrics.items()
                        if k in ("gen/loss", "kd/kl", "kd/cncl")}, refresh=False)
@@ -290,26 +487,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     while unit < rounds + kd_calls:
       if unit < rounds:
         fn = fns["warmup_round"] if epoch < config.warmup_epochs else fns["round"]
-        state, metrics, low_conf_K, best_images = fn(state, teacher_vars)
+        state, metrics, low_conf_K, _ = fn(state, teacher_vars)
         epoch_metrics["low_conf"].append(low_conf_K)
         what = f"generator round {unit}"
       else:
         state, metrics = fns["kd"](state, teacher_vars)
         what = f"KD call {unit - rounds}"
+      finite = finite_fn(state)
       if in_flight is not None:
         record(*in_flight)
-      in_flight = (metrics, unit, what)
+      in_flight = (metrics, finite, unit, what)
       unit += 1
       units_run += 1
       now = time.time()
-      out_of_time = budget_s and now - start > budget_s
+      # Each host has its own clock: process 0's decisions hold for all, or one process would
+      # stop or checkpoint alone and the others wait for it in their next collective.
+      out_of_time, save_due = multihost.agree(
+          bool(budget_s) and run_seconds() > budget_s,
+          now - last_save > config.checkpoint_every_minutes * 60)
       if out_of_time or (config.max_units and units_run >= config.max_units):
         stopped_early = True
         break
-      if now - last_save > config.checkpoint_every_minutes * 60:
+      if save_due:
         record(*in_flight)  # Never checkpoint a state whose losses were not checked.
         in_flight = None
-        _save(mngr, state, config, train_seconds())
+        _save(mngr, state, config, progress(partial_epoch(epoch, epoch_metrics)))
         last_save = now
     if in_flight is not None:
       record(*in_flight)
@@ -319,7 +521,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # End of epoch: logs, images, evaluation, checkpoint.
     summary = {k: float(np.mean(v)) for k, v in epoch_metrics.items() if k != "low_conf"}
     if epoch_metrics["low_conf"]:
-      low_conf = np.mean(np.stack(jax.device_get(epoch_metrics["low_conf"])), 0)
+      low_conf = np.mean(np.stack([np.asarray(x, np.float32)
+                                   for x in multihost.to_host(epoch_metrics["low_conf"])]), 0)
       summary["gen/low_confidence_share"] = float(low_conf.mean())
       for k, share in enumerate(low_conf):
         summary[f"low_confidence/class_{k}"] = float(share)
@@ -327,7 +530,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         optax.cosine_decay_schedule(config.student.lr, max(total_kd_steps(config), 1),
                                     alpha=config.student.eta_min / config.student.lr)(int(state.kd_step)))
     summary["bank/size"] = int(state.bank.size)
-    summary["time/minutes"] = (time.time() - start) / 60
+    summary["time/minutes"] = run_seconds() / 60
     summary["time/train_minutes"] = train_seconds() / 60
     if eval_data is not None and epoch >= config.warmup_epochs and (
         (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.epochs):
@@ -335,36 +538,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       summary.update(_evaluate_student(setup, state, eval_data, config))
       eval_seconds += time.time() - eval_start
     writer.write(epoch + 1, summary)
-    if best_images is not None:
+    if rounds:  # The last round's batch, read back from the bank (so also after a resume).
+      images, labels = multihost.to_host(latest_fn(state.bank))
       save_image_grid(os.path.join(workdir, "samples", f"epoch_{epoch + 1:04d}.png"),
-                      np.asarray(jax.device_get(best_images)), _labels_of_last_round(setup),
-                      setup.num_classes, config.grid_images_per_class,
-                      enabled=jax.process_index() == 0)
+                      images.astype(np.float32) / 255.0, labels, setup.num_classes,
+                      config.grid_images_per_class, enabled=jax.process_index() == 0)
     bar.write(_format_summary(epoch + 1, config.epochs, summary))
     result = summary
     state = state.replace(epoch=state.epoch + 1, unit=jnp.zeros_like(state.unit))  # keeps its sharding
     epoch, unit = epoch + 1, 0
-    _save(mngr, state, config, train_seconds())
+    _save(mngr, state, config, progress())
     last_save = time.time()
 
   bar.close()
-  _save(mngr, state, config, train_seconds())
+  _save(mngr, state, config, progress(partial_epoch(epoch, epoch_metrics) if unit else None))
   mngr.close()
   student_dir = os.path.join(workdir, STUDENT_DIR)
-  if jax.process_index() == 0:
-    bundle_lib.save_bundle(student_dir, _student_spec(config, teacher), jax.device_get(state.student))
+  student = multihost.to_host(state.student)  # On every process: may be a collective.
+  if multihost.is_primary():
+    bundle_lib.save_bundle(student_dir, _student_spec(config, teacher, progress()), student)
   writer.close()
   result.update({"epoch": int(state.epoch), "stopped_early": stopped_early, "student": student_dir,
-                 "minutes": (time.time() - start) / 60, "train_minutes": train_seconds() / 60})
-  with open(os.path.join(workdir, "result.json"), "w") as f:
-    json.dump(result, f, indent=2)
+                 "minutes": run_seconds() / 60, "train_minutes": train_seconds() / 60})
+  if multihost.is_primary():
+    with open(os.path.join(workdir, "result.json"), "w") as f:
+      json.dump(result, f, indent=2)
   return result
-
-
-def _labels_of_last_round(setup: steps.Setup) -> np.ndarray:
-  """Labels of a synthesis batch: its layout is fixed, so no need to keep them."""
-  k, n = setup.num_classes, setup.config.cend.num_sources
-  return np.tile(np.arange(k), setup.config.num_groups * (n + 1))
 
 
 def _format_summary(epoch: int, epochs: int, s: dict[str, Any]) -> str:
