@@ -359,33 +359,37 @@ def _fitting_archs(shapes: Mapping[str, tuple], num_classes: int, image_size: in
 
 def _mismatch_report(entries: Sequence[_Entry], shapes: Mapping[str, tuple],
                      arch: str, num_classes: int, image_size: int) -> str | None:
-  """None if the checkpoint fits; else one message listing every difference."""
+  """None if the checkpoint fits; else one line: the fix first (the class count or the arch
+  that fits), then every difference."""
   expected = {e.torch_key: e.torch_shape for e in entries if e.collection}
   missing = [k for k in expected if k not in shapes]
   unexpected = [k for k in shapes if k not in expected]
   differ = [k for k in expected if k in shapes and shapes[k] != expected[k]]
   if not (missing or unexpected or differ):
     return None
-  lines = [f"the checkpoint does not fit --arch {arch} with --num-classes {num_classes}:"]
+  parts = []
   classifier = _classifier_keys(entries, num_classes)
   wrong_classes = [k for k in differ if k in classifier
                    and shapes[k][1:] == expected[k][1:] and len(shapes[k]) > 0]
   if wrong_classes:
     k = sorted(wrong_classes, key=lambda k: -len(expected[k]))[0]
-    lines.append(f"- the checkpoint has {shapes[k][0]} classes, not the --num-classes "
-                 f"{num_classes} given ({k} has shape {shapes[k]}).")
-  if missing:
-    lines.append(f"- missing from the checkpoint ({len(missing)}): {_listed(missing)}")
-  if unexpected:
-    lines.append(f"- not in the model ({len(unexpected)}): {_listed(unexpected)}")
-  if differ:
-    lines.append(f"- shapes differ ({len(differ)}; checkpoint vs model): " + _listed(
-        f"{k} {shapes[k]} vs {expected[k]}" for k in differ))
-  if missing or unexpected or set(differ) - set(wrong_classes):
+    parts.append(f"the checkpoint has {shapes[k][0]} classes, not the --num-classes "
+                 f"{num_classes} given ({k} has shape {shapes[k]}): pass --num-classes "
+                 f"{shapes[k][0]}")
+  other = missing or unexpected or set(differ) - set(wrong_classes)
+  if other:
     fitting = _fitting_archs(shapes, num_classes, image_size, skip=arch)
     if fitting:
-      lines.append(f"- the checkpoint fits --arch {' or '.join(fitting)}.")
-  return "\n".join(lines)
+      parts.append(f"the checkpoint fits --arch {' or '.join(fitting)}")
+  if missing:
+    parts.append(f"missing from the checkpoint ({len(missing)}): {_listed(missing)}")
+  if unexpected:
+    parts.append(f"not in the model ({len(unexpected)}): {_listed(unexpected)}")
+  if differ and other:  # shapes that only differ in the class count are said above
+    parts.append(f"shapes differ ({len(differ)}; checkpoint vs model): " + _listed(
+        f"{k} {shapes[k]} vs {expected[k]}" for k in differ))
+  return (f"the checkpoint does not fit --arch {arch} with --num-classes {num_classes}: "
+          + "; ".join(parts) + ".")
 
 
 # ---------------------------------------------------------------------------

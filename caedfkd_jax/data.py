@@ -109,7 +109,7 @@ def _split_dir(root: str, split: str) -> str:
         f"{root} has no split {split!r} ({candidate} does not exist); its folders "
         f"{', '.join(classes[:10])} hold no images, so it is not a split folder either. "
         f"Expected the layout {layout}; pick the split with --split.")
-  raise ValueError(f"{root} is empty: expected the layout {layout} (or {SPEC_HELP}).")
+  raise ValueError(f"{root} is empty: {SPEC_HELP}.")
 
 
 def _load_image_folder(root: str, split: str, progress: bool) -> Dataset:
@@ -170,8 +170,10 @@ def decode_images(paths: Sequence[str], progress: bool = False,
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
+  """A transient bar, on a terminal only: piped into a log it would stay as a stray line (and
+  before an error, as a second line of it)."""
   from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, desc=desc, unit="img", disable=not enabled, leave=False)
+  return tqdm(total=total, desc=desc, unit="img", disable=None if enabled else True, leave=False)
 
 
 # ---------------------------------------------------------------------------
@@ -262,10 +264,11 @@ def load_array_pickle(path: str) -> Any:
             f"{path} was refused: {e}. A CIFAR batch holds only arrays, lists and "
             "strings; this file would import other code when unpickled, and nothing "
             "in it was run. Download the official batches again.") from None
-      raise ValueError(f"{path} is not a readable pickle: {e}") from None
+      raise ValueError(f"{path} is not a readable pickle ({e}): the file is corrupt or not "
+                       "a CIFAR python batch; download the official batches again.") from None
     except (EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError) as e:
-      raise ValueError(f"{path} is not a readable CIFAR pickle "
-                       f"({type(e).__name__}: {e}).") from None
+      raise ValueError(f"{path} is not a readable CIFAR pickle ({type(e).__name__}: {e}); "
+                       "download the official batches again.") from None
 
 
 def _str_keys(obj: Any, path: str) -> dict[str, Any]:

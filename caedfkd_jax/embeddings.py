@@ -142,8 +142,11 @@ def load_table(name_or_path: str) -> EmbeddingTable:
           "names the class of each row. Remake the table with `caedfkd embed`.")
   try:
     vectors = np.load(npy_path, allow_pickle=False)
-  except ValueError as e:
-    raise ValueError(f"Embedding table {npy_path} is not a plain .npy array ({e}).") from e
+  except (ValueError, OSError, EOFError) as e:
+    # Not numpy's advice to allow pickles: that would run code stored in the file.
+    raise ValueError(f"Embedding table {npy_path} is not a plain .npy array of floats (corrupt, "
+                     "truncated, or pickled objects, which are never loaded); remake it with "
+                     "`caedfkd embed`.") from None
   with open(json_path, encoding="utf-8") as f:
     try:
       info = json.load(f)

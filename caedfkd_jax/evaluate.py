@@ -35,15 +35,25 @@ def predict(model, variables, images_uint8: np.ndarray, mean, std, batch_size: i
   return np.concatenate(out)
 
 
+def check_fits(spec: bundle_lib.ModelSpec, dataset: data_lib.Dataset, what: str = "The model"
+               ) -> None:
+  """Refuses data a model cannot be scored on (another class count or image size): one line."""
+  names = ", ".join(dataset.class_names[:5]) + (", ..." if dataset.num_classes > 5 else "")
+  where = f" in {dataset.source}" if dataset.source else ""
+  if dataset.num_classes != spec.num_classes:
+    raise ValueError(f"{what} has {spec.num_classes} classes but the data has "
+                     f"{dataset.num_classes} ({names}){where}; give the test set of "
+                     "the dataset the model was trained on.")
+  if dataset.image_shape != (spec.image_size, spec.image_size):
+    raise ValueError(f"{what} expects {spec.image_size}x{spec.image_size} images; the data's "
+                     f"are {dataset.images.shape[1]}x{dataset.images.shape[2]}{where}: "
+                     "resize them to the model's input size.")
+
+
 def evaluate_bundle(bundle: bundle_lib.Bundle, dataset, batch_size: int = 500,
                     progress: bool = True) -> dict:
   spec = bundle.spec
-  if len(dataset.class_names) != spec.num_classes:
-    raise ValueError(f"The model has {spec.num_classes} classes but the data has "
-                     f"{len(dataset.class_names)} ({', '.join(dataset.class_names[:5])}, ...).")
-  if dataset.images.shape[1:3] != (spec.image_size, spec.image_size):
-    raise ValueError(f"The model expects {spec.image_size}x{spec.image_size} images; the data's "
-                     f"are {dataset.images.shape[1]}x{dataset.images.shape[2]}.")
+  check_fits(spec, dataset)
   logits = predict(bundle.model, bundle.variables, dataset.images, spec.mean, spec.std,
                    batch_size, progress)
   correct = np.argmax(logits, -1) == dataset.labels

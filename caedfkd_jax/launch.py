@@ -13,9 +13,11 @@ import ast
 import importlib.util
 import io
 import os
+import re
 import sys
 import textwrap
 import tokenize
+import traceback
 from typing import Any
 
 from absl import flags
@@ -101,10 +103,42 @@ def _parse(argv: list[str]):
 def _one_line(error: Exception) -> str:
   """ml_collections wraps a get_config error in its whole traceback: keep the flag and the error."""
   message = str(error)
+  if message.startswith("Unknown command line flag"):
+    return (f"{message.replace(' ?', '?')}; the flags are --config and --workdir, and config "
+            f"fields are set with --config.FIELD=VALUE (`{PROG} --help` lists them).")
   if "Traceback" not in message:
     return message
   lines = [line for line in message.splitlines() if line.strip()]
   return f"{lines[0].split(': Error whilst')[0]}: {lines[-1]}"
+
+
+def _parse_error(error: Exception, argv: list[str]) -> str:
+  """Any other error of loading the config, in one line: an override of a field the config
+  lacks (ml_collections raises a bare KeyError/AttributeError), or the config file's own error."""
+  message = str(error).replace("\\n", " ")
+  config_file = next((a.partition("=")[2].partition(":")[0] for a in argv
+                      if a.startswith(("--config=", "-config="))), "")
+  installed = {path: name for name, path in installed_configs().items()}
+  key = re.search(r"\w+", message)
+  if isinstance(error, (KeyError, AttributeError)) and key:
+    for arg in argv:
+      name = arg.partition("=")[0]
+      path = name.split(".")[1:]
+      if name.startswith(_CONFIG_FLAGS) and key.group() in path:
+        parents = path[:path.index(key.group())]
+        field = ".".join(parents + [key.group()])
+        hint = re.search(r'Did you mean "(\w+)"', message)
+        guess = f" (did you mean {'.'.join(parents + [hint.group(1)])!r}?)" if hint else ""
+        return (f"{name}: the config has no field {field!r}{guess}; `{PROG} --config "
+                f"{installed.get(config_file, config_file) or 'CONFIG'} --help` lists its fields.")
+  if isinstance(error, AttributeError) and "get_config" in message:
+    return (f"--config {config_file}: the file defines no get_config(); a config file is Python "
+            "with `def get_config():` returning a ConfigDict, like those in configs/.")
+  line = next((f" (line {frame.lineno})" for frame in
+               reversed(traceback.extract_tb(error.__traceback__))
+               if os.path.abspath(frame.filename) == os.path.abspath(config_file)), "")
+  return (f"--config {config_file}: loading it raised {type(error).__name__}{line}: "
+          f"{message.splitlines()[0] if message else ''}")
 
 
 # --help: the config fields, their values and the comments default_config.py gives them.
@@ -221,12 +255,22 @@ def main(argv: list[str]) -> int:
   except (flags.Error, ValueError) as e:
     print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
     return 2
+  except Exception as e:  # noqa: BLE001 - the config file's own error, or an unknown field
+    print(f"{PROG}: error: {_parse_error(e, argv)}", file=sys.stderr)
+    return 2
   if wants_help:
     print(help_text(config.value, config_file))
     return 0
-  if config.value is None or workdir.value is None:
-    print(f"{PROG}: error: --config and --workdir are required, e.g.\n{EXAMPLE}\n"
-          f"(`{PROG} --help` lists the config fields)", file=sys.stderr)
+  missing = [flag for flag, value in (("--config", config.value), ("--workdir", workdir.value))
+             if value is None]
+  if missing:
+    print(f"{PROG}: error: {' and '.join(missing)} {'are' if len(missing) > 1 else 'is'} "
+          f"required, e.g. {EXAMPLE.strip()} (`{PROG} --help` lists the config fields)",
+          file=sys.stderr)
+    return 2
+  if os.path.exists(workdir.value) and not os.path.isdir(workdir.value):
+    print(f"{PROG}: error: --workdir {workdir.value} is a file; give a directory (new, or one "
+          "to resume).", file=sys.stderr)
     return 2
   from caedfkd_jax import train  # Imported late: flag errors should not wait for JAX.
   try:

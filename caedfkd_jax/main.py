@@ -19,20 +19,31 @@ COMMANDS = {
 }
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+  """argparse, but a usage error is one line like every other error: the usage block it would
+  print first is what --help is for."""
+
+  def error(self, message: str):
+    self.exit(2, f"{self.prog}: error: {message} (`{self.prog} --help` shows the usage)\n")
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  parser = argparse.ArgumentParser(
+  parser = OneLineErrorParser(
       prog="caedfkd", description="Data-free knowledge distillation (CAE-DFKD) in JAX.")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
   for name, (_, help_text) in COMMANDS.items():
     sub.add_parser(name, help=help_text, add_help=False)
-  if not argv or argv[0] not in COMMANDS:
-    parser.parse_args(argv)  # prints usage / the error and exits
+  if not argv:  # no command at all: the list of commands, not an error line
+    parser.print_help(sys.stderr)
+    return 2
+  if argv[0] not in COMMANDS:
+    parser.parse_args(argv)  # --help, or one error line naming the unknown command; exits
   name, rest = argv[0], argv[1:]
   module = importlib.import_module(COMMANDS[name][0])
   if name == "distill":
     return module.main(["caedfkd distill", *rest])
-  cmd_parser = argparse.ArgumentParser(prog=f"caedfkd {name}", description=COMMANDS[name][1])
+  cmd_parser = OneLineErrorParser(prog=f"caedfkd {name}", description=COMMANDS[name][1])
   module.add_arguments(cmd_parser)
   args = cmd_parser.parse_args(rest)
   try:
