@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks import flops as flops_lib
 from caedfkd_jax import bundle as bundle_lib
-from caedfkd_jax import steps, train
+from caedfkd_jax import config_checks, steps, train
 
 
 def _timed(fn, *args):
@@ -71,7 +71,7 @@ def measure(config, teacher: bundle_lib.Bundle, table, repeats: int = 3,
   """Compile time, per-phase throughput and one DFKD epoch of caedfkd-jax under `config`."""
   setup = train.create_setup(config, teacher, table)
   mesh = steps.make_mesh()
-  train.validate_config(config, mesh.size, setup.group_size)
+  config_checks.validate_config(config, mesh.size, setup.group_size)
   replicated = NamedSharding(mesh, P())
   teacher_vars = jax.device_put({"params": teacher.variables["params"],
                                  "batch_stats": teacher.variables["batch_stats"]}, replicated)

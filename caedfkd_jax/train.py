@@ -9,7 +9,6 @@ continues exactly as the uninterrupted run would.
 """
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -26,8 +25,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from caedfkd_jax import bundle as bundle_lib
-from caedfkd_jax import cend, cpu_devices, embeddings, generator as generator_lib, memory_bank, models
-from caedfkd_jax import multihost, steps
+from caedfkd_jax import cpu_devices, embeddings, generator as generator_lib, memory_bank, models
+from caedfkd_jax import multihost, resume, steps
+from caedfkd_jax.config_checks import validate_config
 from caedfkd_jax.metrics_writer import MetricsWriter, save_image_grid
 
 STUDENT_DIR = "student"
@@ -87,66 +87,6 @@ def default_bank_capacity(config, synthesis_batch: int) -> int:
   return rounds * synthesis_batch
 
 
-# Fields that must be >= 1 (ints) or > 0 (floats), and fields that must be >= 0.
-_POSITIVE = ("num_groups", "epochs", "generator.steps", "generator.life_epochs", "generator.lr",
-             "generator.noise_dim", "generator.ngf", "student.batch_groups", "student.kd_steps",
-             "student.steps_per_call", "student.lr", "student.temperature",
-             "student.cncl_temperature", "eval_every_epochs", "eval_batch_size", "max_checkpoints")
-_NON_NEGATIVE = ("seed", "cend.num_sources", "warmup_epochs", "g_loops", "warmup_g_loops", "bank_capacity",
-                 "cend.magnitude", "loss.ce", "loss.bn", "loss.adv", "student.eta_min",
-                 "student.weight_decay", "student.cncl_weight", "time_budget_minutes",
-                 "max_units", "checkpoint_every_minutes", "grid_images_per_class")
-_FRACTIONS = ("generator.b1", "generator.b2", "student.momentum", "loss.bn_momentum",
-              "low_confidence")   # in [0, 1]
-
-
-def _field(config, name: str):
-  for part in name.split("."):
-    config = config[part]
-  return config
-
-
-def validate_config(config, num_devices: int, group_size: int) -> None:
-  """One clear line for every value that would otherwise fail mid-run or with a traceback."""
-  for name in _POSITIVE:
-    if not _field(config, name) > 0:
-      raise ValueError(f"config.{name}={_field(config, name)!r} must be positive.")
-  for name in _NON_NEGATIVE:
-    if not _field(config, name) >= 0:
-      raise ValueError(f"config.{name}={_field(config, name)!r} must be >= 0.")
-  for name in _FRACTIONS:
-    if not 0 <= _field(config, name) <= 1:
-      raise ValueError(f"config.{name}={_field(config, name)!r} must lie in [0, 1].")
-  if config.cend.mode not in cend.MODES:
-    raise ValueError(f"config.cend.mode={config.cend.mode!r}: use one of {', '.join(cend.MODES)}.")
-  if config.student.cncl_form not in ("infonce", "supcon"):
-    raise ValueError(f"config.student.cncl_form={config.student.cncl_form!r}: use infonce or supcon.")
-  if config.student.eta_min > config.student.lr:
-    raise ValueError(f"config.student.eta_min={config.student.eta_min} exceeds "
-                     f"config.student.lr={config.student.lr}: the cosine floor must not be above its start.")
-  s = config.student
-  if config.warmup_epochs * config.warmup_g_loops + config.g_loops == 0:
-    raise ValueError("No generator round runs before the first KD step (warmup_epochs * "
-                     "warmup_g_loops + g_loops = 0), so the student would learn from an empty "
-                     "memory bank; raise warmup_g_loops or g_loops.")
-  if config.bank_capacity and config.bank_capacity < config.num_groups * group_size:
-    raise ValueError(f"config.bank_capacity={config.bank_capacity} is smaller than one synthesis "
-                     f"batch (num_groups*K*(N+1) = {config.num_groups * group_size} images); raise "
-                     "it to at least that, or set 0 to keep every image the schedule makes.")
-  if s.kd_steps % s.steps_per_call:
-    raise ValueError(f"student.kd_steps={s.kd_steps} must be a multiple of "
-                     f"student.steps_per_call={s.steps_per_call}")
-  syn, kd = config.num_groups * group_size, s.batch_groups * group_size
-  for name, size in (("synthesis batch (num_groups*K*(N+1))", syn),
-                     ("KD batch (student.batch_groups*K*(N+1))", kd)):
-    if size % num_devices:
-      raise ValueError(f"The {name} = {size} is not divisible by the {num_devices} devices; "
-                       "change num_groups / student.batch_groups.")
-  if config.epochs <= config.warmup_epochs:
-    raise ValueError(f"epochs={config.epochs} leaves no KD epoch after "
-                     f"warmup_epochs={config.warmup_epochs}")
-
-
 def create_setup(config, teacher: bundle_lib.Bundle, table: embeddings.EmbeddingTable) -> steps.Setup:
   dtype = compute_dtype(config.compute_dtype)
   num_classes = teacher.spec.num_classes
@@ -196,73 +136,6 @@ def create_state(setup: steps.Setup, teacher_vars, image_size: int) -> steps.Tra
       bn_ema_valid=jnp.bool_(False),
       bank=memory_bank.create_bank(capacity, (image_size, image_size, 3)),
       rng=rng)
-
-
-# Fields that steer one invocation, not what the run computes: free to change on a resume.
-# (The teacher's path may change too; the teacher itself is compared by its weights.)
-INVOCATION_FIELDS = frozenset({
-    "teacher", "teacher_arch_expected", "time_budget_minutes", "max_units",
-    "checkpoint_every_minutes", "max_checkpoints", "eval_data", "eval_split", "eval_every_epochs",
-    "eval_batch_size", "grid_images_per_class", "compilation_cache_dir", "allow_config_change",
-    "distributed", "coordinator_address", "num_processes", "process_id"})
-
-
-def tree_sha256(tree) -> str:
-  """A fingerprint of a pytree's structure and values (identifies a teacher by its weights)."""
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    leaf = np.asarray(leaf)
-    digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
-    digest.update(np.ascontiguousarray(leaf).tobytes())
-  return digest.hexdigest()
-
-
-def _shapes_signature(abstract_state) -> str:
-  leaves = jax.tree_util.tree_leaves_with_path(abstract_state)
-  text = ";".join(f"{jax.tree_util.keystr(p)}:{x.dtype}:{x.shape}" for p, x in leaves)
-  return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def config_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
-  """{field: (saved value, new value)} of every field that changes what the run computes."""
-  old = _flatten(saved)
-  new = _flatten(json.loads(json.dumps(config.to_dict())))   # tuples -> lists, as saved
-  return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-          if k not in INVOCATION_FIELDS and old.get(k) != new.get(k)}
-
-
-def check_resume(workdir: str, saved_config: dict, saved_progress: dict, config,
-                 identity: dict[str, str]) -> dict[str, tuple[Any, Any]]:
-  """Refuses to continue a checkpoint with another teacher, other shapes or other settings.
-
-  Returns the changed fields when `config.allow_config_change` lets them through.
-  """
-  changes = config_changes(saved_config, config)
-  listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
-  saved_teacher = saved_progress.get("teacher_sha256")
-  if saved_teacher and saved_teacher != identity["teacher_sha256"]:
-    raise ValueError(f"{workdir} holds a run distilled from another teacher (weights differ from "
-                     f"{config.teacher}); a checkpoint cannot switch teachers. Use a new --workdir.")
-  saved_shapes = saved_progress.get("state_shapes")
-  if saved_shapes and saved_shapes != identity["state_shapes"]:
-    raise ValueError(f"{workdir} holds a run whose saved state has other shapes than this config "
-                     f"makes ({listed or 'the embedding table or teacher differs'}); these can never "
-                     "change on a resume. Use the saved values or a new --workdir.")
-  if changes and not config.allow_config_change:
-    raise ValueError(f"{workdir} holds a run with another config ({listed}). Rerun with the saved "
-                     "values, pass --config.allow_config_change=True to continue with the new ones "
-                     "(recorded in the student bundle), or use a new --workdir.")
-  return changes
 
 
 def finite_parts(state: steps.TrainState) -> dict[str, jax.Array]:
@@ -404,11 +277,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       replicated)
   abstract = jax.eval_shape(lambda: create_state(setup, teacher_vars, teacher.spec.image_size))
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
-  identity = {"teacher_sha256": tree_sha256(teacher.variables), "state_shapes": _shapes_signature(abstract)}
+  identity = {"teacher_sha256": resume.tree_sha256(teacher.variables),
+              "state_shapes": resume.shapes_signature(abstract)}
   changes: dict[str, tuple[Any, Any]] = {}
 
   def check(saved_config, saved_progress):
-    changes.update(check_resume(workdir, saved_config, saved_progress, config, identity))
+    changes.update(resume.check_resume(workdir, saved_config, saved_progress, config, identity))
 
   mngr = _checkpoint_manager(workdir, config)
   state, saved = _restore(mngr, abstract, check)

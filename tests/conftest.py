@@ -17,7 +17,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # Runs default to a persistent XLA cache in the user's home; tests keep theirs in a temp dir.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="caedfkd_test_xla_"))
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+from tiny_run import NUM_CLASSES  # noqa: E402
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED_DATA = pathlib.Path(os.environ.get("CAEDFKD_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -44,3 +47,25 @@ def teachers_dir() -> pathlib.Path:
 @pytest.fixture
 def embeddings_dir() -> pathlib.Path:
   return _shared("embeddings")
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory) -> str:
+  """A tiny random teacher (see tiny_run.py): the mechanics do not need a good one."""
+  from caedfkd_jax import bundle
+  directory = tmp_path_factory.mktemp("teacher")
+  spec = bundle.ModelSpec("resnet_tiny_a", NUM_CLASSES, 32,
+                          class_names=[f"c{k}" for k in range(NUM_CLASSES)])
+  bundle.save_bundle(str(directory), spec, bundle.init_variables(spec, 1))
+  return str(directory)
+
+
+@pytest.fixture(scope="session")
+def table_path(tmp_path_factory) -> str:
+  """A random embedding table for the tiny teacher's classes c0..c3."""
+  from caedfkd_jax import embeddings
+  vectors = np.random.default_rng(0).normal(size=(NUM_CLASSES, 16)).astype(np.float32)
+  table = embeddings.EmbeddingTable(vectors, [f"c{k}" for k in range(NUM_CLASSES)], {"encoder": "test"})
+  path = str(tmp_path_factory.mktemp("table") / "table.npy")
+  table.save(path)
+  return path

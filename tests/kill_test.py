@@ -14,7 +14,7 @@ import pytest
 
 from caedfkd_jax import bundle as bundle_lib
 from caedfkd_jax import default_config, demo, train
-from train_test import NUM_CLASSES, table_path, teacher_dir, tiny_config  # noqa: F401 (fixtures)
+from tiny_run import NUM_CLASSES, tiny_config
 
 TIMEOUT_S = 240   # per invocation; a hung one is killed and fails the test
 

@@ -6,12 +6,11 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from caedfkd_jax import bundle as bundle_lib
-from caedfkd_jax import steps, train
-from train_test import NUM_CLASSES, table_path, teacher_dir, tiny_config  # noqa: F401 (fixtures)
+from caedfkd_jax import resume, steps, train
+from tiny_run import tiny_config
 
 
 def _start(config, workdir, units=2):
@@ -53,7 +52,7 @@ def test_allowed_config_change_continues_and_is_recorded_in_the_bundle(teacher_d
   assert extra["config_changes"] == [{"epoch": 0, "unit": 2,
                                       "changes": {"student.lr": [0.1, 0.05]}}]
   assert extra["config"]["student"]["lr"] == 0.05
-  assert extra["teacher_sha256"] == train.tree_sha256(bundle_lib.load_bundle(teacher_dir).variables)
+  assert extra["teacher_sha256"] == resume.tree_sha256(bundle_lib.load_bundle(teacher_dir).variables)
 
 
 def test_shape_changes_are_refused_even_when_changes_are_allowed(teacher_dir, table_path, tmp_path):

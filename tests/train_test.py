@@ -11,51 +11,7 @@ import pytest
 
 from caedfkd_jax import bundle as bundle_lib
 from caedfkd_jax import default_config, embeddings, steps, train
-
-NUM_CLASSES = 4
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-  """A tiny random teacher: the mechanics do not need a good one."""
-  directory = tmp_path_factory.mktemp("teacher")
-  spec = bundle_lib.ModelSpec("resnet_tiny_a", NUM_CLASSES, 32,
-                              class_names=[f"c{k}" for k in range(NUM_CLASSES)])
-  bundle_lib.save_bundle(str(directory), spec, bundle_lib.init_variables(spec, 1))
-  return str(directory)
-
-
-@pytest.fixture(scope="module")
-def table_path(tmp_path_factory):
-  directory = tmp_path_factory.mktemp("table")
-  vectors = np.random.default_rng(0).normal(size=(NUM_CLASSES, 16)).astype(np.float32)
-  table = embeddings.EmbeddingTable(vectors, [f"c{k}" for k in range(NUM_CLASSES)], {"encoder": "test"})
-  path = str(directory / "table.npy")
-  table.save(path)
-  return path
-
-
-def tiny_config(teacher_dir, table_path):
-  config = default_config.get_config()
-  config.teacher = teacher_dir
-  config.embeddings = table_path
-  config.student_arch = "resnet_tiny_a"
-  config.cend.num_sources = 1            # group = 4 classes x 2 views = 8 images
-  config.num_groups = 2                  # 16 images per round
-  config.generator.noise_dim = 8
-  config.generator.ngf = 4
-  config.generator.steps = 2
-  config.warmup_g_loops = 2
-  config.g_loops = 1
-  config.student.batch_groups = 2
-  config.student.kd_steps = 4
-  config.student.steps_per_call = 2
-  config.warmup_epochs = 1
-  config.epochs = 3
-  config.grid_images_per_class = 2
-  config.eval_every_epochs = 1
-  return config
-
+from tiny_run import NUM_CLASSES, tiny_config
 
 def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]

@@ -1,0 +1,67 @@
+"""Config values checked before any work: one clear line for each bad one.
+
+Without these, a zero or a negative value surfaces mid-run as a ZeroDivisionError,
+a shape error at the first trace, or an empty memory bank.
+"""
+
+from caedfkd_jax import cend
+
+
+# Fields that must be >= 1 (ints) or > 0 (floats), and fields that must be >= 0.
+_POSITIVE = ("num_groups", "epochs", "generator.steps", "generator.life_epochs", "generator.lr",
+             "generator.noise_dim", "generator.ngf", "student.batch_groups", "student.kd_steps",
+             "student.steps_per_call", "student.lr", "student.temperature",
+             "student.cncl_temperature", "eval_every_epochs", "eval_batch_size", "max_checkpoints")
+_NON_NEGATIVE = ("seed", "cend.num_sources", "warmup_epochs", "g_loops", "warmup_g_loops", "bank_capacity",
+                 "cend.magnitude", "loss.ce", "loss.bn", "loss.adv", "student.eta_min",
+                 "student.weight_decay", "student.cncl_weight", "time_budget_minutes",
+                 "max_units", "checkpoint_every_minutes", "grid_images_per_class")
+_FRACTIONS = ("generator.b1", "generator.b2", "student.momentum", "loss.bn_momentum",
+              "low_confidence")   # in [0, 1]
+
+
+def _field(config, name: str):
+  for part in name.split("."):
+    config = config[part]
+  return config
+
+
+def validate_config(config, num_devices: int, group_size: int) -> None:
+  """One clear line for every value that would otherwise fail mid-run or with a traceback."""
+  for name in _POSITIVE:
+    if not _field(config, name) > 0:
+      raise ValueError(f"config.{name}={_field(config, name)!r} must be positive.")
+  for name in _NON_NEGATIVE:
+    if not _field(config, name) >= 0:
+      raise ValueError(f"config.{name}={_field(config, name)!r} must be >= 0.")
+  for name in _FRACTIONS:
+    if not 0 <= _field(config, name) <= 1:
+      raise ValueError(f"config.{name}={_field(config, name)!r} must lie in [0, 1].")
+  if config.cend.mode not in cend.MODES:
+    raise ValueError(f"config.cend.mode={config.cend.mode!r}: use one of {', '.join(cend.MODES)}.")
+  if config.student.cncl_form not in ("infonce", "supcon"):
+    raise ValueError(f"config.student.cncl_form={config.student.cncl_form!r}: use infonce or supcon.")
+  if config.student.eta_min > config.student.lr:
+    raise ValueError(f"config.student.eta_min={config.student.eta_min} exceeds "
+                     f"config.student.lr={config.student.lr}: the cosine floor must not be above its start.")
+  s = config.student
+  if config.warmup_epochs * config.warmup_g_loops + config.g_loops == 0:
+    raise ValueError("No generator round runs before the first KD step (warmup_epochs * "
+                     "warmup_g_loops + g_loops = 0), so the student would learn from an empty "
+                     "memory bank; raise warmup_g_loops or g_loops.")
+  if config.bank_capacity and config.bank_capacity < config.num_groups * group_size:
+    raise ValueError(f"config.bank_capacity={config.bank_capacity} is smaller than one synthesis "
+                     f"batch (num_groups*K*(N+1) = {config.num_groups * group_size} images); raise "
+                     "it to at least that, or set 0 to keep every image the schedule makes.")
+  if s.kd_steps % s.steps_per_call:
+    raise ValueError(f"student.kd_steps={s.kd_steps} must be a multiple of "
+                     f"student.steps_per_call={s.steps_per_call}")
+  syn, kd = config.num_groups * group_size, s.batch_groups * group_size
+  for name, size in (("synthesis batch (num_groups*K*(N+1))", syn),
+                     ("KD batch (student.batch_groups*K*(N+1))", kd)):
+    if size % num_devices:
+      raise ValueError(f"The {name} = {size} is not divisible by the {num_devices} devices; "
+                       "change num_groups / student.batch_groups.")
+  if config.epochs <= config.warmup_epochs:
+    raise ValueError(f"epochs={config.epochs} leaves no KD epoch after "
+                     f"warmup_epochs={config.warmup_epochs}")
