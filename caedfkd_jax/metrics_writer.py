@@ -78,11 +78,51 @@ def image_grid(images01_BxHxWxC: np.ndarray, labels_B: np.ndarray, num_classes: 
   return (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
 
 
+RIGHT, WRONG = (0, 160, 0), (220, 0, 0)   # frame colours: the teacher agrees with the row or not
+SCALE, FRAME, CAPTION, NAME_WIDTH = 3, 2, 12, 84   # pixels
+
+
+def labelled_image_grid(images01_BxHxWxC: np.ndarray, labels_B: np.ndarray,
+                        class_names: list[str], per_class: int, predicted_B: np.ndarray,
+                        confidence_B: np.ndarray) -> Image.Image:
+  """The grid a person reads (the paper's Figure 2 idea): each row named by its intended class,
+  each image framed green where the teacher predicts that class and red where not, and captioned
+  with the teacher's prediction and confidence."""
+  from PIL import ImageDraw
+  _, h, w, _ = images01_BxHxWxC.shape
+  cell_w, cell_h = w * SCALE + 2 * FRAME, h * SCALE + 2 * FRAME + CAPTION
+  canvas = Image.new("RGB", (NAME_WIDTH + per_class * (cell_w + 2), len(class_names) * (cell_h + 2)),
+                     "white")
+  draw = ImageDraw.Draw(canvas)
+  for k, name in enumerate(class_names):
+    top = k * (cell_h + 2)
+    draw.text((2, top + cell_h // 2 - 6), name[:13], fill="black")
+    for j, i in enumerate(np.flatnonzero(labels_B == k)[:per_class]):
+      left = NAME_WIDTH + j * (cell_w + 2)
+      pred = int(predicted_B[i])
+      draw.rectangle([left, top, left + cell_w - 1, top + cell_w - 1], fill=RIGHT if pred == k else WRONG)
+      image = Image.fromarray((np.clip(images01_BxHxWxC[i], 0, 1) * 255).round().astype(np.uint8).squeeze())
+      canvas.paste(image.convert("RGB").resize((w * SCALE, h * SCALE), Image.NEAREST),
+                   (left + FRAME, top + FRAME))
+      guess = class_names[pred] if 0 <= pred < len(class_names) else str(pred)
+      fits = max(3, cell_w // 6 - 5)   # PIL's default font is about 6 px a character
+      draw.text((left + 1, top + cell_w), f"{guess[:fits]} {confidence_B[i] * 100:.0f}%", fill="black")
+  return canvas
+
+
 def save_image_grid(path: str, images01_BxHxWxC: np.ndarray, labels_B: np.ndarray,
-                    num_classes: int, per_class: int, enabled: bool = True) -> None:
+                    num_classes: int, per_class: int, enabled: bool = True,
+                    class_names: list[str] | None = None, predicted_B: np.ndarray | None = None,
+                    confidence_B: np.ndarray | None = None) -> None:
+  """Writes the grid; labelled (see `labelled_image_grid`) when the teacher's predictions are given."""
   if not enabled or per_class <= 0:
     return
   os.makedirs(os.path.dirname(path), exist_ok=True)
+  if predicted_B is not None:
+    names = list(class_names or [str(k) for k in range(num_classes)])
+    labelled_image_grid(images01_BxHxWxC, labels_B, names, per_class, predicted_B,
+                        confidence_B).save(path)
+    return
   grid = image_grid(images01_BxHxWxC, labels_B, num_classes, per_class)
   if grid.shape[-1] == 1:
     grid = grid[..., 0]

@@ -323,7 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "config_changes": config_history, "partial_epoch": partial}
   budget_s = config.time_budget_minutes * 60
   finite_fn = jax.jit(finite_parts)
-  latest_fn = jax.jit(functools.partial(memory_bank.latest, n=setup.synthesis_batch))
+  grid_fn = jax.jit(functools.partial(_last_round_with_teacher_guesses, setup))
   last_save = time.time()
   stopped_early = bool(budget_s) and wall_before >= budget_s and epoch < config.epochs
   if stopped_early:
@@ -413,10 +413,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       eval_seconds += time.time() - eval_start
     writer.write(epoch + 1, summary)
     if rounds:  # The last round's batch, read back from the bank (so also after a resume).
-      images, labels = multihost.to_host(latest_fn(state.bank))
+      images, labels, predicted, confidence = multihost.to_host(grid_fn(state.bank, teacher_vars))
       save_image_grid(os.path.join(workdir, "samples", f"epoch_{epoch + 1:04d}.png"),
-                      images.astype(np.float32) / 255.0, labels, setup.num_classes,
-                      config.grid_images_per_class, enabled=jax.process_index() == 0)
+                      images, labels, setup.num_classes, config.grid_images_per_class,
+                      enabled=jax.process_index() == 0, class_names=teacher.spec.class_names,
+                      predicted_B=predicted, confidence_B=confidence)
     bar.write(_format_summary(epoch + 1, config.epochs, summary))
     result = summary
     state = state.replace(epoch=state.epoch + 1, unit=jnp.zeros_like(state.unit))  # keeps its sharding
@@ -438,6 +439,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with open(os.path.join(workdir, "result.json"), "w") as f:
       json.dump(result, f, indent=2)
   return result
+
+
+def _last_round_with_teacher_guesses(setup: steps.Setup, bank: memory_bank.MemoryBank, teacher_vars):
+  """The last round's banked images in [0, 1], their intended labels, and the teacher's guesses."""
+  images_u8, labels = memory_bank.latest(bank, setup.synthesis_batch)
+  images = images_u8.astype(jnp.float32) / 255.0
+  logits, _ = setup.teacher.apply(teacher_vars, bundle_lib.normalize(images, setup.mean, setup.std),
+                                  train=False)
+  probs = jax.nn.softmax(logits.astype(jnp.float32))
+  return images, labels, jnp.argmax(probs, -1), jnp.max(probs, -1)
 
 
 def _format_summary(epoch: int, epochs: int, s: dict[str, Any]) -> str:
