@@ -19,7 +19,7 @@ import optax
 from PIL import Image
 from tqdm.auto import tqdm
 
-from caedfkd_jax import bundle as bundle_lib
+from caedfkd_jax import atomic_files, bundle as bundle_lib
 from caedfkd_jax import default_config, evaluate, models, train
 
 IMAGE_SIZE = 16
@@ -179,11 +179,7 @@ def prepare_workdir(workdir: str, args: argparse.Namespace) -> None:
         f"--workdir {workdir} holds a demo run whose arguments were not recorded; pass --fresh "
         "to delete that run and start over, or use another --workdir.")
   os.makedirs(workdir, exist_ok=True)
-  tmp = f"{record}.{os.getpid()}.tmp"
-  with open(tmp, "w") as f:
-    json.dump(wanted, f, indent=2)
-    f.write("\n")
-  os.replace(tmp, record)
+  atomic_files.write_text(record, json.dumps(wanted, indent=2) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:

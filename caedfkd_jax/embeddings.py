@@ -20,12 +20,11 @@ import importlib.util
 import json
 import os
 import sys
-import uuid
 from typing import Any
 
 import numpy as np
 
-from caedfkd_jax import class_names
+from caedfkd_jax import atomic_files, class_names
 
 TABLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedding_tables")
 SHIPPED_ENCODER = "minilm"  # Shipped tables are TABLES_DIR/<name>_minilm.{npy,json}.
@@ -84,8 +83,7 @@ def _temp_beside(path: str, temps: list[str], mode: str = "wb"):
 
   Not `tempfile`: its files are private (0600), and a table should keep the usual permissions.
   """
-  directory, name = os.path.split(os.path.abspath(path))
-  tmp = os.path.join(directory, f".{name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+  tmp = atomic_files.temp_path_beside(path)
   f = open(tmp, mode.replace("w", "x"), encoding=None if "b" in mode else "utf-8")
   temps.append(tmp)
   return f
@@ -142,7 +140,7 @@ def load_table(name_or_path: str) -> EmbeddingTable:
           "names the class of each row. Remake the table with `caedfkd embed`.")
   try:
     vectors = np.load(npy_path, allow_pickle=False)
-  except (ValueError, OSError, EOFError) as e:
+  except (ValueError, OSError, EOFError):
     # Not numpy's advice to allow pickles: that would run code stored in the file.
     raise ValueError(f"Embedding table {npy_path} is not a plain .npy array of floats (corrupt, "
                      "truncated, or pickled objects, which are never loaded); remake it with "

@@ -6,6 +6,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from caedfkd_jax import atomic_files
+
 
 class MetricsWriter:
   """Writes each epoch's scalars to `metrics.jsonl` and TensorBoard event files.
@@ -60,10 +62,7 @@ def _drop_rows_after(path: str, epoch: int) -> None:
         continue  # A line cut by a kill.
       if row.get("epoch", 0) <= epoch:
         kept.append(json.dumps(row) + "\n")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.writelines(kept)
-  os.replace(tmp, path)
+  atomic_files.write_text(path, "".join(kept))
 
 
 def image_grid(images01_BxHxWxC: np.ndarray, labels_B: np.ndarray, num_classes: int,

@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from caedfkd_jax import bundle as bundle_lib
+from caedfkd_jax import atomic_files, bundle as bundle_lib
 from caedfkd_jax import cpu_devices, embeddings, generator as generator_lib, memory_bank, models
 from caedfkd_jax import multihost, resume, steps
 from caedfkd_jax.config_checks import validate_config
@@ -436,8 +436,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   result.update({"epoch": int(state.epoch), "stopped_early": stopped_early, "student": student_dir,
                  "minutes": run_seconds() / 60, "train_minutes": train_seconds() / 60})
   if multihost.is_primary():
-    with open(os.path.join(workdir, "result.json"), "w") as f:
-      json.dump(result, f, indent=2)
+    atomic_files.write_text(os.path.join(workdir, "result.json"), json.dumps(result, indent=2))
   return result
 
 
