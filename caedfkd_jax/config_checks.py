@@ -11,7 +11,8 @@ from caedfkd_jax import cend
 _POSITIVE = ("num_groups", "epochs", "generator.steps", "generator.life_epochs", "generator.lr",
              "generator.noise_dim", "generator.ngf", "student.batch_groups", "student.kd_steps",
              "student.steps_per_call", "student.lr", "student.temperature",
-             "student.cncl_temperature", "eval_every_epochs", "eval_batch_size", "max_checkpoints")
+             "student.cncl_temperature", "eval_every_epochs", "eval_batch_size", "max_checkpoints",
+             "num_runs")
 _NON_NEGATIVE = ("seed", "cend.num_sources", "warmup_epochs", "g_loops", "warmup_g_loops", "bank_capacity",
                  "cend.magnitude", "loss.ce", "loss.bn", "loss.adv", "student.eta_min",
                  "student.weight_decay", "student.cncl_weight", "time_budget_minutes",
@@ -37,6 +38,10 @@ def validate_config(config, num_devices: int, group_size: int) -> None:
   for name in _FRACTIONS:
     if not 0 <= _field(config, name) <= 1:
       raise ValueError(f"config.{name}={_field(config, name)!r} must lie in [0, 1].")
+  for level in config.accuracy_levels:
+    if not 0 < level <= 1:
+      raise ValueError(f"config.accuracy_levels={tuple(config.accuracy_levels)!r}: each is a "
+                       "fraction of the teacher's top-1 in (0, 1], e.g. (0.5, 0.75, 0.9).")
   if config.cend.mode not in cend.MODES:
     raise ValueError(f"config.cend.mode={config.cend.mode!r}: use one of {', '.join(cend.MODES)}.")
   if config.student.cncl_form not in ("infonce", "supcon"):

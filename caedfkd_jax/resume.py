@@ -20,7 +20,8 @@ INVOCATION_FIELDS = frozenset({
     "teacher", "teacher_arch_expected", "time_budget_minutes", "max_units",
     "checkpoint_every_minutes", "max_checkpoints", "eval_data", "eval_split", "eval_every_epochs",
     "eval_batch_size", "grid_images_per_class", "compilation_cache_dir", "allow_config_change",
-    "distributed", "coordinator_address", "num_processes", "process_id"})
+    "distributed", "coordinator_address", "num_processes", "process_id", "runs_vectorized",
+    "accuracy_levels"})
 
 
 def tree_sha256(tree) -> str:

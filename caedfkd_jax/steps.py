@@ -38,6 +38,7 @@ class TrainState:
   bn_ema_valid: jax.Array   # bool: bn_ema holds a value yet.
   bank: memory_bank.MemoryBank
   rng: jax.Array            # Base key; every use folds in (epoch, unit, step).
+  hparams: dict[str, jax.Array] = struct.field(default_factory=dict)  # Swept values (SWEEPABLE).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +67,21 @@ class Setup:
     return self.config.num_groups * self.group_size
 
 
+# Float hyper-parameters that one program can sweep (`runs.py`): the step functions read them
+# through `hparam`, traced from the state's `hparams` when a run carries them, else as constants
+# from the config. Learning rates and shapes live in the optimisers and arrays and cannot be swept.
+SWEEPABLE = ("loss.ce", "loss.bn", "loss.adv", "loss.bn_momentum", "cend.magnitude",
+             "student.temperature", "student.cncl_weight", "student.cncl_temperature")
+
+
+def hparam(setup: Setup, hparams: dict[str, jax.Array], name: str):
+  """The value of config field `name` ("section.field") for this run."""
+  if name in hparams:
+    return hparams[name]
+  section, field = name.split(".")
+  return setup.config[section][field]
+
+
 def _constrain_batch(tree: PyTree, mesh: Mesh | None) -> PyTree:
   """Shards the leading (batch) axis over "data": the data-parallel split."""
   if mesh is None:
@@ -81,22 +97,23 @@ def _constrain_batch(tree: PyTree, mesh: Mesh | None) -> PyTree:
 
 def generator_loss(params: PyTree, setup: Setup, teacher_vars: PyTree, student: PyTree,
                    batch: cend.GeneratorBatch, bn_ema: PyTree, bn_ema_valid: jax.Array,
-                   adv_on: jax.Array, rng: jax.Array, mesh: Mesh | None = None):
+                   adv_on: jax.Array, rng: jax.Array, mesh: Mesh | None = None,
+                   hparams: dict[str, jax.Array] | None = None):
   """L_G = ce * CE(T(A(G(e))), y) + bn * L_BN + adv * L_adv. Returns (loss, aux)."""
-  cfg = setup.config
+  hp = functools.partial(hparam, setup, hparams or {})
   images = setup.generator.apply({"params": params}, batch.embeddings_BxD)
   images = _constrain_batch(images, mesh)
   x = normalize(augment.random_crop_flip(rng, images), setup.mean, setup.std)
   (t_logits, _), t_state = setup.teacher.apply(teacher_vars, x, train=False, mutable=["bn_stats"])
   bn_stats = t_state["bn_stats"]
   blended = jax.tree.map(
-      lambda cur, ema: jnp.where(bn_ema_valid, losses.blend_bn_statistics(cur, ema, cfg.loss.bn_momentum), cur),
+      lambda cur, ema: jnp.where(bn_ema_valid, losses.blend_bn_statistics(cur, ema, hp("loss.bn_momentum")), cur),
       bn_stats, bn_ema)
   l_bn = losses.bn_statistics_loss(blended, teacher_vars["batch_stats"])
   l_ce = losses.cross_entropy(t_logits, batch.labels_B)
   s_logits, _ = setup.student.apply(student, x, train=False)
   l_adv = losses.adversarial_loss(t_logits, s_logits)
-  loss = cfg.loss.ce * l_ce + cfg.loss.bn * l_bn + cfg.loss.adv * adv_on * l_adv
+  loss = hp("loss.ce") * l_ce + hp("loss.bn") * l_bn + hp("loss.adv") * adv_on * l_adv
   metrics = {"gen/loss": loss, "gen/ce": l_ce, "gen/bn": l_bn, "gen/adv": l_adv}
   return loss, (images, jax.lax.stop_gradient(bn_stats), metrics)
 
@@ -130,7 +147,7 @@ def start_round(state: TrainState, *, setup: Setup, warmup: bool,
     params = generator_lib.reinit_noisy_layer(params, rng_noisy)
   batch = cend.build_generator_batch(
       rng_batch, setup.table_KxD, cfg.num_groups, cfg.cend.num_sources,
-      cfg.cend.magnitude, mode=cfg.cend.mode, sources=cfg.cend.sources)
+      hparam(setup, state.hparams, "cend.magnitude"), mode=cfg.cend.mode, sources=cfg.cend.sources)
   batch = _constrain_batch(batch, mesh)
   image_shape = (setup.synthesis_batch, *state.bank.images.shape[1:])
   carry = RoundCarry(params, setup.generator_tx.init(params), jnp.float32(jnp.inf),
@@ -144,7 +161,7 @@ def generator_step(carry: RoundCarry, ctx: RoundContext, step: jax.Array, state:
   grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
   (loss, (images, bn_stats, metrics)), grads = grad_fn(
       carry.params, setup, teacher_vars, state.student, ctx.batch, state.bn_ema,
-      state.bn_ema_valid, ctx.adv_on, jax.random.fold_in(ctx.rng, step), mesh)
+      state.bn_ema_valid, ctx.adv_on, jax.random.fold_in(ctx.rng, step), mesh, state.hparams)
   updates, opt_state = setup.generator_tx.update(grads, carry.opt_state, carry.params)
   better = loss < carry.best_loss
   carry = RoundCarry(
@@ -161,7 +178,7 @@ def finish_round(state: TrainState, carry: RoundCarry, ctx: RoundContext, teache
 
   Returns (state, per-class low-confidence share, teacher accuracy on the best batch).
   """
-  m = setup.config.loss.bn_momentum
+  m = hparam(setup, state.hparams, "loss.bn_momentum")
   bn_ema = jax.tree.map(
       lambda ema, last: jnp.where(state.bn_ema_valid, m * ema + (1 - m) * last, last),
       state.bn_ema, carry.last_bn_stats)
@@ -203,16 +220,17 @@ def generator_round(state: TrainState, teacher_vars: PyTree, *, setup: Setup, wa
 
 def student_loss(params: PyTree, batch_stats: PyTree, setup: Setup, x: jax.Array,
                  t_logits: jax.Array, labels: jax.Array, source_index: jax.Array,
-                 group: jax.Array):
+                 group: jax.Array, hparams: dict[str, jax.Array] | None = None):
   """L_S = t^2 KL(T || S) + lambda * L_CNCL on the student's penultimate features."""
   cfg = setup.config.student
+  hp = functools.partial(hparam, setup, hparams or {})
   (s_logits, aux), new_vars = setup.student.apply(
       {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
-  l_kl = losses.kl_divergence(t_logits, s_logits, cfg.temperature)
-  l_cncl = losses.cncl_loss(aux["features"], labels, source_index, cfg.cncl_temperature,
+  l_kl = losses.kl_divergence(t_logits, s_logits, hp("student.temperature"))
+  l_cncl = losses.cncl_loss(aux["features"], labels, source_index, hp("student.cncl_temperature"),
                             group_B=group, same_group_positives=cfg.cncl_same_group,
                             form=cfg.cncl_form)
-  loss = l_kl + cfg.cncl_weight * l_cncl
+  loss = l_kl + hp("student.cncl_weight") * l_cncl
   agree = jnp.mean(jnp.argmax(s_logits, -1) == jnp.argmax(t_logits, -1))
   metrics = {"kd/loss": loss, "kd/kl": l_kl, "kd/cncl": l_cncl, "kd/agreement": agree}
   return loss, (new_vars["batch_stats"], metrics)
@@ -231,7 +249,7 @@ def student_step(state: TrainState, rng: jax.Array, *, setup: Setup, teacher_var
   grad_fn = jax.value_and_grad(student_loss, has_aux=True)
   (_, (batch_stats, metrics)), grads = grad_fn(
       state.student["params"], state.student["batch_stats"], setup, x,
-      jax.lax.stop_gradient(t_logits), labels, source_index, group)
+      jax.lax.stop_gradient(t_logits), labels, source_index, group, state.hparams)
   updates, opt_state = setup.student_tx.update(grads, state.student_opt_state, state.student["params"])
   params = optax.apply_updates(state.student["params"], updates)
   state = state.replace(student={"params": params, "batch_stats": batch_stats},
@@ -279,33 +297,46 @@ def resolve_fuse(config, fuse: bool | None = None, platform: str | None = None) 
   return bool(fuse)
 
 
-def make_step_fns(setup: Setup, mesh: Mesh, fuse: bool | None = None) -> dict[str, Callable]:
+def make_step_fns(setup: Setup, mesh: Mesh, fuse: bool | None = None,
+                  over_runs: Callable | None = None) -> dict[str, Callable]:
   """Jitted phases over `mesh`: state and teacher replicated, batches sharded, state donated.
 
   Fused (see `resolve_fuse`), a generator round and a KD call are each one
   compiled lax.scan: the fewest dispatches, the accelerator choice. Otherwise
   every step is its own compiled call driven from Python, the CPU choice.
   Either way each phase compiles once: shapes, dtypes and shardings of the
-  state never change between calls.
+  state never change between calls. `over_runs(fn, in_axes)`, when given, maps
+  each piece over a leading run axis of the state (`runs.over_runs`).
   """
   replicated = NamedSharding(mesh, P())
   jit = functools.partial(jax.jit, donate_argnums=(0,))
   cfg = setup.config
+  per_run = over_runs or (lambda fn, in_axes: fn)
   if resolve_fuse(cfg, fuse, platform=mesh.devices.flat[0].platform):
     rounds = {
-        warm: jit(functools.partial(generator_round, setup=setup, warmup=warm, mesh=mesh),
+        warm: jit(per_run(functools.partial(generator_round, setup=setup, warmup=warm, mesh=mesh),
+                          (0, None)),
                   in_shardings=(replicated, replicated))
         for warm in (True, False)}
-    kd = jit(functools.partial(student_steps, setup=setup, num_steps=cfg.student.steps_per_call,
-                               mesh=mesh),
+    kd = jit(per_run(functools.partial(student_steps, setup=setup,
+                                       num_steps=cfg.student.steps_per_call, mesh=mesh), (0, None)),
              in_shardings=(replicated, replicated))
     return {"warmup_round": rounds[True], "round": rounds[False], "kd": kd}
 
-  start = {warm: jax.jit(functools.partial(start_round, setup=setup, warmup=warm, mesh=mesh))
+  start = {warm: jax.jit(per_run(functools.partial(start_round, setup=setup, warmup=warm, mesh=mesh),
+                                 (0,)))
            for warm in (True, False)}
-  g_step = jax.jit(functools.partial(generator_step, setup=setup, mesh=mesh), donate_argnums=(0,))
-  finish = jax.jit(functools.partial(finish_round, setup=setup), donate_argnums=(0,))
-  s_step = jax.jit(functools.partial(student_step, setup=setup, mesh=mesh), donate_argnums=(0,))
+  g_step = jax.jit(per_run(functools.partial(generator_step, setup=setup, mesh=mesh),
+                           (0, 0, None, 0, None)), donate_argnums=(0,))
+  finish = jax.jit(per_run(functools.partial(finish_round, setup=setup), (0, 0, 0, None)),
+                   donate_argnums=(0,))
+
+  def kd_step(state, i, teacher_vars):
+    return student_step(state, jax.random.fold_in(kd_rng(state), i), setup=setup,
+                        teacher_vars=teacher_vars, mesh=mesh)
+  s_step = jax.jit(per_run(kd_step, (0, None, None)), donate_argnums=(0,))
+  # Per-step metrics stack on the last axis: (steps,), or (runs, steps) as the fused scans give.
+  stack_steps = lambda metrics: jax.tree.map(lambda *xs: jnp.stack(xs, axis=-1), *metrics)
 
   def stepped_round(warm):
     def run(state, teacher_vars):
@@ -316,17 +347,17 @@ def make_step_fns(setup: Setup, mesh: Mesh, fuse: bool | None = None) -> dict[st
         metrics.append(m)
       best_images = jnp.copy(carry.best_images)
       state, low_conf_K, teacher_acc = finish(state, carry, ctx, teacher_vars)
-      metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
-      metrics["gen/teacher_acc_on_best"] = jnp.broadcast_to(teacher_acc, metrics["gen/loss"].shape)
+      metrics = stack_steps(metrics)
+      metrics["gen/teacher_acc_on_best"] = jnp.broadcast_to(teacher_acc[..., None],
+                                                            metrics["gen/loss"].shape)
       return state, metrics, low_conf_K, best_images
     return run
 
   def stepped_kd(state, teacher_vars):
-    rng = kd_rng(state)
     metrics = []
     for i in range(cfg.student.steps_per_call):
-      state, m = s_step(state, jax.random.fold_in(rng, i), teacher_vars=teacher_vars)
+      state, m = s_step(state, jnp.int32(i), teacher_vars)
       metrics.append(m)
-    return state.replace(unit=state.unit + 1), jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
+    return state.replace(unit=state.unit + 1), stack_steps(metrics)
 
   return {"warmup_round": stepped_round(True), "round": stepped_round(False), "kd": stepped_kd}

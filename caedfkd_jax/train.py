@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from caedfkd_jax import atomic_files, bundle as bundle_lib
 from caedfkd_jax import cpu_devices, embeddings, generator as generator_lib, memory_bank, models
-from caedfkd_jax import multihost, resume, steps
+from caedfkd_jax import multihost, resume, runs as runs_lib, steps
 from caedfkd_jax.config_checks import validate_config
 from caedfkd_jax.metrics_writer import MetricsWriter, save_image_grid
 
@@ -119,9 +119,11 @@ def new_generator_params(setup: steps.Setup, rng: jax.Array):
                                       setup.table_KxD.shape[1])
 
 
-def create_state(setup: steps.Setup, teacher_vars, image_size: int) -> steps.TrainState:
+def create_state(setup: steps.Setup, teacher_vars, image_size: int,
+                 seed: int | None = None) -> steps.TrainState:
+  """A run's first state; `seed` defaults to config.seed."""
   config = setup.config
-  rng = jax.random.key(config.seed)
+  rng = jax.random.key(config.seed if seed is None else seed)
   rng_g, rng_s = jax.random.split(jax.random.fold_in(rng, 2**31 - 1))
   student = bundle_lib.init_variables(
       bundle_lib.ModelSpec(config.student_arch, setup.num_classes, image_size), rng_s)
@@ -138,6 +140,21 @@ def create_state(setup: steps.Setup, teacher_vars, image_size: int) -> steps.Tra
       rng=rng)
 
 
+def create_run_states(setup: steps.Setup, teacher_vars, image_size: int,
+                      runs: list[runs_lib.Run] | None) -> steps.TrainState:
+  """The first state of one run (`runs` None), or of every run stacked on a leading axis."""
+  if runs is None:
+    return create_state(setup, teacher_vars, image_size)
+  return runs_lib.stack([create_state(setup, teacher_vars, image_size, run.seed).replace(
+      hparams=runs_lib.hparams(run)) for run in runs])
+
+
+def renewed_generator(setup: steps.Setup, state: steps.TrainState) -> steps.TrainState:
+  """A whole new generator, every `generator.life_epochs` epochs (NAYER's g_life)."""
+  rng_g = jax.random.fold_in(jax.random.fold_in(state.rng, state.epoch), 2**31 - 1)
+  return state.replace(generator_params=new_generator_params(setup, rng_g))
+
+
 def finite_parts(state: steps.TrainState) -> dict[str, jax.Array]:
   """Whether each learnt part of the state is finite: checked after every unit, on the device."""
   all_finite = lambda tree: jnp.all(jnp.stack(
@@ -149,15 +166,24 @@ def finite_parts(state: steps.TrainState) -> dict[str, jax.Array]:
           "teacher BN-statistics EMA": all_finite(state.bn_ema)}
 
 
-def _check_finite(metrics: dict[str, np.ndarray], epoch: int, unit: int, what: str) -> None:
+def _in_run(runs: list[runs_lib.Run] | None, index: int) -> str:
+  if runs is None:
+    return ""
+  run = runs[index]
+  return f" in {run.name} (seed {run.seed}{'; ' + run.label if run.label else ''})"
+
+
+def _check_finite(metrics: dict[str, np.ndarray], epoch: int, unit: int, what: str,
+                  runs: list[runs_lib.Run] | None = None) -> None:
   for name, values in metrics.items():
-    values = np.asarray(values).reshape(-1)
-    bad = np.flatnonzero(~np.isfinite(values))
+    values = np.asarray(values).reshape(len(runs) if runs else 1, -1)  # runs x steps
+    bad = np.argwhere(~np.isfinite(values))
     if bad.size:
+      r, step = bad[0]
       raise NonFiniteLossError(
-          f"{name} became {values[bad[0]]} at epoch {epoch}, {what} (unit {unit}), step {bad[0]} "
-          "of that call. The run stopped; the last good checkpoint is kept. Lower the learning "
-          "rate or loss weight of that term, or try compute_dtype=float32.")
+          f"{name} became {values[r, step]}{_in_run(runs, r)} at epoch {epoch}, {what} (unit "
+          f"{unit}), step {step} of that call. The run stopped; the last good checkpoint is kept. "
+          "Lower the learning rate or loss weight of that term, or try compute_dtype=float32.")
 
 
 def partial_epoch(epoch: int, epoch_metrics: dict[str, list]) -> dict[str, Any]:
@@ -167,13 +193,16 @@ def partial_epoch(epoch: int, epoch_metrics: dict[str, list]) -> dict[str, Any]:
   return {"epoch": epoch, "metrics": metrics}
 
 
-def _check_finite_parts(finite: dict[str, np.ndarray], epoch: int, unit: int, what: str) -> None:
-  bad = [name for name, ok in finite.items() if not bool(ok)]
-  if bad:
+def _check_finite_parts(finite: dict[str, np.ndarray], epoch: int, unit: int, what: str,
+                        runs: list[runs_lib.Run] | None = None) -> None:
+  ok = np.stack([np.asarray(v).reshape(-1) for v in finite.values()])  # parts x runs
+  if not ok.all():
+    bad_run = int(np.argwhere(~ok)[0, 1])
+    bad = [name for name, v in zip(finite, ok) if not v[bad_run]]
     raise NonFiniteLossError(
-        f"The {' and '.join(bad)} became non-finite at epoch {epoch}, {what} (unit {unit}), while "
-        "its losses stayed finite. The run stopped; the last good checkpoint is kept. Lower the "
-        "learning rates, or try compute_dtype=float32.")
+        f"The {' and '.join(bad)} became non-finite{_in_run(runs, bad_run)} at epoch {epoch}, "
+        f"{what} (unit {unit}), while its losses stayed finite. The run stopped; the last good "
+        "checkpoint is kept. Lower the learning rates, or try compute_dtype=float32.")
 
 
 def _student_spec(config, teacher: bundle_lib.Bundle, progress: dict[str, Any]) -> bundle_lib.ModelSpec:
@@ -189,6 +218,11 @@ def _student_spec(config, teacher: bundle_lib.Bundle, progress: dict[str, Any]) 
       mean=t.mean, std=t.std, class_names=t.class_names, extra=extra)
 
 
+def _position(x: jax.Array) -> int:
+  """An int of the state (epoch, unit, ...): every run holds the same one."""
+  return int(np.asarray(multihost.to_host(x)).reshape(-1)[0])
+
+
 def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True)
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options)
@@ -198,7 +232,7 @@ def _save(mngr: ocp.CheckpointManager, state: steps.TrainState, config,
           progress: dict[str, Any]) -> None:
   """Orbax writes into a temporary directory and renames it when complete: a kill mid-save
   leaves the previous checkpoint as the latest."""
-  step = int(state.epoch) * 10_000 + int(state.unit)
+  step = _position(state.epoch) * 10_000 + _position(state.unit)
   if mngr.latest_step() == step:
     return
   mngr.save(step, args=ocp.args.Composite(
@@ -242,17 +276,35 @@ def _load_eval_data(config, spec: bundle_lib.ModelSpec):
   return dataset
 
 
-def _evaluate_student(setup, state, dataset, config) -> dict[str, float]:
+def _top1(model, variables, dataset, setup, config) -> float:
   from caedfkd_jax import evaluate
   # On the host: every process evaluates alone, with no collective.
-  logits = evaluate.predict(setup.student, multihost.to_host(state.student), dataset.images,
-                            setup.mean, setup.std, config.eval_batch_size, progress=False)
-  pred = np.argmax(logits, -1)
-  return {"eval/top1": float(np.mean(pred == dataset.labels) * 100)}
+  logits = evaluate.predict(model, variables, dataset.images, setup.mean, setup.std,
+                            config.eval_batch_size, progress=False)
+  return float(np.mean(np.argmax(logits, -1) == dataset.labels) * 100)
+
+
+def _epoch_summary(epoch_metrics: dict[str, list], run: int | None) -> dict[str, float]:
+  """The epoch's row of one run from its per-unit numbers (`run` None: no run axis)."""
+  pick = (lambda x: x) if run is None else (lambda x: x[run])
+  summary = {k: float(np.mean([pick(x) for x in v])) for k, v in epoch_metrics.items()
+             if k != "low_conf"}
+  if epoch_metrics["low_conf"]:
+    low_conf = np.mean(np.stack([pick(np.asarray(x, np.float32))
+                                 for x in multihost.to_host(epoch_metrics["low_conf"])]), 0)
+    summary["gen/low_confidence_share"] = float(low_conf.mean())
+    for k, share in enumerate(low_conf):
+      summary[f"low_confidence/class_{k}"] = float(share)
+  return summary
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) CAE-DFKD; writes checkpoints, logs and `workdir/student`."""
+  """Runs (or resumes) CAE-DFKD; writes checkpoints, logs and `workdir/student`.
+
+  With `config.num_runs` > 1 or a `config.sweep`, every run of `runs.plan_runs` is trained in
+  the same program; each writes `runs/run_XX/` (metrics, samples) and `student/run_XX`, and
+  `summary.json` holds the statistics over seeds per sweep point.
+  """
   start = time.time()
   cpu_devices.reserve_intra_op_threads()  # Simulated CPU devices need spare threads.
   multihost.initialize(config)  # Before any other JAX call.
@@ -260,13 +312,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if not config.teacher:
     raise ValueError("config.teacher is empty: pass --config.teacher=PATH_TO_TEACHER_BUNDLE "
                      "(make one with `caedfkd convert`).")
+  runs = runs_lib.plan_runs(config) if runs_lib.is_multi(config) else None
   teacher = bundle_lib.load_bundle(config.teacher)
   if config.teacher_arch_expected and teacher.spec.arch != config.teacher_arch_expected:
     raise ValueError(f"The teacher bundle {config.teacher} is a {teacher.spec.arch}, but this config "
                      f"is for a {config.teacher_arch_expected} teacher.")
   table = embeddings.load_table(config.embeddings)
   mesh = steps.make_mesh()
-  validate_config(config, mesh.size, teacher.spec.num_classes * (config.cend.num_sources + 1))
+  group_size = teacher.spec.num_classes * (config.cend.num_sources + 1)
+  for run_cfg in ([config] if runs is None else [runs_lib.run_config(config, r) for r in runs]):
+    validate_config(run_cfg, mesh.size, group_size)  # Every swept value too.
   setup = create_setup(config, teacher, table)
   eval_data = _load_eval_data(config, teacher.spec)  # A bad eval_data is refused before any work.
   os.makedirs(workdir, exist_ok=True)
@@ -275,7 +330,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   teacher_vars = multihost.put(
       {"params": teacher.variables["params"], "batch_stats": teacher.variables["batch_stats"]},
       replicated)
-  abstract = jax.eval_shape(lambda: create_state(setup, teacher_vars, teacher.spec.image_size))
+  initial_state = lambda: create_run_states(setup, teacher_vars, teacher.spec.image_size, runs)
+  abstract = jax.eval_shape(initial_state)
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
   identity = {"teacher_sha256": resume.tree_sha256(teacher.variables),
               "state_shapes": resume.shapes_signature(abstract)}
@@ -288,19 +344,27 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state, saved = _restore(mngr, abstract, check)
   resumed = state is not None
   if state is None:
-    state = multihost.put(create_state(setup, teacher_vars, teacher.spec.image_size), replicated)
-  fns = steps.make_step_fns(setup, mesh)
+    state = multihost.put(initial_state(), replicated)
+  # Every per-run piece maps over the run axis; `over_runs` None: one run, no axis.
+  over_runs = None if runs is None else functools.partial(
+      runs_lib.over_runs, num_runs=len(runs),
+      vectorize=runs_lib.resolve_vectorize(config, mesh.devices.flat[0].platform))
+  per_run = over_runs or (lambda fn, in_axes: fn)
+  fns = steps.make_step_fns(setup, mesh, over_runs=over_runs)
+  run_dirs = [workdir] if runs is None else [os.path.join(workdir, "runs", r.name) for r in runs]
   # Rows logged after the checkpoint being resumed are logged again: drop them first.
-  writer = MetricsWriter(workdir, enabled=jax.process_index() == 0,
-                         keep_through_epoch=int(state.epoch) if resumed else 0)
+  writers = [MetricsWriter(d, enabled=jax.process_index() == 0,
+                           keep_through_epoch=_position(state.epoch) if resumed else 0)
+             for d in run_dirs]
 
   # Host mirrors of the state's position: reading state.epoch / state.unit would wait for
   # the device after every unit. Metrics of a unit are fetched after the next one is
   # dispatched, so the device always has work queued while the host logs.
-  epoch, unit = int(state.epoch), int(state.unit)
+  epoch, unit = _position(state.epoch), _position(state.unit)
   units_per_epoch = [sum(epoch_plan(config, e)) for e in range(config.epochs)]
   bar = tqdm(total=sum(units_per_epoch), initial=sum(units_per_epoch[:epoch]) + unit, unit="unit",
-             dynamic_ncols=True, desc="CAE-DFKD", disable=jax.process_index() != 0)
+             dynamic_ncols=True, desc="CAE-DFKD" if runs is None else f"CAE-DFKD x{len(runs)} runs",
+             disable=jax.process_index() != 0)
   if not multihost.is_primary():
     bar.write = lambda *args, **kwargs: None  # tqdm.write ignores `disable`: one process speaks.
   if resumed:
@@ -322,8 +386,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "train_seconds": train_seconds(), "wall_seconds": run_seconds(), **identity,
       "config_changes": config_history, "partial_epoch": partial}
   budget_s = config.time_budget_minutes * 60
-  finite_fn = jax.jit(finite_parts)
-  grid_fn = jax.jit(functools.partial(_last_round_with_teacher_guesses, setup))
+  finite_fn = jax.jit(per_run(finite_parts, (0,)))
+  renew_fn = jax.jit(per_run(functools.partial(renewed_generator, setup), (0,)), donate_argnums=(0,))
+  grid_fn = jax.jit(per_run(functools.partial(_last_round_with_teacher_guesses, setup), (0, None)))
   last_save = time.time()
   stopped_early = bool(budget_s) and wall_before >= budget_s and epoch < config.epochs
   if stopped_early:
@@ -331,29 +396,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
               f"({wall_before / 60:.1f} minutes so far); raise --config.time_budget_minutes "
               "to continue this run.")
   units_run = 0
-  result: dict[str, Any] = {}
+  summaries: list[dict[str, Any]] = []
 
   # The epoch's per-unit numbers so far; a run resumed mid-epoch gets them from its checkpoint,
-  # so that the epoch's row is the one the uninterrupted run logs.
+  # so that the epoch's row is the one the uninterrupted run logs. With a run axis every
+  # number is a list over the runs.
   partial = saved.get("partial_epoch") or {}
   epoch_metrics: dict[str, list] = (partial["metrics"] if unit and partial.get("epoch") == epoch
                                     else {"low_conf": []})
   while epoch < config.epochs and not stopped_early:
     rounds, kd_calls = epoch_plan(config, epoch)
     if unit == 0 and epoch % config.generator.life_epochs == 0 and epoch > 0:
-      rng_g = jax.random.fold_in(jax.random.fold_in(state.rng, epoch), 2**31 - 1)
-      state = state.replace(
-          generator_params=multihost.put(new_generator_params(setup, rng_g), replicated))
+      state = renew_fn(state)
     if unit == 0:
       epoch_metrics = {"low_conf": []}
     in_flight = None  # (metrics, finite parts, unit, what) of the last dispatched unit.
 
     def record(metrics, finite, unit_done: int, what: str) -> None:
       metrics, finite = multihost.to_host((metrics, finite))  # Waits for that unit only.
-      _check_finite(metrics, epoch, unit_done, what)
-      _check_finite_parts(finite, epoch, unit_done, what)
+      _check_finite(metrics, epoch, unit_done, what, runs)
+      _check_finite_parts(finite, epoch, unit_done, what, runs)
       for k, v in metrics.items():
-        epoch_metrics.setdefault(k, []).append(float(np.mean(v)))
+        epoch_metrics.setdefault(k, []).append(np.mean(v, axis=-1).tolist())  # per run
       bar.update(1)
       bar.set_postfix({k.split("/")[1]: f"{np.mean(v):.3g}" for k, v in metrics.items()
                        if k in ("gen/loss", "kd/kl", "kd/cncl")}, refresh=False)
@@ -392,34 +456,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     if stopped_early:
       break
 
-    # End of epoch: logs, images, evaluation, checkpoint.
-    summary = {k: float(np.mean(v)) for k, v in epoch_metrics.items() if k != "low_conf"}
-    if epoch_metrics["low_conf"]:
-      low_conf = np.mean(np.stack([np.asarray(x, np.float32)
-                                   for x in multihost.to_host(epoch_metrics["low_conf"])]), 0)
-      summary["gen/low_confidence_share"] = float(low_conf.mean())
-      for k, share in enumerate(low_conf):
-        summary[f"low_confidence/class_{k}"] = float(share)
-    summary["student/lr"] = float(
-        optax.cosine_decay_schedule(config.student.lr, max(total_kd_steps(config), 1),
-                                    alpha=config.student.eta_min / config.student.lr)(int(state.kd_step)))
-    summary["bank/size"] = int(state.bank.size)
-    summary["time/minutes"] = run_seconds() / 60
-    summary["time/train_minutes"] = train_seconds() / 60
+    # End of epoch: logs, images, evaluation, checkpoint; one row per run.
+    shared = {"student/lr": float(optax.cosine_decay_schedule(
+                  config.student.lr, max(total_kd_steps(config), 1),
+                  alpha=config.student.eta_min / config.student.lr)(_position(state.kd_step))),
+              "bank/size": _position(state.bank.size),
+              "time/minutes": run_seconds() / 60, "time/train_minutes": train_seconds() / 60}
+    summaries = [{**_epoch_summary(epoch_metrics, None if runs is None else r), **shared}
+                 for r in range(len(run_dirs))]
     if eval_data is not None and epoch >= config.warmup_epochs and (
         (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.epochs):
       eval_start = time.time()
-      summary.update(_evaluate_student(setup, state, eval_data, config))
+      students = multihost.to_host(state.student)
+      for r, summary in enumerate(summaries):
+        student = students if runs is None else runs_lib.unstack(students, r)
+        summary["eval/top1"] = _top1(setup.student, student, eval_data, setup, config)
       eval_seconds += time.time() - eval_start
-    writer.write(epoch + 1, summary)
+    for writer, summary in zip(writers, summaries):
+      writer.write(epoch + 1, summary)
     if rounds:  # The last round's batch, read back from the bank (so also after a resume).
-      images, labels, predicted, confidence = multihost.to_host(grid_fn(state.bank, teacher_vars))
-      save_image_grid(os.path.join(workdir, "samples", f"epoch_{epoch + 1:04d}.png"),
-                      images, labels, setup.num_classes, config.grid_images_per_class,
-                      enabled=jax.process_index() == 0, class_names=teacher.spec.class_names,
-                      predicted_B=predicted, confidence_B=confidence)
-    bar.write(_format_summary(epoch + 1, config.epochs, summary))
-    result = summary
+      grids = multihost.to_host(grid_fn(state.bank, teacher_vars))
+      for r, run_dir in enumerate(run_dirs):
+        images, labels, predicted, confidence = grids if runs is None else runs_lib.unstack(grids, r)
+        save_image_grid(os.path.join(run_dir, "samples", f"epoch_{epoch + 1:04d}.png"),
+                        images, labels, setup.num_classes, config.grid_images_per_class,
+                        enabled=jax.process_index() == 0, class_names=teacher.spec.class_names,
+                        predicted_B=predicted, confidence_B=confidence)
+    bar.write(_format_summary(epoch + 1, config.epochs, summaries[0]) if runs is None else
+              runs_lib.format_epoch(epoch + 1, config.epochs, runs, summaries))
     state = state.replace(epoch=state.epoch + 1, unit=jnp.zeros_like(state.unit))  # keeps its sharding
     epoch, unit = epoch + 1, 0
     _save(mngr, state, config, progress())
@@ -428,16 +492,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   bar.close()
   _save(mngr, state, config, progress(partial_epoch(epoch, epoch_metrics) if unit else None))
   mngr.close()
+  students = multihost.to_host(state.student)  # On every process: may be a collective.
+  for writer in writers:
+    writer.close()
+  done = {"epoch": _position(state.epoch), "stopped_early": stopped_early,
+          "minutes": run_seconds() / 60, "train_minutes": train_seconds() / 60}
   student_dir = os.path.join(workdir, STUDENT_DIR)
-  student = multihost.to_host(state.student)  # On every process: may be a collective.
-  if multihost.is_primary():
-    bundle_lib.save_bundle(student_dir, _student_spec(config, teacher, progress()), student)
-  writer.close()
-  result.update({"epoch": int(state.epoch), "stopped_early": stopped_early, "student": student_dir,
-                 "minutes": run_seconds() / 60, "train_minutes": train_seconds() / 60})
+  if runs is None:
+    if multihost.is_primary():
+      bundle_lib.save_bundle(student_dir, _student_spec(config, teacher, progress()), students)
+    result = {**(summaries[0] if summaries else {}), **done, "student": student_dir}
+  else:
+    result = {**done, "student": student_dir,
+              **_finish_runs(config, workdir, runs, teacher, students, progress(), setup, eval_data,
+                             bar.write)}
   if multihost.is_primary():
     atomic_files.write_text(os.path.join(workdir, "result.json"), json.dumps(result, indent=2))
   return result
+
+
+def _finish_runs(config, workdir: str, runs: list[runs_lib.Run], teacher: bundle_lib.Bundle,
+                 students, progress: dict[str, Any], setup: steps.Setup, eval_data,
+                 write) -> dict[str, Any]:
+  """Each run's student bundle, and the summary over seeds per sweep point (summary.json)."""
+  levels = []
+  if eval_data is not None and config.accuracy_levels:
+    teacher_top1 = _top1(setup.teacher, teacher.variables, eval_data, setup, config)
+    levels = [round(f * teacher_top1, 2) for f in config.accuracy_levels]
+  rows = [runs_lib.read_rows(os.path.join(workdir, "runs", run.name)) for run in runs]
+  points = runs_lib.summarize(runs, rows, levels)
+  summary = {"runs": len(runs), "num_runs": config.num_runs, "sweep": config.sweep,
+             "accuracy_levels": {"fractions_of_teacher": list(config.accuracy_levels),
+                                 "top1": levels},
+             "points": points}
+  if multihost.is_primary():
+    for r, run in enumerate(runs):
+      spec = _student_spec(runs_lib.run_config(config, run), teacher, progress)
+      spec.extra["run"] = {"name": run.name, "index": run.index, "seed": run.seed,
+                           "sweep_point": dict(run.values), "of_runs": len(runs)}
+      bundle_lib.save_bundle(os.path.join(workdir, STUDENT_DIR, run.name), spec,
+                             runs_lib.unstack(students, r))
+    atomic_files.write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+    if any(p["final_top1"]["n"] for p in points):
+      write(runs_lib.format_summary(points))
+    else:
+      write("No accuracy to summarise over the runs: set --config.eval_data to a labelled test "
+            "split (each run's student is in student/run_XX).")
+  return {"summary": summary}
 
 
 def _last_round_with_teacher_guesses(setup: steps.Setup, bank: memory_bank.MemoryBank, teacher_vars):

@@ -1,0 +1,254 @@
+"""Many runs in one program (runs.py): each run is the lone run of its config and seed."""
+
+import dataclasses
+import functools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from caedfkd_jax import bundle as bundle_lib, demo, embeddings, runs, steps, train
+from tiny_run import NUM_CLASSES, tiny_config
+
+
+def _eval_folder(path) -> str:
+  rng = np.random.default_rng(0)
+  return demo.write_image_folder(str(path), rng.uniform(size=(2 * NUM_CLASSES, 32, 32, 3)),
+                                 np.arange(2 * NUM_CLASSES) % NUM_CLASSES,
+                                 [f"c{k}" for k in range(NUM_CLASSES)])
+
+
+# --------------------------------------------------------------------------- #
+# Planning a job
+# --------------------------------------------------------------------------- #
+
+
+def test_plan_puts_seeds_inside_sweep_points(teacher_dir, table_path):
+  config = tiny_config(teacher_dir, table_path)
+  config.seed, config.num_runs = 5, 2
+  config.sweep = "student.cncl_weight=0,0.5; loss.bn=1,10"
+  plan = runs.plan_runs(config)
+  assert [(r.index, r.seed, r.point) for r in plan] == [
+      (0, 5, 0), (1, 6, 0), (2, 5, 1), (3, 6, 1), (4, 5, 2), (5, 6, 2), (6, 5, 3), (7, 6, 3)]
+  assert plan[3].values == (("student.cncl_weight", 0.0), ("loss.bn", 10.0))
+  assert plan[3].name == "run_03" and plan[3].label == "student.cncl_weight=0, loss.bn=10"
+  lone = runs.run_config(config, plan[3])
+  assert (lone.seed, lone.num_runs, lone.sweep) == (6, 1, "")
+  assert lone.student.cncl_weight == 0.0 and lone.loss.bn == 10.0
+  assert config.student.cncl_weight == 0.5      # the job's config is left alone
+
+
+@pytest.mark.parametrize("sweep, message", [
+    ("student.lr=0.1,0.2", "cannot be swept in one program"),
+    ("student.cncl_weight", "is not FIELD=V1,V2"),
+    ("student.cncl_weight=0,x", "must be numbers"),
+    ("loss.bn=1;loss.bn=2", "listed twice"),
+])
+def test_bad_sweeps_are_refused_with_the_fix(teacher_dir, table_path, sweep, message):
+  config = tiny_config(teacher_dir, table_path)
+  config.sweep = sweep
+  with pytest.raises(ValueError, match=message):
+    runs.plan_runs(config)
+
+
+def test_a_bad_swept_value_is_refused_before_any_work(teacher_dir, table_path, tmp_path):
+  config = tiny_config(teacher_dir, table_path)
+  config.sweep = "loss.bn=10,-1"
+  with pytest.raises(ValueError, match=r"config.loss.bn=-1.0 must be >= 0"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert not os.path.exists(tmp_path / train.CHECKPOINT_DIR)
+
+
+# --------------------------------------------------------------------------- #
+# Run by run, the same numbers as the lone runs
+# --------------------------------------------------------------------------- #
+
+
+def _setup(config, teacher, table):
+  # Plain SGD for the generator: compared paths must agree on equal inputs, and Adam's first,
+  # sign-like step would turn float rounding into 2 * lr (see train_test._same_start).
+  return dataclasses.replace(train.create_setup(config, teacher, table),
+                             generator_tx=optax.sgd(0.05))
+
+
+def _round_and_kd(fns, state, teacher_vars):
+  fresh = lambda: jax.tree.map(jnp.copy, state)   # the steps donate it
+  after_round, gen_metrics, low_conf, images = fns["round"](fresh(), teacher_vars)
+  after_kd, kd_metrics = fns["kd"](fresh(), teacher_vars)
+  return jax.device_get({
+      "gen_metrics": gen_metrics, "low_conf": low_conf, "images": images,
+      "generator_params": after_round.generator_params, "bn_ema": after_round.bn_ema,
+      "bank": after_round.bank.images, "kd_metrics": kd_metrics, "student": after_kd.student,
+      "unit": after_kd.unit})
+
+
+def _job(teacher_dir, table_path):
+  config = tiny_config(teacher_dir, table_path)
+  config.sweep = "student.cncl_weight=0,0.5"   # 2 runs; seeds differ in the end-to-end tests
+  return config, bundle_lib.load_bundle(teacher_dir), embeddings.load_table(table_path)
+
+
+@pytest.fixture(scope="module")
+def lone_runs(teacher_dir, table_path):
+  """Per run: its lone state after a warm-up round, and what one round and one KD call from there
+  compute (per-step calls; train_test checks that the fused scans compute the same)."""
+  config, teacher, table = _job(teacher_dir, table_path)
+  mesh = steps.make_mesh(jax.devices("cpu")[:1])
+  starts, outputs = [], []
+  for run in runs.plan_runs(config):
+    lone_setup = _setup(runs.run_config(config, run), teacher, table)
+    lone_fns = steps.make_step_fns(lone_setup, mesh, fuse=False)
+    state = train.create_state(lone_setup, teacher.variables, 32)
+    state, _, _, _ = lone_fns["warmup_round"](state, teacher.variables)
+    starts.append(state.replace(hparams=runs.hparams(run)))
+    outputs.append(_round_and_kd(lone_fns, state, teacher.variables))
+  return starts, outputs
+
+
+def _key_data(x):
+  return jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+
+
+def test_the_stacked_first_state_is_the_lone_first_states(teacher_dir, table_path):
+  config, teacher, table = _job(teacher_dir, table_path)
+  config.num_runs = 2
+  plan = runs.plan_runs(config)
+  first = train.create_run_states(_setup(config, teacher, table), teacher.variables, 32, plan)
+  for r, run in enumerate(plan):
+    lone = train.create_state(_setup(runs.run_config(config, run), teacher, table),
+                              teacher.variables, 32)
+    assert runs.unstack(first, r).hparams == {"student.cncl_weight": run.values[0][1]}
+    for x, y in zip(jax.tree.leaves(runs.unstack(first, r).replace(hparams={})),
+                    jax.tree.leaves(lone)):
+      np.testing.assert_array_equal(_key_data(x), _key_data(y))
+  # Seeds differ: so do the first students.
+  s0, s1 = (jax.tree.leaves(runs.unstack(first, r).student["params"]) for r in (0, 1))
+  assert not all(np.array_equal(a, b) for a, b in zip(s0, s1))
+
+
+@pytest.mark.parametrize("vectorize, fuse, devices", [(False, False, 1), (True, True, 1), (True, True, 8)],
+                         ids=["unrolled-per-step (CPU default)", "vmap-fused (accelerator default)",
+                              "vmap-fused, batches over 8 devices"])
+def test_each_run_computes_what_its_lone_run_computes(teacher_dir, table_path, lone_runs,
+                                                      vectorize, fuse, devices):
+  config, teacher, table = _job(teacher_dir, table_path)
+  plan = runs.plan_runs(config)
+  starts, lone_outputs = lone_runs
+  mesh = steps.make_mesh(jax.devices("cpu")[:devices])   # conftest simulates 8 CPU devices
+  fns = steps.make_step_fns(_setup(config, teacher, table), mesh, fuse=fuse,
+                            over_runs=functools.partial(runs.over_runs, num_runs=len(plan),
+                                                        vectorize=vectorize))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  together = _round_and_kd(fns, jax.device_put(runs.stack(starts), replicated),
+                           jax.device_put(teacher.variables, replicated))
+  assert together["kd_metrics"]["kd/loss"].shape == (len(plan), config.student.steps_per_call)
+  for r, lone in enumerate(lone_outputs):
+    got = runs.unstack(together, r)
+    assert int(got["unit"]) == int(lone["unit"])
+    for group in ("gen_metrics", "kd_metrics"):
+      for name in lone[group]:
+        np.testing.assert_allclose(got[group][name], lone[group][name], rtol=1e-4, atol=1e-5,
+                                   err_msg=f"run {r}: {group}/{name}")
+    np.testing.assert_allclose(got["low_conf"], lone["low_conf"], atol=1e-6)
+    np.testing.assert_allclose(got["images"], lone["images"], atol=1e-4)
+    np.testing.assert_allclose(got["bank"].astype(int), lone["bank"].astype(int), atol=1)
+    for name in ("generator_params", "bn_ema", "student"):
+      for x, y in zip(jax.tree.leaves(got[name]), jax.tree.leaves(lone[name])):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=f"run {r}: {name}")
+  # The swept value is used: CNCL off and on give different KD losses from the same state.
+  assert not np.allclose(together["kd_metrics"]["kd/loss"][0], lone_outputs[1]["kd_metrics"]["kd/loss"])
+
+
+# --------------------------------------------------------------------------- #
+# A whole job: bundles, metrics, summary, resume
+# --------------------------------------------------------------------------- #
+
+
+def _students(workdir, names):
+  return {n: bundle_lib.load_bundle(os.path.join(workdir, train.STUDENT_DIR, n)) for n in names}
+
+
+@pytest.mark.slow
+def test_two_seeds_write_their_runs_and_a_killed_job_resumes(teacher_dir, table_path, tmp_path):
+  config = tiny_config(teacher_dir, table_path)
+  config.num_runs = 2
+  config.eval_data = _eval_folder(tmp_path / "eval")
+  config.accuracy_levels = (0.0001, 1.0)
+  config.epochs = 2                               # warm-up (2 rounds), then 1 round, 2 KD calls
+  whole = str(tmp_path / "whole")
+  result = train.train_and_evaluate(config, whole)
+
+  names = ["run_00", "run_01"]
+  students = _students(whole, names)
+  for seed, name in enumerate(names):
+    extra = students[name].spec.extra
+    assert extra["run"]["seed"] == seed and extra["config"]["seed"] == seed
+    assert extra["config"]["num_runs"] == 1      # the bundle records its lone run's config
+    assert os.listdir(os.path.join(whole, "runs", name, "samples"))
+  rows = [runs.read_rows(os.path.join(whole, "runs", n)) for n in names]
+  assert [r["epoch"] for r in rows[0]] == [1, 2] and "eval/top1" in rows[0][1]
+  assert rows[0][-1]["kd/loss"] != rows[1][-1]["kd/loss"]
+
+  summary = json.load(open(os.path.join(whole, "summary.json")))
+  assert summary == json.loads(json.dumps(result["summary"]))
+  finals = np.array([r[-1]["eval/top1"] for r in rows])
+  stats = summary["points"][0]["final_top1"]
+  assert stats["n"] == 2
+  np.testing.assert_allclose(stats["mean"], finals.mean())
+  np.testing.assert_allclose(stats["std"], finals.std(ddof=1))
+  half = 12.706204736174707 * finals.std(ddof=1) / np.sqrt(2)   # t(0.975, 1 dof)
+  np.testing.assert_allclose([stats["ci95_low"], stats["ci95_high"]],
+                             [finals.mean() - half, finals.mean() + half])
+  low, high = summary["points"][0]["time_to_top1"]
+  assert low["reached"] == 2 and low["epochs"]["mean"] == 2.0   # the first evaluated epoch
+  assert high["top1"] == summary["accuracy_levels"]["top1"][1]
+
+  # Stopped after 3 units (mid-epoch 2), then run again: the same students, bit for bit.
+  config.max_units = 3
+  config.checkpoint_every_minutes = 0.0
+  cut = str(tmp_path / "cut")
+  assert train.train_and_evaluate(config, cut)["stopped_early"]
+  config.max_units = 0
+  train.train_and_evaluate(config, cut)
+  resumed = _students(cut, names)
+  for name in names:
+    for x, y in zip(jax.tree.leaves(students[name].variables), jax.tree.leaves(resumed[name].variables)):
+      np.testing.assert_array_equal(x, y)
+  assert [runs.read_rows(os.path.join(cut, "runs", n)) for n in names][1][-1]["kd/loss"] == rows[1][-1]["kd/loss"]
+
+
+def test_interval_and_time_to_level_against_numpy():
+  x = [71.2, 69.8, 73.1, 70.4]
+  s = runs.interval95(x + [None])
+  half = 3.182446305284263 * np.std(x, ddof=1) / 2    # t(0.975, 3 dof)
+  assert s["n"] == 4
+  np.testing.assert_allclose([s["mean"], s["std"], s["ci95_low"], s["ci95_high"]],
+                             [np.mean(x), np.std(x, ddof=1), np.mean(x) - half, np.mean(x) + half])
+  assert runs.interval95([5.0]) == {"n": 1, "mean": 5.0, "std": None, "ci95_low": None,
+                                    "ci95_high": None}
+  rows = [{"epoch": 1, "time/minutes": 0.5}, {"epoch": 2, "time/minutes": 1.0, "eval/top1": 40.0},
+          {"epoch": 3, "time/minutes": 1.5, "eval/top1": 60.0}]
+  assert runs.first_reaching(rows, 50.0) == {"epoch": 3, "minutes": 1.5}
+  assert runs.first_reaching(rows, 61.0) is None
+  plan = [runs.Run(0, 0, 0, ()), runs.Run(1, 1, 0, ())]
+  points = runs.summarize(plan, [rows, rows[:2]], [50.0])
+  assert points[0]["final_top1"]["mean"] == 50.0
+  assert points[0]["time_to_top1"][0]["reached"] == 1
+  assert "| (no sweep) | 2 | 50.00 ± 14.14" in runs.format_summary(points)
+
+
+def test_a_diverging_run_is_named():
+  plan = [runs.Run(0, 0, 0, (("loss.bn", 10.0),)), runs.Run(1, 0, 1, (("loss.bn", 1e38),))]
+  losses = {"gen/loss": np.array([[1.0, 2.0], [3.0, np.inf]])}     # runs x steps
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"gen/loss became inf in run_01 \(seed 0; loss.bn=1e\+38\) at epoch 4, "
+                           r"generator round 0 \(unit 0\), step 1"):
+    train._check_finite(losses, 4, 0, "generator round 0", plan)
+  parts = {"generator params": np.array([True, True]), "student params": np.array([True, False])}
+  with pytest.raises(train.NonFiniteLossError, match=r"The student params became non-finite in run_01"):
+    train._check_finite_parts(parts, 4, 3, "KD call 1", plan)
+  train._check_finite_parts({"student params": np.bool_(True)}, 4, 3, "KD call 1")  # one run: fine
