@@ -375,6 +375,14 @@ CASES: list[Case] = [
     Case("evaluate: corrupt CIFAR python batches",
          ("evaluate", "--model", "{teacher}", "--data", "{corrupt_cifar}"),
          "{corrupt_cifar}/batches.meta is not a readable"),
+    # probe
+    Case("probe: data path missing", ("probe", "--model", "{teacher}", "--data", "{missing}"),
+         "{missing} does not exist"),
+    Case("probe: unknown --protocol", ("probe", "--model", "{teacher}", "--data", "{images}",
+                                       "--protocol", "linear,svm"), "'svm' is not a protocol"),
+    Case("probe: more --shots than a class has",
+         ("probe", "--model", "{teacher}", "--data", "{images}", "--train-split", "test",
+          "--shots", "3"), "class '0_c0' has 2 (and 3 more"),
     # embed
     Case("embed: classes file missing", ("embed", "--classes", "{missing}.txt", "--out",
                                          "{new_dir}/t.npy"), "{missing}.txt does not exist"),
@@ -620,7 +628,7 @@ def legend(outcomes: list[Outcome]) -> str:
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--only", default="", help="run only the cases whose command starts so "
-                      "(convert, export, evaluate, embed, distill, demo)")
+                      "(convert, export, evaluate, probe, embed, distill, demo)")
   parser.add_argument("--jobs", type=int, default=2, help="cases run at once")
   parser.add_argument("--timeout_s", type=float, default=120, help="per case")
   parser.add_argument("--keep", action="store_true", help="keep the temp dir of files")

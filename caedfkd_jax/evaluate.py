@@ -2,6 +2,8 @@
 
 import argparse
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,21 +20,28 @@ def _logits(model, variables, images_uint8, mean, std):
   return model.apply(variables, x, train=False)[0]
 
 
-def predict(model, variables, images_uint8: np.ndarray, mean, std, batch_size: int = 500,
-            progress: bool = True) -> np.ndarray:
-  """Logits for uint8 N x H x W x C images, in eval mode; one compiled batch shape."""
+def map_batches(fn: Callable[[np.ndarray], Any], images_uint8: np.ndarray, batch_size: int = 500,
+                desc: str = "evaluate", progress: bool = True) -> np.ndarray:
+  """`fn` over fixed-size batches, the last one zero-padded: one compiled shape for any N."""
   n = len(images_uint8)
   batch_size = min(batch_size, n)
-  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
-  variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
   out = []
-  for start in tqdm(range(0, n, batch_size), desc="evaluate", unit="batch", disable=not progress):
+  for start in tqdm(range(0, n, batch_size), desc=desc, unit="batch", disable=not progress):
     batch = images_uint8[start:start + batch_size]
     pad = batch_size - len(batch)
     if pad:
       batch = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)])
-    out.append(np.asarray(_logits(model, variables, batch, mean, std))[:batch_size - pad])
+    out.append(np.asarray(fn(batch))[:batch_size - pad])
   return np.concatenate(out)
+
+
+def predict(model, variables, images_uint8: np.ndarray, mean, std, batch_size: int = 500,
+            progress: bool = True) -> np.ndarray:
+  """Logits for uint8 N x H x W x C images, in eval mode; one compiled batch shape."""
+  mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+  variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
+  return map_batches(lambda batch: _logits(model, variables, batch, mean, std), images_uint8,
+                     batch_size, "evaluate", progress)
 
 
 def check_fits(spec: bundle_lib.ModelSpec, dataset: data_lib.Dataset, what: str = "The model"
@@ -44,6 +53,13 @@ def check_fits(spec: bundle_lib.ModelSpec, dataset: data_lib.Dataset, what: str 
     raise ValueError(f"{what} has {spec.num_classes} classes but the data has "
                      f"{dataset.num_classes} ({names}){where}; give the test set of "
                      "the dataset the model was trained on.")
+  check_image_size(spec, dataset, what)
+
+
+def check_image_size(spec: bundle_lib.ModelSpec, dataset: data_lib.Dataset,
+                     what: str = "The model") -> None:
+  """Refuses images of another size than the model's input: one line."""
+  where = f" in {dataset.source}" if dataset.source else ""
   if dataset.image_shape != (spec.image_size, spec.image_size):
     raise ValueError(f"{what} expects {spec.image_size}x{spec.image_size} images; the data's "
                      f"are {dataset.images.shape[1]}x{dataset.images.shape[2]}{where}: "

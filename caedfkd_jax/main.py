@@ -13,6 +13,7 @@ COMMANDS = {
     "convert": ("caedfkd_jax.convert", "PyTorch checkpoint -> model bundle"),
     "export": ("caedfkd_jax.export", "model bundle -> PyTorch/safetensors state dict"),
     "evaluate": ("caedfkd_jax.evaluate", "top-1 and per-class accuracy of a bundle"),
+    "probe": ("caedfkd_jax.probe", "linear, kNN and fine-tuning probes of a bundle's features"),
     "embed": ("caedfkd_jax.embeddings", "class-name embeddings from a local text encoder"),
     "distill": ("caedfkd_jax.launch", "CAE-DFKD: teacher bundle -> student bundle, no real data"),
     "demo": ("caedfkd_jax.demo", "offline end-to-end demo on scikit-learn's digits"),

@@ -9,7 +9,7 @@ exactly the lone run of `run_config(config, run)`.
 
 On accelerators the step functions are `jax.vmap`-ed over the run axis. XLA:CPU
 turns a vmapped convolution with per-run weights into a grouped convolution that
-ran 3.4x slower per run than separate ones (measured, docs/results.md), so on
+ran 3.3-3.5x slower per run than separate ones (measured, docs/results.md), so on
 CPUs the runs are traced one after another inside the same compiled program
 instead (`over_runs`). Either way: one compile per phase, one stacked state.
 """
