@@ -4,6 +4,9 @@ The teacher bundle and embedding table it needs are the `teacher_dir` and
 `table_path` fixtures in conftest.py.
 """
 
+import jax
+import numpy as np
+
 from caedfkd_jax import default_config
 
 NUM_CLASSES = 4
@@ -29,3 +32,24 @@ def tiny_config(teacher_dir, table_path):
   config.grid_images_per_class = 2
   config.eval_every_epochs = 1
   return config
+
+
+def assert_same_round_and_kd(a, b, context: str = ""):
+  """Two paths' outputs of one generator round and one KD call from the same state agree.
+
+  `a`, `b`: host dicts with gen_metrics, kd_metrics, low_conf, images, bank, generator_params,
+  bn_ema, student and the state's unit after each call (keys starting with "unit").
+  """
+  for key in (k for k in a if k.startswith("unit")):
+    assert int(a[key]) == int(b[key]), f"{context}{key}"
+  for group in ("gen_metrics", "kd_metrics"):
+    for name in a[group]:
+      np.testing.assert_allclose(a[group][name], b[group][name], rtol=1e-4, atol=1e-5,
+                                 err_msg=f"{context}{group}/{name}")
+  np.testing.assert_allclose(a["low_conf"], b["low_conf"], atol=1e-6)
+  np.testing.assert_allclose(a["images"], b["images"], atol=1e-4)
+  # The bank stores uint8: a value on a rounding boundary may land one level apart.
+  np.testing.assert_allclose(a["bank"].astype(int), b["bank"].astype(int), atol=1)
+  for name in ("generator_params", "bn_ema", "student"):
+    for x, y in zip(jax.tree.leaves(a[name]), jax.tree.leaves(b[name])):
+      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=f"{context}{name}")

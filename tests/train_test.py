@@ -11,7 +11,7 @@ import pytest
 
 from caedfkd_jax import bundle as bundle_lib
 from caedfkd_jax import default_config, embeddings, steps, train
-from tiny_run import NUM_CLASSES, tiny_config
+from tiny_run import NUM_CLASSES, assert_same_round_and_kd, tiny_config
 
 def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
@@ -92,29 +92,13 @@ def _round_and_kd(setup, teacher_vars, state, devices, fuse):
       "kd_metrics": kd_metrics, "student": after_kd.student, "unit_after_kd": after_kd.unit})
 
 
-def _assert_same_outputs(a, b):
-  assert int(a["unit_after_round"]) == int(b["unit_after_round"])
-  assert int(a["unit_after_kd"]) == int(b["unit_after_kd"])
-  for group in ("gen_metrics", "kd_metrics"):
-    for name in a[group]:
-      np.testing.assert_allclose(a[group][name], b[group][name], rtol=1e-4, atol=1e-5,
-                                 err_msg=f"{group}/{name}")
-  np.testing.assert_allclose(a["low_conf"], b["low_conf"], atol=1e-6)
-  np.testing.assert_allclose(a["images"], b["images"], atol=1e-4)
-  # The bank stores uint8: a value on a rounding boundary may land one level apart.
-  np.testing.assert_allclose(a["bank"].astype(int), b["bank"].astype(int), atol=1)
-  for name in ("generator_params", "bn_ema", "student"):
-    for x, y in zip(jax.tree.leaves(a[name]), jax.tree.leaves(b[name])):
-      np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=name)
-
-
 def test_eight_devices_match_one(teacher_dir, table_path):
   cpus = jax.devices("cpu")   # CPU devices exist on any backend; conftest simulates 8.
   assert len(cpus) == 8, "conftest sets 8 simulated CPU devices"
   setup, teacher_vars, state = _same_start(teacher_dir, table_path)
   one = _round_and_kd(setup, teacher_vars, state, cpus[:1], fuse=False)
   eight = _round_and_kd(setup, teacher_vars, state, cpus, fuse=False)
-  _assert_same_outputs(one, eight)
+  assert_same_round_and_kd(one, eight)
 
 
 def test_nan_stops_naming_the_term_and_keeps_the_last_checkpoint(teacher_dir, table_path, tmp_path):
@@ -186,7 +170,7 @@ def test_fused_scans_compute_what_per_step_calls_compute(teacher_dir, table_path
   cpu = jax.devices("cpu")[:1]
   per_step = _round_and_kd(setup, teacher_vars, state, cpu, fuse=False)
   fused = _round_and_kd(setup, teacher_vars, state, cpu, fuse=True)
-  _assert_same_outputs(per_step, fused)
+  assert_same_round_and_kd(per_step, fused)
 
 
 def test_the_path_comparison_catches_a_real_difference(teacher_dir, table_path):
@@ -197,7 +181,7 @@ def test_the_path_comparison_catches_a_real_difference(teacher_dir, table_path):
   shifted = _round_and_kd(setup, teacher_vars, state.replace(rng=jax.random.fold_in(state.rng, 1)),
                           cpu, fuse=False)
   with pytest.raises(AssertionError):
-    _assert_same_outputs(reference, shifted)
+    assert_same_round_and_kd(reference, shifted)
 
 
 def test_resnet56_config_has_a_cpu_and_a_full_schedule():
