@@ -66,15 +66,21 @@ def peak_memory() -> dict[str, Any]:
           "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def measure(config, teacher: bundle_lib.Bundle, table, repeats: int = 3,
-            fuse: bool | None = None) -> dict[str, Any]:
-  """Compile time, per-phase throughput and one DFKD epoch of caedfkd-jax under `config`."""
+def prepare(config, teacher: bundle_lib.Bundle, table):
+  """(setup, mesh over every device, replicated sharding, teacher variables on the mesh)."""
   setup = train.create_setup(config, teacher, table)
   mesh = steps.make_mesh()
   config_checks.validate_config(config, mesh.size, setup.group_size)
   replicated = NamedSharding(mesh, P())
   teacher_vars = jax.device_put({"params": teacher.variables["params"],
                                  "batch_stats": teacher.variables["batch_stats"]}, replicated)
+  return setup, mesh, replicated, teacher_vars
+
+
+def measure(config, teacher: bundle_lib.Bundle, table, repeats: int = 3,
+            fuse: bool | None = None) -> dict[str, Any]:
+  """Compile time, per-phase throughput and one DFKD epoch of caedfkd-jax under `config`."""
+  setup, mesh, replicated, teacher_vars = prepare(config, teacher, table)
   state = train.create_state(setup, teacher_vars, teacher.spec.image_size)
   state = jax.device_put(_fill_bank(state, setup, config.seed), replicated)
   flops = step_flops(setup, mesh, state, teacher_vars)

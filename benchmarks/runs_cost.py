@@ -21,10 +21,9 @@ from typing import Any
 
 import jax
 from absl import app, flags
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks import dfkd_benchmark, jax_side
-from caedfkd_jax import config_checks, runs as runs_lib, steps, train
+from caedfkd_jax import runs as runs_lib, steps, train
 
 _RUNS = flags.DEFINE_list("runs", ["1", "2", "4"], "Run counts R to measure.")
 _VECTORIZE = flags.DEFINE_enum("vectorize", "auto", ["auto", "true", "false", "both"],
@@ -42,12 +41,7 @@ def measure(config, teacher, table, num_runs: int, vectorize: bool, repeats: int
   """Seconds per generator round and per KD call of `num_runs` runs in one program."""
   config = config.copy_and_resolve_references()
   config.num_runs = num_runs
-  setup = train.create_setup(config, teacher, table)
-  mesh = steps.make_mesh()
-  config_checks.validate_config(config, mesh.size, setup.group_size)
-  replicated = NamedSharding(mesh, P())
-  teacher_vars = jax.device_put({"params": teacher.variables["params"],
-                                 "batch_stats": teacher.variables["batch_stats"]}, replicated)
+  setup, mesh, replicated, teacher_vars = jax_side.prepare(config, teacher, table)
   plan = runs_lib.plan_runs(config)
   states = [jax_side._fill_bank(  # pylint: disable=protected-access
       train.create_state(setup, teacher_vars, teacher.spec.image_size, run.seed), setup, run.seed)
