@@ -2,6 +2,7 @@
 
 import json
 import os
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -77,35 +78,70 @@ def image_grid(images01_BxHxWxC: np.ndarray, labels_B: np.ndarray, num_classes: 
   return (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
 
 
-RIGHT, WRONG = (0, 160, 0), (220, 0, 0)   # frame colours: the teacher agrees with the row or not
-SCALE, FRAME, CAPTION, NAME_WIDTH = 3, 2, 12, 84   # pixels
+RIGHT, WRONG = (0, 160, 0), (220, 0, 0)   # the teacher agrees with the row's class or not
+TILE, FRAME, CAPTION, NAME_WIDTH = 96, 2, 12, 84   # pixels
+
+
+def tile_shape(h: int, w: int) -> tuple[int, int]:
+  """Small images grow by a whole factor (crisp pixels) and large ones shrink, to about TILE
+  px: the grid is written every epoch, so 224-px images must not make it tens of megapixels."""
+  side = max(h, w)
+  scale = TILE // side if side <= TILE else TILE / side
+  return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def _cut(text: str, suffix: str, fits: Callable[[str], bool]) -> str:
+  """`text` + `suffix`, the text shortened (to 3 characters at least) until `fits` says so."""
+  n = len(text)
+  while n > 3 and not fits(text[:n] + suffix):
+    n -= 1
+  return text[:n] + suffix
+
+
+def grid_captions(labels_B: np.ndarray, predicted_B: np.ndarray, confidence_B: np.ndarray | None,
+                  class_names: list[str], fits: Callable[[str], bool] = lambda s: len(s) <= 14
+                  ) -> tuple[list[str], np.ndarray]:
+  """Each image's caption ("cat 93%": the teacher's guess and its softmax probability) and
+  whether the guess is the row's intended class; names are cut until `fits` (the tile's width)."""
+  predicted = np.asarray(predicted_B).tolist()
+  confidence = ([None] * len(predicted) if confidence_B is None
+                else np.asarray(confidence_B).tolist())
+  captions = []
+  for pred, conf in zip(predicted, confidence):
+    guess = class_names[pred] if 0 <= pred < len(class_names) else str(pred)
+    captions.append(_cut(guess, "" if conf is None else f" {conf * 100:.0f}%", fits))
+  return captions, np.asarray(predicted_B) == np.asarray(labels_B)
 
 
 def labelled_image_grid(images01_BxHxWxC: np.ndarray, labels_B: np.ndarray,
-                        class_names: list[str], per_class: int, predicted_B: np.ndarray,
-                        confidence_B: np.ndarray) -> Image.Image:
+                        class_names: list[str], per_class: int, predicted_B: np.ndarray | None,
+                        confidence_B: np.ndarray | None = None) -> Image.Image:
   """The grid a person reads (the paper's Figure 2 idea): each row named by its intended class,
-  each image framed green where the teacher predicts that class and red where not, and captioned
-  with the teacher's prediction and confidence."""
+  each image framed and captioned in green where the teacher predicts that class and in red
+  where not, the caption giving the teacher's guess and confidence (no guesses: names only)."""
   from PIL import ImageDraw
   _, h, w, _ = images01_BxHxWxC.shape
-  cell_w, cell_h = w * SCALE + 2 * FRAME, h * SCALE + 2 * FRAME + CAPTION
+  th, tw = tile_shape(h, w)
+  cell_w, cell_h = tw + 2 * FRAME, th + 2 * FRAME + CAPTION
   canvas = Image.new("RGB", (NAME_WIDTH + per_class * (cell_w + 2), len(class_names) * (cell_h + 2)),
                      "white")
-  draw = ImageDraw.Draw(canvas)
+  draw = ImageDraw.Draw(canvas)   # PIL's default font: no font files needed.
+  if predicted_B is not None:
+    captions, right = grid_captions(labels_B, predicted_B, confidence_B, class_names,
+                                    fits=lambda s: draw.textlength(s) <= cell_w - 2)
+  resample = Image.NEAREST if th >= h else Image.BILINEAR
   for k, name in enumerate(class_names):
     top = k * (cell_h + 2)
-    draw.text((2, top + cell_h // 2 - 6), name[:13], fill="black")
+    row_name = _cut(name, "", lambda s: draw.textlength(s) <= NAME_WIDTH - 6)
+    draw.text((2, top + cell_h // 2 - 6), row_name, fill="black")
     for j, i in enumerate(np.flatnonzero(labels_B == k)[:per_class]):
       left = NAME_WIDTH + j * (cell_w + 2)
-      pred = int(predicted_B[i])
-      draw.rectangle([left, top, left + cell_w - 1, top + cell_w - 1], fill=RIGHT if pred == k else WRONG)
       image = Image.fromarray((np.clip(images01_BxHxWxC[i], 0, 1) * 255).round().astype(np.uint8).squeeze())
-      canvas.paste(image.convert("RGB").resize((w * SCALE, h * SCALE), Image.NEAREST),
-                   (left + FRAME, top + FRAME))
-      guess = class_names[pred] if 0 <= pred < len(class_names) else str(pred)
-      fits = max(3, cell_w // 6 - 5)   # PIL's default font is about 6 px a character
-      draw.text((left + 1, top + cell_w), f"{guess[:fits]} {confidence_B[i] * 100:.0f}%", fill="black")
+      if predicted_B is not None:
+        colour = RIGHT if right[i] else WRONG
+        draw.rectangle([left, top, left + cell_w - 1, top + th + 2 * FRAME - 1], fill=colour)
+        draw.text((left + 1, top + th + 2 * FRAME), captions[i], fill=colour)
+      canvas.paste(image.convert("RGB").resize((tw, th), resample), (left + FRAME, top + FRAME))
   return canvas
 
 
@@ -113,11 +149,12 @@ def save_image_grid(path: str, images01_BxHxWxC: np.ndarray, labels_B: np.ndarra
                     num_classes: int, per_class: int, enabled: bool = True,
                     class_names: list[str] | None = None, predicted_B: np.ndarray | None = None,
                     confidence_B: np.ndarray | None = None) -> None:
-  """Writes the grid; labelled (see `labelled_image_grid`) when the teacher's predictions are given."""
+  """Writes the grid; labelled (see `labelled_image_grid`) when class names or the teacher's
+  predictions are given, else plain (one row per class, pixels doubled)."""
   if not enabled or per_class <= 0:
     return
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  if predicted_B is not None:
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  if predicted_B is not None or class_names:
     names = list(class_names or [str(k) for k in range(num_classes)])
     labelled_image_grid(images01_BxHxWxC, labels_B, names, per_class, predicted_B,
                         confidence_B).save(path)

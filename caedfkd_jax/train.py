@@ -389,6 +389,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   finite_fn = jax.jit(per_run(finite_parts, (0,)))
   renew_fn = jax.jit(per_run(functools.partial(renewed_generator, setup), (0,)), donate_argnums=(0,))
   grid_fn = jax.jit(per_run(functools.partial(_last_round_with_teacher_guesses, setup), (0, None)))
+  grid_names = teacher.spec.class_names or table.classes  # Rows named; indices if neither.
   last_save = time.time()
   stopped_early = bool(budget_s) and wall_before >= budget_s and epoch < config.epochs
   if stopped_early:
@@ -480,7 +481,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         images, labels, predicted, confidence = grids if runs is None else runs_lib.unstack(grids, r)
         save_image_grid(os.path.join(run_dir, "samples", f"epoch_{epoch + 1:04d}.png"),
                         images, labels, setup.num_classes, config.grid_images_per_class,
-                        enabled=jax.process_index() == 0, class_names=teacher.spec.class_names,
+                        enabled=jax.process_index() == 0, class_names=grid_names,
                         predicted_B=predicted, confidence_B=confidence)
     bar.write(_format_summary(epoch + 1, config.epochs, summaries[0]) if runs is None else
               runs_lib.format_epoch(epoch + 1, config.epochs, runs, summaries))
