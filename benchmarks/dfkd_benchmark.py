@@ -21,6 +21,7 @@ initialised unless --config.teacher names a bundle: speed does not depend on wei
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -28,6 +29,8 @@ from typing import Any
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from caedfkd_jax import atomic_files
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, as for `caedfkd distill`.")
 _SIDES = flags.DEFINE_list("sides", None, "Sides to run: jax, torch, nayer. Default: jax, torch, "
@@ -47,7 +50,12 @@ _NAYER_PATH = flags.DEFINE_string("nayer_path", None, "A checkout of github.com/
 _PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of one device for MFU "
                                   "(default: datasheet bf16 for known GPUs/TPUs, else a measured "
                                   "matmul in the compute dtype).")
-_OUT_JSON = flags.DEFINE_string("out_json", None, "Write every figure here as JSON.")
+_OUT_JSON = flags.DEFINE_string("out_json", None, "Write every figure here as JSON (rewritten "
+                                "after each side, so a killed run keeps the sides it finished).")
+_SIDE_TIMEOUT = flags.DEFINE_integer("side_timeout", 0, "Seconds each side may run before it is "
+                                     "stopped and reported as timed out (0: no limit).")
+_NAYER_REPEATS = flags.DEFINE_integer("nayer_repeats", None, "Timed epochs of NAYER's side after "
+                                      "its first (default: --repeats); its epochs are the slowest.")
 
 QUICK_OVERRIDES = {"num_groups": 1, "generator.steps": 2, "student.batch_groups": 1,
                    "student.kd_steps": 4, "student.steps_per_call": 2, "g_loops": 1,
@@ -87,8 +95,11 @@ def run_side(side: str) -> dict[str, Any]:
     from benchmarks import jax_side
     fuse = {"auto": None, "true": True, "false": False}[_FUSE.value]
     result = jax_side.measure(config, teacher, table, _REPEATS.value, fuse)
-    result.update(mfu_fields(result))
-    return result
+    result.update(peak_fields(result))
+    return with_mfu(result)
+  if side == "flops":
+    from benchmarks import jax_side
+    return {"name": "flops", "step_flops": jax_side.count_step_flops(config, teacher, table)}
   if side == "torch":
     from benchmarks import torch_side
     return torch_side.measure(config, spec.arch, table.vectors, spec.mean, spec.std,
@@ -97,17 +108,17 @@ def run_side(side: str) -> dict[str, Any]:
     from benchmarks import nayer_side
     if not _NAYER_PATH.value:
       raise app.UsageError("--sides=nayer needs --nayer_path=PATH of a NAYER checkout.")
+    repeats = _REPEATS.value if _NAYER_REPEATS.value is None else _NAYER_REPEATS.value
     return nayer_side.measure(_NAYER_PATH.value, config, spec.arch, table.vectors, spec.image_size,
-                              _REPEATS.value)
+                              repeats)
   raise app.UsageError(f"Unknown side {side!r}: use jax, torch or nayer.")
 
 
-def mfu_fields(result: dict[str, Any]) -> dict[str, Any]:
-  """MFU of the student and generator steps against the chosen peak, with its source."""
+def peak_fields(result: dict[str, Any]) -> dict[str, Any]:
+  """The peak FLOP/s of this process's devices that MFU is measured against, with its source."""
   import jax
   import jax.numpy as jnp
   from benchmarks import flops as flops_lib
-  devices = jax.local_device_count()
   if _PEAK_TFLOPS.value:
     peak, source = _PEAK_TFLOPS.value * 1e12, "--peak_tflops"
   elif (sheet := flops_lib.datasheet_peak(jax.local_devices()[0])) is not None:
@@ -115,10 +126,18 @@ def mfu_fields(result: dict[str, Any]) -> dict[str, Any]:
   else:
     dtype = jnp.dtype(result["compute_dtype"])
     peak, source = flops_lib.measured_matmul_peak(dtype), f"measured {dtype.name} matmul"
-  peak *= devices
-  return {"peak_flops_per_s": peak, "peak_source": source,
-          "mfu_student": result["student_flops_per_s"] / peak,
-          "mfu_generator": result["generator_flops_per_s"] / peak}
+  return {"peak_flops_per_s": peak * jax.local_device_count(), "peak_source": source}
+
+
+def with_mfu(result: dict[str, Any]) -> dict[str, Any]:
+  """The jax side's result plus FLOP/s and MFU of each step, where its FLOPs are counted."""
+  out = dict(result)
+  for step, rate in (("generator", "generator_steps_per_s"), ("student", "student_steps_per_s")):
+    flops = (result.get("step_flops") or {}).get(f"{step}_step")
+    out[f"{step}_flops_per_s"] = flops * result[rate] if flops else None
+    out[f"mfu_{step}"] = (out[f"{step}_flops_per_s"] / result["peak_flops_per_s"]
+                          if flops else None)
+  return out
 
 
 def _without_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
@@ -134,18 +153,49 @@ def _without_flags(argv: list[str], names: tuple[str, ...]) -> list[str]:
   return kept
 
 
-def run_in_subprocess(side: str) -> dict[str, Any]:
-  """Runs one side in a fresh interpreter with this process's flags; returns its JSON."""
+def run_in_subprocess(side: str, env: dict[str, str] | None = None,
+                      extra_args: tuple[str, ...] = ()) -> dict[str, Any]:
+  """Runs one side in a fresh interpreter with this process's flags; returns its JSON.
+
+  A side that outlives --side_timeout is stopped with everything it started (NAYER's
+  DataLoader workers too) and reported as timed out.
+  """
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, "side.json")
     argv = _without_flags(sys.argv[1:], ("--sides", "--out_json"))
-    cmd = [sys.executable, "-m", "benchmarks.dfkd_benchmark", *argv, f"--side={side}",
+    cmd = [sys.executable, "-m", "benchmarks.dfkd_benchmark", *argv, *extra_args, f"--side={side}",
            f"--side_json={path}"]
-    done = subprocess.run(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if done.returncode:
-      return {"name": side, "error": f"exited with status {done.returncode} (see its output above)"}
+    process = subprocess.Popen(cmd, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                               env={**os.environ, **(env or {})}, start_new_session=True)
+    try:
+      returncode = process.wait(timeout=_SIDE_TIMEOUT.value or None)
+    except subprocess.TimeoutExpired:
+      os.killpg(process.pid, signal.SIGKILL)
+      process.wait()
+      return {"name": side, "error": f"timed out after --side_timeout={_SIDE_TIMEOUT.value} s"}
+    if returncode:
+      return {"name": side, "error": f"exited with status {returncode} (see its output above)"}
     with open(path) as f:
       return json.load(f)
+
+
+# The PyTorch sides use JAX only to build a random teacher's spec: on the CPU, so that JAX takes
+# none of the accelerator's memory from PyTorch and NAYER's DataLoader forks no CUDA process.
+SIDE_ENV = {"torch": {"JAX_PLATFORMS": "cpu"}, "nayer": {"JAX_PLATFORMS": "cpu"}}
+
+
+def count_flops_on_cpu(result: dict[str, Any]) -> dict[str, Any]:
+  """The jax side's result with its steps' FLOPs counted on a CPU lowering, where its own
+  backend counted none (GPUs), and MFU from them."""
+  if "error" in result or all((result.get("step_flops") or {}).values()):
+    return result
+  counted = run_in_subprocess("flops", {"JAX_PLATFORMS": "cpu"},
+                              (f"--config.compute_dtype={result['compute_dtype']}",))
+  if "error" in counted:
+    return {**result, "flops_error": counted["error"]}
+  return with_mfu({**result, "step_flops": counted["step_flops"],
+                   "step_flops_source": "the same step lowered for the CPU (XLA:GPU counts none "
+                                        "of cuDNN's convolutions)"})
 
 
 def _fmt(value, unit: str = "") -> str:
@@ -208,17 +258,20 @@ def main(argv):
       json.dump(result, f, indent=2, default=str)
     return
   sides = _SIDES.value or (["jax", "torch"] + (["nayer"] if _NAYER_PATH.value else []))
-  results = [run_in_subprocess(side) for side in sides]
   config = benchmark_config()
-  report = {"config": config.to_dict(), "quick": _QUICK.value, "sides": results,
-            "command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.dfkd_benchmark",
-                                 *sys.argv[1:]])}
-  table = format_table(results)
+  command = " ".join([os.path.basename(sys.executable), "-m", "benchmarks.dfkd_benchmark",
+                      *sys.argv[1:]])
+  results = []
+  for side in sides:
+    result = run_in_subprocess(side, SIDE_ENV.get(side))
+    results.append(count_flops_on_cpu(result) if side == "jax" else result)
+    table = format_table(results)
+    if _OUT_JSON.value:
+      os.makedirs(os.path.dirname(os.path.abspath(_OUT_JSON.value)), exist_ok=True)
+      report = {"config": config.to_dict(), "quick": _QUICK.value, "sides": results,
+                "command": command, "table": table, "complete": len(results) == len(sides)}
+      atomic_files.write_text(_OUT_JSON.value, json.dumps(report, indent=2, default=str))
   print("\n" + table)
-  if _OUT_JSON.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT_JSON.value)), exist_ok=True)
-    with open(_OUT_JSON.value, "w") as f:
-      json.dump({**report, "table": table}, f, indent=2, default=str)
   if any("error" in r for r in results):
     sys.exit(1)
 

@@ -45,8 +45,12 @@ def _fill_bank(state: steps.TrainState, setup: steps.Setup, seed: int) -> steps.
   return state.replace(bank=bank)
 
 
-def step_flops(setup: steps.Setup, mesh, state: steps.TrainState, teacher_vars) -> dict[str, float]:
-  """FLOPs of one generator step and one student step (XLA's count of the lowered step)."""
+def step_flops(setup: steps.Setup, mesh, state: steps.TrainState,
+               teacher_vars) -> dict[str, float | None]:
+  """FLOPs of one generator step and one student step (XLA's count of the lowered step).
+
+  None where the backend gives no count before compiling (GPUs): see `count_step_flops`.
+  """
   carry, ctx = jax.jit(functools.partial(steps.start_round, setup=setup, warmup=False,
                                          mesh=mesh))(state)
   gen = jax.jit(functools.partial(steps.generator_step, setup=setup, mesh=mesh))
@@ -75,6 +79,13 @@ def prepare(config, teacher: bundle_lib.Bundle, table):
   teacher_vars = jax.device_put({"params": teacher.variables["params"],
                                  "batch_stats": teacher.variables["batch_stats"]}, replicated)
   return setup, mesh, replicated, teacher_vars
+
+
+def count_step_flops(config, teacher: bundle_lib.Bundle, table) -> dict[str, float | None]:
+  """`step_flops` of the step `measure` times, lowered (not run) on this process's devices."""
+  setup, mesh, replicated, teacher_vars = prepare(config, teacher, table)
+  state = train.create_state(setup, teacher_vars, teacher.spec.image_size)
+  return step_flops(setup, mesh, jax.device_put(state, replicated), teacher_vars)
 
 
 def measure(config, teacher: bundle_lib.Bundle, table, repeats: int = 3,
@@ -135,8 +146,8 @@ def measure(config, teacher: bundle_lib.Bundle, table, repeats: int = 3,
       # Set only through JAX_COMPILATION_CACHE_DIR: with it, compile_s may be a warm figure.
       "compilation_cache_dir": jax.config.jax_compilation_cache_dir,
       "step_flops": flops,
-      "generator_flops_per_s": flops["generator_step"] * g_steps / round_median,
-      "student_flops_per_s": flops["student_step"] * kd_per_call / kd_median,
+      "generator_steps_per_s": g_steps / round_median,
+      "student_steps_per_s": kd_per_call / kd_median,
       "memory": peak_memory(),
       "repeats": {"round_s": round_s, "kd_call_s": kd_s},
   }
