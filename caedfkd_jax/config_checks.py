@@ -4,7 +4,7 @@ Without these, a zero or a negative value surfaces mid-run as a ZeroDivisionErro
 a shape error at the first trace, or an empty memory bank.
 """
 
-from caedfkd_jax import cend
+from caedfkd_jax import cend, losses
 
 
 # Fields that must be >= 1 (ints) or > 0 (floats), and fields that must be >= 0.
@@ -44,6 +44,9 @@ def validate_config(config, num_devices: int, group_size: int) -> None:
                        "fraction of the teacher's top-1 in (0, 1], e.g. (0.5, 0.75, 0.9).")
   if config.cend.mode not in cend.MODES:
     raise ValueError(f"config.cend.mode={config.cend.mode!r}: use one of {', '.join(cend.MODES)}.")
+  if config.loss.get("bn_reduce", "sum") not in losses.BN_REDUCTIONS:
+    raise ValueError(f"config.loss.bn_reduce={config.loss.bn_reduce!r}: use sum (NAYER) or "
+                     "mean (averaged over the teacher's BN layers).")
   if config.student.cncl_form not in ("infonce", "supcon"):
     raise ValueError(f"config.student.cncl_form={config.student.cncl_form!r}: use infonce or supcon.")
   if config.student.eta_min > config.student.lr:

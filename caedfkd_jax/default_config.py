@@ -47,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss = ml_collections.ConfigDict()
   config.loss.ce = 0.5                   # NAYER's absolute weights (CE 1, alpha 20, beta 2.66 rescaled).
   config.loss.bn = 10.0
+  config.loss.bn_reduce = "sum"          # Over the teacher's BN layers: "sum" (NAYER; grows with
+                                         # depth) or "mean" (one weight fits any depth).
   config.loss.adv = 1.33                 # Off during warm-up.
   config.loss.bn_momentum = 0.9          # EMA of the teacher BN input stats across rounds (0: off).
   config.low_confidence = 0.5            # Teacher confidence under which a synthetic image counts as

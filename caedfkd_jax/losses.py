@@ -13,15 +13,24 @@ def cross_entropy(logits_BxC: jax.Array, labels_B: jax.Array) -> jax.Array:
       logits_BxC.astype(jnp.float32), labels_B).mean()
 
 
-def bn_statistics_loss(batch_stats: PyTree, running_stats: PyTree) -> jax.Array:
-  """DeepInversion's L_BN: sum over BN layers of ||var_run - var||_2 + ||mean_run - mean||_2.
+BN_REDUCTIONS = ("sum", "mean")
+
+
+def bn_statistics_loss(batch_stats: PyTree, running_stats: PyTree,
+                       reduce: str = "sum") -> jax.Array:
+  """DeepInversion's L_BN: over BN layers, ||var_run - var||_2 + ||mean_run - mean||_2.
 
   Both trees hold per-channel "mean"/"var" leaves in the same layout (the
-  teacher's "bn_stats" collection and its "batch_stats").
+  teacher's "bn_stats" collection and its "batch_stats"). `reduce="sum"` adds the
+  layers up (NAYER), so the term grows with the teacher's depth; "mean" averages
+  them, so one loss weight means the same for a 20-layer and a 56-layer teacher.
   """
-  norms = jax.tree.map(lambda a, b: jnp.linalg.norm((a - b).astype(jnp.float32)),
-                       batch_stats, running_stats)
-  return sum(jax.tree.leaves(norms), jnp.float32(0.0))
+  if reduce not in BN_REDUCTIONS:
+    raise ValueError(f"reduce={reduce!r}: use sum or mean.")
+  norms = jax.tree.leaves(jax.tree.map(
+      lambda a, b: jnp.linalg.norm((a - b).astype(jnp.float32)), batch_stats, running_stats))
+  total = sum(norms, jnp.float32(0.0))
+  return total if reduce == "sum" else total / (len(norms) // 2)
 
 
 def blend_bn_statistics(batch_stats: PyTree, ema: PyTree, momentum: float) -> PyTree:

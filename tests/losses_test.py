@@ -4,6 +4,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from caedfkd_jax import losses
 
@@ -68,6 +69,11 @@ def test_bn_statistics_loss_is_sum_of_plain_l2_norms():
              "b": {"mean": jnp.array([3.0]), "var": jnp.array([4.0])}}
   expected = 2.0 + 5.0 + 3.0 + 0.0   # |(0,2)|, |(3,4)|, |3|, |0|
   np.testing.assert_allclose(losses.bn_statistics_loss(batch, running), expected, rtol=1e-6)
+  # Averaged over the 2 BN layers instead: the same weight then fits a teacher of any depth.
+  np.testing.assert_allclose(losses.bn_statistics_loss(batch, running, "mean"), expected / 2,
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match="sum or mean"):
+    losses.bn_statistics_loss(batch, running, "max")
   blended = losses.blend_bn_statistics(batch, running, 0.9)
   np.testing.assert_allclose(blended["a"]["mean"], [1.0, 0.2], rtol=1e-6)
 
@@ -117,3 +123,15 @@ def test_cncl_gradient_is_finite_and_matches_finite_differences():
   # Zero features and anchors without positives: finite, and 0 when nothing is valid.
   chex.assert_tree_all_finite(jax.grad(losses.cncl_loss)(jnp.zeros((6, 4)), y, src))
   assert float(losses.cncl_loss(f, y, jnp.zeros(6, jnp.int32))) == 0.0
+
+
+def test_config_takes_the_bn_reductions_and_names_a_bad_one():
+  from caedfkd_jax import config_checks, default_config
+  config = default_config.get_config()
+  group = 10 * (config.cend.num_sources + 1)
+  for reduce in ("sum", "mean"):
+    config.loss.bn_reduce = reduce
+    config_checks.validate_config(config, 1, group)
+  config.loss.bn_reduce = "max"
+  with pytest.raises(ValueError, match="config.loss.bn_reduce='max'"):
+    config_checks.validate_config(config, 1, group)
