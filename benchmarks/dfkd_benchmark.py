@@ -181,7 +181,8 @@ def run_in_subprocess(side: str, env: dict[str, str] | None = None,
 
 # The PyTorch sides use JAX only to build a random teacher's spec: on the CPU, so that JAX takes
 # none of the accelerator's memory from PyTorch and NAYER's DataLoader forks no CUDA process.
-SIDE_ENV = {"torch": {"JAX_PLATFORMS": "cpu"}, "nayer": {"JAX_PLATFORMS": "cpu"}}
+JAX_ON_CPU = {"JAX_PLATFORMS": "cpu"}
+SIDE_ENV = {"torch": JAX_ON_CPU, "nayer": JAX_ON_CPU}
 
 
 def count_flops_on_cpu(result: dict[str, Any]) -> dict[str, Any]:
@@ -189,7 +190,7 @@ def count_flops_on_cpu(result: dict[str, Any]) -> dict[str, Any]:
   backend counted none (GPUs), and MFU from them."""
   if "error" in result or all((result.get("step_flops") or {}).values()):
     return result
-  counted = run_in_subprocess("flops", {"JAX_PLATFORMS": "cpu"},
+  counted = run_in_subprocess("flops", JAX_ON_CPU,
                               (f"--config.compute_dtype={result['compute_dtype']}",))
   if "error" in counted:
     return {**result, "flops_error": counted["error"]}

@@ -122,9 +122,9 @@ if ((DRY)); then
   SIZE=(--quick --repeats 1)
   RUNS=1,2
   VECTORIZE=true   # the accelerators' default, whose program the dry run checks
-  DISTILL_SIZE=(--config.num_groups=1 --config.generator.steps=2 --config.warmup_g_loops=1
-                --config.warmup_epochs=1 --config.epochs=2 --config.student.batch_groups=1
-                --config.student.kd_steps=4 --config.student.steps_per_call=2)
+  # distill at the benchmarks' --quick size (dfkd_benchmark.QUICK_OVERRIDES)
+  read -r -a DISTILL_SIZE <<<"$("$PY" -c 'from benchmarks.dfkd_benchmark import QUICK_OVERRIDES
+print(" ".join(f"--config.{k}={v}" for k, v in QUICK_OVERRIDES.items()))')"
   R56_CONFIG=$R56
 else
   SIZE=(--repeats 2)

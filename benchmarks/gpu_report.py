@@ -51,18 +51,8 @@ def _accuracy_section(folder: str, distill_dir: str | None) -> list[str]:
 
 
 def _runs_cost_section(report: dict[str, Any]) -> list[str]:
-  base = next((x for x in report["results"] if x["runs"] == 1), None)
-  lines = ["### Many runs in one program (`runs_cost`)", "",
-           ("| R | how | round s | KD call s | gen img/s | student img/s | per-run speed-up "
-            "(round, KD) | compile s |"), "|---|---|---|---|---|---|---|---|"]
-  for x in report["results"]:
-    how = "-" if x["runs"] == 1 else ("vmap" if x["vectorized"] else "one after another")
-    up = (f"{base['round_s'] / x['round_s_per_run']:.2f}x, "
-          f"{base['kd_call_s'] / x['kd_call_s_per_run']:.2f}x") if base else "-"
-    lines.append(f"| {x['runs']} | {how} | {x['round_s']:.3f} | {x['kd_call_s']:.3f} | "
-                 f"{x['generator_images_per_s']:.0f} | {x['student_images_per_s']:.0f} | {up} | "
-                 f"{x['compile_s']:.1f} |")
-  return lines + [""]
+  return ["### Many runs in one program (`runs_cost`)", "", f"Device: {report['device']}.", "",
+          report["table"], ""]
 
 
 def report(folder: str, distill_dir: str | None = None) -> str:

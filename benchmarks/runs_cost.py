@@ -72,6 +72,23 @@ def measure(config, teacher, table, num_runs: int, vectorize: bool, repeats: int
   }
 
 
+def format_table(results: list[dict[str, Any]]) -> str:
+  """Markdown: one row per (R, how), with the speed-up per run over R = 1."""
+  base = next((x for x in results if x["runs"] == 1), None)
+  lines = ["| R | how | round s | KD call s | round s/run | KD call s/run | gen img/s | "
+           "student img/s | per-run speed-up (round, KD) | compile s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for x in results:
+    how = "-" if x["runs"] == 1 else ("vmap" if x["vectorized"] else "one after another")
+    up = (f"{base['round_s'] / x['round_s_per_run']:.2f}x, {base['kd_call_s'] / x['kd_call_s_per_run']:.2f}x"
+          if base else "")
+    lines.append(f"| {x['runs']} | {how} | {x['round_s']:.2f} | {x['kd_call_s']:.2f} | "
+                 f"{x['round_s_per_run']:.2f} | {x['kd_call_s_per_run']:.2f} | "
+                 f"{x['generator_images_per_s']:.0f} | {x['student_images_per_s']:.0f} | {up} | "
+                 f"{x['compile_s']:.1f} |")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   config = dfkd_benchmark.benchmark_config()   # its --config, --quick, --repeats, --teacher_arch
@@ -85,24 +102,15 @@ def main(argv):
       results.append(measure(config, teacher, table, r, bool(vectorize),
                              dfkd_benchmark._REPEATS.value))  # pylint: disable=protected-access
       print(json.dumps({k: v for k, v in results[-1].items() if k != "repeats"}), flush=True)
-  base = next((x for x in results if x["runs"] == 1), None)
   device = jax.devices()[0]
   print(f"\n{device.platform}:{device.device_kind} x{len(jax.devices())}, "
         f"teacher {teacher.spec.arch}, student {config.student_arch}")
-  print("| R | how | round s | KD call s | round s/run | KD call s/run | gen img/s | "
-        "student img/s | per-run speed-up (round, KD) | compile s |")
-  print("|---|---|---|---|---|---|---|---|---|---|")
-  for x in results:
-    how = "-" if x["runs"] == 1 else ("vmap" if x["vectorized"] else "one after another")
-    up = (f"{base['round_s'] / x['round_s_per_run']:.2f}x, {base['kd_call_s'] / x['kd_call_s_per_run']:.2f}x"
-          if base else "")
-    print(f"| {x['runs']} | {how} | {x['round_s']:.2f} | {x['kd_call_s']:.2f} | "
-          f"{x['round_s_per_run']:.2f} | {x['kd_call_s_per_run']:.2f} | "
-          f"{x['generator_images_per_s']:.0f} | {x['student_images_per_s']:.0f} | {up} | "
-          f"{x['compile_s']:.1f} |")
+  markdown = format_table(results)
+  print(markdown)
   if dfkd_benchmark._OUT_JSON.value:  # pylint: disable=protected-access
     with open(dfkd_benchmark._OUT_JSON.value, "w") as f:  # pylint: disable=protected-access
-      json.dump({"device": f"{device.platform}:{device.device_kind}", "results": results}, f, indent=2)
+      json.dump({"device": f"{device.platform}:{device.device_kind}", "results": results,
+                 "table": markdown}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ def validate_config(config, num_devices: int, group_size: int) -> None:
                        "fraction of the teacher's top-1 in (0, 1], e.g. (0.5, 0.75, 0.9).")
   if config.cend.mode not in cend.MODES:
     raise ValueError(f"config.cend.mode={config.cend.mode!r}: use one of {', '.join(cend.MODES)}.")
-  if config.loss.get("bn_reduce", "sum") not in losses.BN_REDUCTIONS:
+  if config.loss.bn_reduce not in losses.BN_REDUCTIONS:
     raise ValueError(f"config.loss.bn_reduce={config.loss.bn_reduce!r}: use sum (NAYER) or "
                      "mean (averaged over the teacher's BN layers).")
   if config.student.cncl_form not in ("infonce", "supcon"):

@@ -110,7 +110,7 @@ def generator_loss(params: PyTree, setup: Setup, teacher_vars: PyTree, student: 
       lambda cur, ema: jnp.where(bn_ema_valid, losses.blend_bn_statistics(cur, ema, hp("loss.bn_momentum")), cur),
       bn_stats, bn_ema)
   l_bn = losses.bn_statistics_loss(blended, teacher_vars["batch_stats"],
-                                   setup.config.loss.get("bn_reduce", "sum"))
+                                   setup.config.loss.bn_reduce)
   l_ce = losses.cross_entropy(t_logits, batch.labels_B)
   s_logits, _ = setup.student.apply(student, x, train=False)
   l_adv = losses.adversarial_loss(t_logits, s_logits)
