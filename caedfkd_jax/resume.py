@@ -13,6 +13,8 @@ import jax
 import ml_collections
 import numpy as np
 
+from caedfkd_jax import default_config
+
 
 # Fields that steer one invocation, not what the run computes: free to change on a resume.
 # (The teacher's path may change too; the teacher itself is compared by its weights.)
@@ -51,11 +53,24 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict, config: ml_collections.ConfigDict) -> dict[str, tuple[Any, Any]]:
-  """{field: (saved value, new value)} of every field that changes what the run computes."""
+  """{field: (saved value, new value)} of every field that changes what the run computes.
+
+  A field the saved config lacks (it was added to the library after the run was
+  saved) counts as unchanged while the new config holds its default: that is
+  what the run computed before the field existed.
+  """
   old = _flatten(saved)
-  new = _flatten(json.loads(json.dumps(config.to_dict())))   # tuples -> lists, as saved
+  new = _as_saved(config)
+  defaults = _as_saved(default_config.get_config())
+  for k in set(new) - set(old):
+    if k in defaults and new[k] == defaults[k]:
+      old[k] = new[k]
   return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
           if k not in INVOCATION_FIELDS and old.get(k) != new.get(k)}
+
+
+def _as_saved(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return _flatten(json.loads(json.dumps(config.to_dict())))   # tuples -> lists, as saved
 
 
 def check_resume(workdir: str, saved_config: dict, saved_progress: dict, config,

@@ -31,6 +31,18 @@ def test_resume_with_changed_hyper_parameters_is_refused_listing_them(teacher_di
     train.train_and_evaluate(config, str(tmp_path))
 
 
+def test_a_field_added_after_the_run_was_saved_counts_unchanged_at_its_default():
+  from caedfkd_jax import default_config
+  config = default_config.get_config()
+  saved = json.loads(json.dumps(config.to_dict()))
+  del saved["loss"]["bn_reduce"]               # a run saved before the field existed
+  assert resume.config_changes(saved, config) == {}
+  config.loss.bn_reduce = "mean"               # not what the old run computed
+  assert resume.config_changes(saved, config) == {"loss.bn_reduce": (None, "mean")}
+  saved["loss"]["bn_reduce"] = "sum"           # a saved field is compared as before
+  assert resume.config_changes(saved, config) == {"loss.bn_reduce": ("sum", "mean")}
+
+
 def test_invocation_fields_may_change_on_resume(teacher_dir, table_path, tmp_path):
   _start(tiny_config(teacher_dir, table_path), tmp_path)
   config = tiny_config(teacher_dir, table_path)
