@@ -2,8 +2,11 @@
 
     e^n_k = e^off_k + M_n * q_n,   q_n ~ NS_n,   n = 1..N
 
-Every source is zero-mean and unit-variance, so M_n alone sets the strength.
-`build_generator_batch` lays one synthesis batch out as CNCL groups.
+Every source is zero-mean and unit-variance, so M_n alone sets the strength:
+in the table's units ("absolute"), or per dimension in units of the table's
+spread across classes ("relative", `noise_scale`), so that one M means as much
+for a MiniLM table as for a CLIP one. `build_generator_batch` lays one
+synthesis batch out as CNCL groups.
 """
 
 from typing import Sequence
@@ -14,6 +17,7 @@ from flax import struct
 
 NOISE_SOURCES = ("gaussian", "uniform", "laplace", "rademacher", "exponential", "student_t")
 MODES = ("cend", "clean", "gaussian")
+MAGNITUDE_SCALES = ("absolute", "relative")
 
 
 def sample_noise(rng: jax.Array, source: str, shape: Sequence[int]) -> jax.Array:
@@ -45,14 +49,43 @@ def _sources(num_sources: int, sources: Sequence[str] | None) -> tuple[str, ...]
   return tuple(sources)
 
 
+def spread(table_KxD: jax.Array) -> jax.Array:
+  """Per-dimension standard deviation of the table across its classes (D; ddof 0).
+
+  The class signal each dimension carries: about 0.16 on average for NAYER's
+  CLIP ViT-B/32 CIFAR-10 table, 0.23 for the shipped MiniLM one (whose three
+  dead dimensions have 0).
+  """
+  return jnp.std(jnp.asarray(table_KxD, jnp.float32), axis=0)
+
+
+def noise_scale(table_KxD: jax.Array, magnitude_scale: str) -> jax.Array | None:
+  """What M_n multiplies with the noise: None ("absolute", table units) or `spread` ("relative")."""
+  if magnitude_scale == "absolute":
+    return None
+  if magnitude_scale == "relative":
+    return spread(table_KxD)
+  raise ValueError(f"Unknown magnitude scale {magnitude_scale!r}; choose from {MAGNITUDE_SCALES}.")
+
+
 def diffuse(rng: jax.Array, clean_KxD: jax.Array, num_sources: int = 4,
             magnitude: float | Sequence[float] = 0.1,
-            sources: Sequence[str] | None = None) -> jax.Array:
-  """The N diffused copies of every class embedding: N x K x D."""
+            sources: Sequence[str] | None = None,
+            scale_D: jax.Array | None = None) -> jax.Array:
+  """The N diffused copies of every class embedding: N x K x D.
+
+  `magnitude`: one M for every source or N of them; `scale_D` (see `noise_scale`)
+  multiplies the noise per dimension, None leaving it in table units.
+  """
   names = _sources(num_sources, sources)
-  magnitudes = jnp.broadcast_to(jnp.asarray(magnitude, jnp.float32), (num_sources,))
+  magnitudes = jnp.asarray(magnitude, jnp.float32)
+  if magnitudes.shape not in ((), (num_sources,)):
+    raise ValueError(f"{magnitudes.size} magnitudes given for num_sources={num_sources}.")
+  magnitudes = jnp.broadcast_to(magnitudes, (num_sources,))
   keys = jax.random.split(rng, num_sources)
   noise = jnp.stack([sample_noise(k, s, clean_KxD.shape) for k, s in zip(keys, names)])
+  if scale_D is not None:
+    noise = noise * jnp.asarray(scale_D, jnp.float32)
   return clean_KxD[None] + magnitudes[:, None, None] * noise
 
 
@@ -66,14 +99,17 @@ class GeneratorBatch:
 
 def build_generator_batch(rng: jax.Array, table_KxD: jax.Array, num_groups: int,
                           num_sources: int = 4, magnitude: float | Sequence[float] = 0.1,
-                          mode: str = "cend", sources: Sequence[str] | None = None) -> GeneratorBatch:
+                          mode: str = "cend", sources: Sequence[str] | None = None,
+                          scale_D: jax.Array | None = None) -> GeneratorBatch:
   """One synthesis batch of `num_groups` CNCL groups, B = num_groups * K * (N + 1).
 
   Inside a group: the K anchors (classes 0..K-1), then the K copies diffused by
   source 1, ..., then by source N. Every K consecutive rows therefore hold each
-  class once, which the generator's chunked noisy layer relies on.
-  Modes: "cend" (Eq. 3), "clean" (NAYER: every row the clean embedding) and
-  "gaussian" (rows are N(0, I): the plain-noise base without CEND).
+  class once, and every K * (N + 1) rows are one group: the generator's noisy
+  layer relies on either (`generator.noisy_chunk_rows`). `magnitude` and
+  `scale_D` are `diffuse`'s. Modes: "cend" (Eq. 3), "clean" (NAYER: every row
+  the clean embedding) and "gaussian" (rows are N(0, I): the plain-noise base
+  without CEND).
   """
   if mode not in MODES:
     raise ValueError(f"Unknown CEND mode {mode!r}; choose from {MODES}.")
@@ -82,7 +118,8 @@ def build_generator_batch(rng: jax.Array, table_KxD: jax.Array, num_groups: int,
   table_KxD = jnp.asarray(table_KxD, jnp.float32)
   if mode == "cend":
     keys = jax.random.split(rng, num_groups)
-    diffused = jax.vmap(lambda r: diffuse(r, table_KxD, num_sources, magnitude, sources))(keys)
+    diffused = jax.vmap(lambda r: diffuse(r, table_KxD, num_sources, magnitude, sources,
+                                          scale_D))(keys)
     anchors = jnp.broadcast_to(table_KxD, (num_groups, 1, k, d))
     emb = jnp.concatenate([anchors, diffused], axis=1)                   # G x V x K x D
   elif mode == "clean":

@@ -26,11 +26,18 @@ def get_config() -> ml_collections.ConfigDict:
                                      # the first directory a process uses stays.
 
   # Embeddings and CEND (Eq. 3)
-  config.embeddings = "cifar10"  # Shipped table name ("cifar10", "cifar100") or a .npy path.
+  config.embeddings = "cifar10"  # Shipped table name ("cifar10", "cifar100") or a .npy path
+                                 # (X.npy with X.json), e.g. NAYER's CLIP ViT-B/32 table
+                                 # ../shared/data/embeddings/cifar10_clip_vitb32.npy.
   config.cend = ml_collections.ConfigDict()
   config.cend.mode = "cend"      # "cend" | "clean" (NAYER: clean embeddings) | "gaussian" (plain noise).
   config.cend.num_sources = 4    # N; the paper's best is 4.
   config.cend.magnitude = 0.1    # M_n for every source [INFERRED].
+  config.cend.magnitudes = ml_collections.config_dict.placeholder(tuple)  # One M_n per source,
+                                 # e.g. '(0.1,0.2,0.05,0.1)'; overrides cend.magnitude when set.
+  config.cend.magnitude_scale = "absolute"  # "absolute": M_n in the table's units; "relative":
+                                 # M_n times each dimension's std across classes (cend.spread),
+                                 # so one M means as much for MiniLM as for CLIP tables.
   config.cend.sources = ml_collections.config_dict.placeholder(tuple)  # None: first N of cend.NOISE_SOURCES.
   config.num_groups = 8          # Synthesis batch = num_groups * K * (N + 1) (400 for CIFAR-10, N=4).
 
@@ -42,8 +49,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.generator.b1 = 0.5
   config.generator.b2 = 0.999
   config.generator.steps = 30            # g_steps per round (40 for CIFAR-100).
-  config.generator.life_epochs = 10      # Re-create the whole generator every g_life epochs.
+  config.generator.life_epochs = 10      # Re-create the whole generator every g_life epochs
+                                         # and g_life after the warm-up (NAYER's schedule).
   config.generator.reinit_noisy_layer = True   # NAYER: new noisy layer every round.
+  config.generator.noisy_chunks = "per_view"   # One noisy Linear per K rows ("per_view", NAYER:
+                                         # each CEND view its own random projection) or per CNCL
+                                         # group of K*(N+1) ("per_group": an anchor and its
+                                         # diffused copies differ by CEND's noise alone).
   config.loss = ml_collections.ConfigDict()
   config.loss.ce = 0.5                   # NAYER's absolute weights (CE 1, alpha 20, beta 2.66 rescaled).
   config.loss.bn = 10.0
@@ -60,7 +72,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.student.momentum = 0.9
   config.student.weight_decay = 1e-4
   config.student.eta_min = 2e-4          # Cosine floor.
-  config.student.batch_groups = 10       # KD batch = batch_groups whole CNCL groups (500 for CIFAR-10).
+  config.student.batch_groups = 10       # KD batch = batch_groups * K*(N+1) images (500 for CIFAR-10).
+  config.student.sampler = "groups"      # How the KD batch is drawn from the bank: "groups" (whole
+                                         # CNCL groups; KL and CNCL on all of it) or "uniform"
+                                         # (NAYER's pool sampling; CNCL, when on, gets its own
+                                         # sub-batch of whole groups: steps.sample_kd_batch).
+  config.student.cncl_groups = ml_collections.config_dict.placeholder(int)  # Groups in that
+                                         # CNCL sub-batch ("uniform" only). None: batch_groups,
+                                         # so CNCL sees as many groups as under "groups".
   config.student.kd_steps = 400          # KD steps per epoch after warm-up.
   config.student.steps_per_call = 50     # KD steps fused into one compiled call (lax.scan).
   config.student.temperature = 20.0      # KL temperature (x t^2).

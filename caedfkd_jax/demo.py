@@ -20,11 +20,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from caedfkd_jax import atomic_files, bundle as bundle_lib
-from caedfkd_jax import default_config, evaluate, models, train
+from caedfkd_jax import default_config, evaluate, ladder, models, train
 
 IMAGE_SIZE = 16
 DEMO_JSON = "demo.json"                      # the arguments the workdir's run was made with
 OWN_DIRS = ("teacher", "heldout", "distill")  # what --fresh deletes
+FULL_METHOD = "cend_cncl"                     # the ladder arm the demo runs by default
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -141,14 +142,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="distillation time budget; rerun with a larger one to continue a run")
   parser.add_argument("--teacher-epochs", type=int, default=30)
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--arm", choices=list(ladder.ARMS), default=FULL_METHOD,
+                      help="an arm of the ablation ladder (README, 'The ablation ladder'); "
+                           f"default {FULL_METHOD}, the full method")
   parser.add_argument("--fresh", action="store_true",
                       help="delete the demo's earlier teacher/, heldout/ and distill/ in --workdir "
                            "and start over (by default a rerun with the same arguments resumes)")
 
 
-def _recorded_arguments(args: argparse.Namespace) -> dict[str, int]:
-  """What the workdir's contents depend on; --minutes is only the time budget, free to grow."""
-  return {"teacher_epochs": args.teacher_epochs, "seed": args.seed}
+def _recorded_arguments(args: argparse.Namespace) -> dict[str, int | str]:
+  """What the workdir's contents depend on; --minutes is only the time budget, free to grow.
+
+  --arm is recorded only when it is not the full method, so runs made before it existed resume.
+  """
+  recorded = {"teacher_epochs": args.teacher_epochs, "seed": args.seed}
+  if args.arm != FULL_METHOD:
+    recorded["arm"] = args.arm
+  return recorded
 
 
 def prepare_workdir(workdir: str, args: argparse.Namespace) -> None:
@@ -168,8 +178,10 @@ def prepare_workdir(workdir: str, args: argparse.Namespace) -> None:
         recorded = json.load(f)
       except json.JSONDecodeError:
         recorded = {}
+    with_arm = lambda d: {**d, "arm": d.get("arm", FULL_METHOD)}
+    recorded, full = with_arm(recorded), with_arm(wanted)
     changed = [f"--{k.replace('_', '-')} {recorded.get(k)} -> {v}"
-               for k, v in wanted.items() if recorded.get(k) != v]
+               for k, v in full.items() if recorded.get(k) != v]
     if changed:
       raise ValueError(
           f"--workdir {workdir} holds a demo run with other arguments ({', '.join(changed)}); "
@@ -206,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
   teacher_top1 = top1(teacher)
   print(f"teacher (resnet20, trained on real digits): {teacher_top1:.2f}% on held-out digits")
 
-  config = demo_config(teacher_dir, eval_dir, args.minutes)
+  config = ladder.apply_arm(demo_config(teacher_dir, eval_dir, args.minutes), args.arm)
   config.seed = args.seed
   result = train.train_and_evaluate(config, os.path.join(workdir, "distill"))
   student_top1 = top1(bundle_lib.load_bundle(result["student"]))

@@ -7,7 +7,10 @@ generator in train mode, so every BatchNorm here normalises with the batch's
 statistics: the generator has params only, no running statistics.
 
 The noisy layer holds B // K Linears, so a set of params is made for one
-synthesis batch size B (see `init_generator`).
+synthesis batch size B (see `init_generator`). `noisy_chunk_rows` can widen the
+chunks to whole CNCL groups of K * (N + 1) rows ("per_group"): an anchor and its
+diffused copies then share one projection and differ only by CEND's noise,
+where NAYER's chunks of K ("per_view") give each view its own random projection.
 """
 
 from typing import Any
@@ -19,6 +22,16 @@ import jax.numpy as jnp
 from caedfkd_jax.models.layers import torch_default_bias_init, torch_default_kernel_init
 
 NOISY_LAYER = "noisy_layer"
+NOISY_CHUNKS = ("per_view", "per_group")
+
+
+def noisy_chunk_rows(noisy_chunks: str, num_classes: int, num_views: int) -> int:
+  """Rows per noisy Linear: K ("per_view", NAYER) or a CNCL group, K * (N + 1) ("per_group")."""
+  if noisy_chunks == "per_view":
+    return num_classes
+  if noisy_chunks == "per_group":
+    return num_classes * num_views
+  raise ValueError(f"Unknown noisy_chunks {noisy_chunks!r}; choose from {NOISY_CHUNKS}.")
 
 
 class BatchStatNorm(nn.Module):
@@ -42,37 +55,46 @@ class BatchStatNorm(nn.Module):
 
 
 class NoisyLayer(nn.Module):
-  """B // K separate Linear(D -> features) layers; chunk i (rows iK..iK+K-1) goes through layer i.
+  """B // R separate Linear(D -> features) layers; chunk i (rows iR..iR+R-1) goes through layer i.
 
-  Stored as one (B // K, D, features) kernel and applied with one batched
+  R is `chunk_rows` (None: `num_classes`, NAYER's chunks of one row per class).
+  Stored as one (B // R, D, features) kernel and applied with one batched
   einsum. Initialised like NAYER's freshly built nn.Linear layers (PyTorch
   default); `reinit_noisy_layer` then redraws it from N(0, 1) every round.
   """
   num_classes: int
   features: int
+  chunk_rows: int | None = None
 
   @nn.compact
   def __call__(self, x_BxD: jax.Array) -> jax.Array:
     b, d = x_BxD.shape
     k = self.num_classes
-    if b % k:
-      raise ValueError(f"Generator batch of {b} embeddings is not a multiple of num_classes={k}: "
-                       f"the noisy layer feeds chunks of {k} rows (one per class) to separate "
-                       f"Linears; use a synthesis batch that is a multiple of {k}.")
-    chunks = b // k
+    r = k if self.chunk_rows is None else self.chunk_rows
+    what = ("one per class" if r == k else
+            f"one CNCL group: num_classes={k} x {r // k} views, noisy_chunks=per_group")
+    if r % k:
+      raise ValueError(f"Noisy-layer chunks of {r} rows are not a multiple of num_classes={k}: "
+                       "each chunk must hold whole views (each class once per view).")
+    if b % r:
+      raise ValueError(f"Generator batch of {b} embeddings is not a multiple of {r}: the noisy "
+                       f"layer feeds chunks of {r} rows ({what}) to separate Linears; use a "
+                       f"synthesis batch that is a multiple of {r}.")
+    chunks = b // r
     if self.has_variable("params", "kernel"):
       made_for = self.get_variable("params", "kernel").shape[0]
       if made_for != chunks:
-        raise ValueError(f"These generator params were made for a batch of {made_for * k} "
-                         f"embeddings ({made_for} noisy-layer chunks of {k}), got {b}; make new "
-                         f"ones with init_generator(..., batch_size={b}, ...).")
+        raise ValueError(f"These generator params hold {made_for} noisy-layer Linears, but a batch "
+                         f"of {b} embeddings in chunks of {r} rows ({what}) needs {chunks}: they "
+                         "were made for another synthesis batch or noisy_chunks; make new ones "
+                         f"with init_generator(..., batch_size={b}, ...) for this generator.")
     # fan_in is D alone: the leading chunk axis indexes separate layers.
     kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", batch_axis=(0,))
     kernel = self.param("kernel", kernel_init, (chunks, d, self.features))
     bias = self.param("bias", torch_default_bias_init(d), (chunks, self.features))
-    x_NxKxD = x_BxD.reshape(chunks, k, d)
-    out_NxKxF = jnp.einsum("nkd,ndf->nkf", x_NxKxD, kernel) + bias[:, None]
-    return out_NxKxF.reshape(b, self.features)
+    x_NxRxD = x_BxD.reshape(chunks, r, d)
+    out_NxRxF = jnp.einsum("nrd,ndf->nrf", x_NxRxD, kernel) + bias[:, None]
+    return out_NxRxF.reshape(b, self.features)
 
 
 class Generator(nn.Module):
@@ -87,7 +109,7 @@ class Generator(nn.Module):
   Both end in a biased 3x3 conv to `channels` and a sigmoid. Convs are 3x3,
   padding 1, bias-free; LeakyReLU slope 0.2; nearest-neighbour upsampling.
   B must be the batch size the params were made for (a multiple of
-  `num_classes`).
+  `num_classes`, and of `noisy_chunk_rows` where set).
   """
   num_classes: int
   img_size: int = 32
@@ -96,6 +118,8 @@ class Generator(nn.Module):
   channels: int = 3
   dtype: Any = jnp.float32
   num_upsamples: int | None = None
+  noisy_chunk_rows: int | None = None   # Rows per noisy-layer Linear (`noisy_chunk_rows()`);
+                                        # None: num_classes (NAYER).
 
   def layout(self) -> tuple[int, bool, tuple[tuple[bool, int], ...]]:
     """(init size, BN after the projection?, conv stages as (upsample first?, out channels))."""
@@ -113,7 +137,7 @@ class Generator(nn.Module):
     init, project_norm, stages = self.layout()
     width = 2 * self.ngf
     x = BatchStatNorm(name="embed_norm")(embeddings_BxD.astype(jnp.float32))
-    x = NoisyLayer(self.num_classes, self.noise_dim, name=NOISY_LAYER)(x)
+    x = NoisyLayer(self.num_classes, self.noise_dim, self.noisy_chunk_rows, name=NOISY_LAYER)(x)
     x = nn.Dense(width * init * init, kernel_init=torch_default_kernel_init,
                  bias_init=torch_default_bias_init(self.noise_dim), dtype=self.dtype,
                  name="project")(x)
@@ -136,8 +160,8 @@ class Generator(nn.Module):
 def init_generator(rng: jax.Array, generator: Generator, batch_size: int, embed_dim: int):
   """Fresh params for synthesis batches of `batch_size` embeddings of size `embed_dim`.
 
-  The noisy layer gets batch_size // num_classes Linears, so the params only
-  fit that batch size.
+  The noisy layer gets batch_size // generator.noisy_chunk_rows Linears
+  (num_classes where unset), so the params only fit that batch size and chunking.
   """
   return generator.init(rng, jnp.zeros((batch_size, embed_dim), jnp.float32))["params"]
 

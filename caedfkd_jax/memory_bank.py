@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax import struct
 
 ROUNDINGS = ("truncate", "nearest")
+SAMPLERS = ("groups", "uniform")  # How a KD batch is drawn: `sample_groups` or `sample`.
 
 
 @struct.dataclass
@@ -92,6 +93,8 @@ def latest(bank: MemoryBank, n: int) -> tuple[jax.Array, jax.Array]:
 
 def sample(bank: MemoryBank, rng: jax.Array, batch_size: int):
   """`batch_size` slots drawn uniformly (with replacement) from the filled ones.
+
+  The "uniform" KD sampler (NAYER's pool sampling; see `steps.sample_kd_batch`).
 
   Returns (images01 float32 B x H x W x C, labels, source_index, group). An
   empty bank yields slot 0 (zeros).

@@ -80,6 +80,11 @@ def plan_runs(config: ml_collections.ConfigDict) -> list[Run]:
   if config.num_runs < 1:
     raise ValueError(f"config.num_runs={config.num_runs} must be at least 1.")
   sweep = parse_sweep(config.sweep)
+  if "cend.magnitude" in sweep and config.cend.magnitudes is not None:
+    raise ValueError(f"config.sweep sweeps cend.magnitude, but config.cend.magnitudes="
+                     f"{tuple(config.cend.magnitudes)!r} sets every source's magnitude, so the "
+                     "swept values would go unused; unset cend.magnitudes to sweep cend.magnitude, "
+                     "or run each tuple of magnitudes as its own job.")
   points = [tuple(zip(sweep, combo)) for combo in itertools.product(*sweep.values())]
   return [Run(index=p * config.num_runs + r, seed=config.seed + r, point=p, values=values)
           for p, values in enumerate(points) for r in range(config.num_runs)]

@@ -10,7 +10,7 @@ statistics and losses cover the global batch whatever the device count.
 
 import dataclasses
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import flax.linen as nn
 import jax
@@ -53,6 +53,8 @@ class Setup:
   student_tx: optax.GradientTransformation
   generator_tx: optax.GradientTransformation
   config: Any               # ml_collections.ConfigDict (frozen view).
+  noise_scale_D: jax.Array | None = None  # cend.noise_scale(table, config.cend.magnitude_scale),
+                            # made once by train.create_setup; None: magnitudes in table units.
 
   @property
   def num_classes(self) -> int:
@@ -146,9 +148,11 @@ def start_round(state: TrainState, *, setup: Setup, warmup: bool,
   params = state.generator_params
   if cfg.generator.reinit_noisy_layer:
     params = generator_lib.reinit_noisy_layer(params, rng_noisy)
+  magnitude = (tuple(cfg.cend.magnitudes) if cfg.cend.magnitudes is not None   # Per source.
+               else hparam(setup, state.hparams, "cend.magnitude"))
   batch = cend.build_generator_batch(
-      rng_batch, setup.table_KxD, cfg.num_groups, cfg.cend.num_sources,
-      hparam(setup, state.hparams, "cend.magnitude"), mode=cfg.cend.mode, sources=cfg.cend.sources)
+      rng_batch, setup.table_KxD, cfg.num_groups, cfg.cend.num_sources, magnitude,
+      mode=cfg.cend.mode, sources=cfg.cend.sources, scale_D=setup.noise_scale_D)
   batch = _constrain_batch(batch, mesh)
   image_shape = (setup.synthesis_batch, *state.bank.images.shape[1:])
   carry = RoundCarry(params, setup.generator_tx.init(params), jnp.float32(jnp.inf),
@@ -221,36 +225,101 @@ def generator_round(state: TrainState, teacher_vars: PyTree, *, setup: Setup, wa
 
 def student_loss(params: PyTree, batch_stats: PyTree, setup: Setup, x: jax.Array,
                  t_logits: jax.Array, labels: jax.Array, source_index: jax.Array,
-                 group: jax.Array, hparams: dict[str, jax.Array] | None = None):
-  """L_S = t^2 KL(T || S) + lambda * L_CNCL on the student's penultimate features."""
+                 group: jax.Array, hparams: dict[str, jax.Array] | None = None,
+                 cncl_from: int | None = 0):
+  """L_S = t^2 KL(T || S) + lambda * L_CNCL on the student's penultimate features.
+
+  One forward pass over all of `x`, so BatchNorm's batch statistics cover every row.
+  KL is taken on the first `len(t_logits)` rows (the rows the teacher saw), CNCL on
+  rows `cncl_from:` (None: no CNCL term and no "kd/cncl" metric). The "groups"
+  sampler puts both on every row; see `sample_kd_batch` for "uniform".
+  """
   cfg = setup.config.student
   hp = functools.partial(hparam, setup, hparams or {})
   (s_logits, aux), new_vars = setup.student.apply(
       {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
+  s_logits = s_logits[:t_logits.shape[0]]
   l_kl = losses.kl_divergence(t_logits, s_logits, hp("student.temperature"))
-  l_cncl = losses.cncl_loss(aux["features"], labels, source_index, hp("student.cncl_temperature"),
-                            group_B=group, same_group_positives=cfg.cncl_same_group,
-                            form=cfg.cncl_form)
-  loss = l_kl + hp("student.cncl_weight") * l_cncl
+  loss, cncl = l_kl, {}
+  if cncl_from is not None:
+    rows = slice(cncl_from, None)
+    l_cncl = losses.cncl_loss(aux["features"][rows], labels[rows], source_index[rows],
+                              hp("student.cncl_temperature"), group_B=group[rows],
+                              same_group_positives=cfg.cncl_same_group, form=cfg.cncl_form)
+    loss, cncl = l_kl + hp("student.cncl_weight") * l_cncl, {"kd/cncl": l_cncl}
   agree = jnp.mean(jnp.argmax(s_logits, -1) == jnp.argmax(t_logits, -1))
-  metrics = {"kd/loss": loss, "kd/kl": l_kl, "kd/cncl": l_cncl, "kd/agreement": agree}
+  metrics = {"kd/loss": loss, "kd/kl": l_kl, **cncl, "kd/agreement": agree}
   return loss, (new_vars["batch_stats"], metrics)
+
+
+def cncl_subbatch_groups(config, swept: Collection[str] = ()) -> int:
+  """Whole CNCL groups drawn beside a "uniform" KD batch (0: none).
+
+  Decided in Python from the config, so a run without CNCL computes nothing for
+  it. `swept` names the traced hyper-parameters (the state's `hparams` keys, or
+  the config's sweep): a swept `student.cncl_weight` may be non-zero in some runs
+  of the one program, so the sub-batch is then drawn whatever the config says.
+  """
+  s = config.student
+  if s.sampler != "uniform" or (s.cncl_weight == 0 and "student.cncl_weight" not in swept):
+    return 0
+  return s.batch_groups if s.cncl_groups is None else s.cncl_groups
+
+
+def sample_kd_batch(bank: memory_bank.MemoryBank, rng: jax.Array, *, setup: Setup,
+                    swept: Collection[str] = (), mesh: Mesh | None = None):
+  """A KD step's (images01, labels, source_index, group) and the first CNCL row.
+
+  "groups" (`memory_bank.sample_groups`): `batch_groups` whole CNCL groups, each
+  anchor with its positives; KL and CNCL both on every row (first CNCL row 0).
+
+  "uniform" (`memory_bank.sample`): `batch_groups * K * (N + 1)` images drawn
+  uniformly from the filled bank, all under KL: NAYER's pool sampling. NAYER
+  (datafree/synthesis/nayer.py) rebuilds a DataLoader with shuffle=True over its
+  PNG pool after every generator round and `sample()` takes its next batch: no
+  image repeats within one pass over the pool, the pass's last batch is smaller,
+  and the shuffle restarts every round. Here every draw is with replacement and
+  full-sized: a batch of B from a pool of P holds about B^2 / 2P repeated pairs
+  (1.6 for 500 from NAYER's 80k images after warm-up).
+
+  With CNCL on (`cncl_subbatch_groups`), whole groups are drawn beside the uniform
+  rows and appended after them: one student forward pass covers both (BatchNorm
+  statistics over all rows), KL is taken on the uniform rows only and CNCL on the
+  group rows only (first CNCL row = the uniform batch size). KL stays off the
+  group rows so that switching CNCL on leaves the distillation itself as it was,
+  the same number of KD images drawn the same way (only BN's batch statistics see
+  the group rows), and the teacher need not run on them. Without CNCL rows the
+  first CNCL row is None.
+  """
+  cfg = setup.config.student
+  if cfg.sampler == "groups":
+    batch = memory_bank.sample_groups(bank, rng, cfg.batch_groups, setup.group_size)
+    return _constrain_batch(batch, mesh), 0
+  rng_uniform, rng_groups = jax.random.split(rng)
+  num_kl = cfg.batch_groups * setup.group_size
+  batch = _constrain_batch(memory_bank.sample(bank, rng_uniform, num_kl), mesh)
+  num_groups = cncl_subbatch_groups(setup.config, swept)
+  if not num_groups:
+    return batch, None
+  groups = memory_bank.sample_groups(bank, rng_groups, num_groups, setup.group_size)
+  groups = _constrain_batch(groups, mesh)
+  batch = tuple(jnp.concatenate(parts) for parts in zip(batch, groups))
+  return _constrain_batch(batch, mesh), num_kl
 
 
 def student_step(state: TrainState, rng: jax.Array, *, setup: Setup, teacher_vars: PyTree,
                  mesh: Mesh | None = None):
-  """One SGD step on whole CNCL groups drawn from the memory bank."""
-  cfg = setup.config.student
+  """One SGD step on a KD batch drawn from the memory bank (`sample_kd_batch`)."""
   rng_sample, rng_aug = jax.random.split(rng)
-  images, labels, source_index, group = memory_bank.sample_groups(
-      state.bank, rng_sample, cfg.batch_groups, setup.group_size)
-  images, labels, source_index, group = _constrain_batch((images, labels, source_index, group), mesh)
+  (images, labels, source_index, group), cncl_from = sample_kd_batch(
+      state.bank, rng_sample, setup=setup, swept=state.hparams.keys(), mesh=mesh)
   x = normalize(augment.random_crop_flip(rng_aug, images), setup.mean, setup.std)
-  t_logits, _ = setup.teacher.apply(teacher_vars, x, train=False)
+  num_kl = cncl_from or x.shape[0]   # KL rows come first; "groups" has CNCL on every row (0).
+  t_logits, _ = setup.teacher.apply(teacher_vars, x[:num_kl], train=False)
   grad_fn = jax.value_and_grad(student_loss, has_aux=True)
   (_, (batch_stats, metrics)), grads = grad_fn(
       state.student["params"], state.student["batch_stats"], setup, x,
-      jax.lax.stop_gradient(t_logits), labels, source_index, group, state.hparams)
+      jax.lax.stop_gradient(t_logits), labels, source_index, group, state.hparams, cncl_from)
   updates, opt_state = setup.student_tx.update(grads, state.student_opt_state, state.student["params"])
   params = optax.apply_updates(state.student["params"], updates)
   state = state.replace(student={"params": params, "batch_stats": batch_stats},

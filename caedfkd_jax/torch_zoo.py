@@ -8,7 +8,6 @@ Every `forward(x, return_features=False)` takes NCHW input and returns logits,
 or (logits, pooled penultimate features) like the DFKD zoo's return_features.
 """
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

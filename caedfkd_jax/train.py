@@ -25,7 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from caedfkd_jax import atomic_files, bundle as bundle_lib
-from caedfkd_jax import cpu_devices, embeddings, generator as generator_lib, memory_bank, models
+from caedfkd_jax import cend, cpu_devices, embeddings, generator as generator_lib, memory_bank
+from caedfkd_jax import models
 from caedfkd_jax import multihost, resume, runs as runs_lib, steps
 from caedfkd_jax.config_checks import validate_config
 from caedfkd_jax.metrics_writer import MetricsWriter, save_image_grid
@@ -78,6 +79,17 @@ def epoch_plan(config, epoch: int) -> tuple[int, int]:
   return rounds, kd_calls
 
 
+def renews_generator(config, epoch: int) -> bool:
+  """Whether a whole new generator starts `epoch`: NAYER's g_life schedule.
+
+  NAYER re-creates it where `(epoch - warmup) % g_life == 0 or epoch % g_life == 0`
+  (datafree/synthesis/nayer.py), so also when the warm-up ends. Epoch 0's
+  generator is the run's first one.
+  """
+  life, warmup = config.generator.life_epochs, config.warmup_epochs
+  return epoch > 0 and ((epoch - warmup) % life == 0 or epoch % life == 0)
+
+
 def total_kd_steps(config) -> int:
   return max(config.epochs - config.warmup_epochs, 0) * config.student.kd_steps
 
@@ -108,10 +120,13 @@ def create_setup(config, teacher: bundle_lib.Bundle, table: embeddings.Embedding
       student=models.create_model(config.student_arch, num_classes, dtype),
       generator=generator_lib.Generator(
           num_classes=num_classes, img_size=teacher.spec.image_size,
-          noise_dim=config.generator.noise_dim, ngf=config.generator.ngf, dtype=dtype),
+          noise_dim=config.generator.noise_dim, ngf=config.generator.ngf, dtype=dtype,
+          noisy_chunk_rows=generator_lib.noisy_chunk_rows(
+              config.generator.noisy_chunks, num_classes, config.cend.num_sources + 1)),
       table_KxD=jnp.asarray(table.vectors, jnp.float32),
       mean=tuple(teacher.spec.mean), std=tuple(teacher.spec.std),
-      student_tx=student_tx, generator_tx=generator_tx, config=config)
+      student_tx=student_tx, generator_tx=generator_tx, config=config,
+      noise_scale_D=cend.noise_scale(table.vectors, config.cend.magnitude_scale))
 
 
 def new_generator_params(setup: steps.Setup, rng: jax.Array):
@@ -150,7 +165,7 @@ def create_run_states(setup: steps.Setup, teacher_vars, image_size: int,
 
 
 def renewed_generator(setup: steps.Setup, state: steps.TrainState) -> steps.TrainState:
-  """A whole new generator, every `generator.life_epochs` epochs (NAYER's g_life)."""
+  """A whole new generator, where `renews_generator` says (NAYER's g_life)."""
   rng_g = jax.random.fold_in(jax.random.fold_in(state.rng, state.epoch), 2**31 - 1)
   return state.replace(generator_params=new_generator_params(setup, rng_g))
 
@@ -407,7 +422,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                     else {"low_conf": []})
   while epoch < config.epochs and not stopped_early:
     rounds, kd_calls = epoch_plan(config, epoch)
-    if unit == 0 and epoch % config.generator.life_epochs == 0 and epoch > 0:
+    if unit == 0 and renews_generator(config, epoch):
       state = renew_fn(state)
     if unit == 0:
       epoch_metrics = {"low_conf": []}

@@ -18,14 +18,23 @@ Full schedule on a GPU (NAYER's CIFAR-10 settings and the paper's batch sizes,
 
   caedfkd distill --config configs/cifar10_resnet56_resnet20.py:full --workdir runs/r56_r20_full \
       --config.teacher=teachers/resnet56 --config.eval_data=../shared/data/cifar10
+
+An arm of the ablation ladder (caedfkd_jax/ladder.py: base, cend, cend_cncl,
+gaussian) follows the schedule after a comma, e.g. `:cpu,base` or `:full,cend`;
+`:base` alone is `:cpu,base`.
 """
 
-from caedfkd_jax import default_config
+from caedfkd_jax import default_config, ladder
 
 
-def get_config(schedule: str = "cpu"):
+def get_config(arg: str = "cpu"):
+  schedule, _, arm = arg.partition(",")
+  if schedule in ladder.ARMS and not arm:   # ":base" is ":cpu,base".
+    schedule, arm = "cpu", schedule
   if schedule not in ("cpu", "full"):
-    raise ValueError(f"schedule {schedule!r}: use cpu (20 minutes on 2 cores) or full (NAYER's)")
+    raise ValueError(f"schedule {schedule!r}: use cpu (20 minutes on 2 cores) or full (NAYER's), "
+                     f"optionally followed by an ablation arm ({', '.join(ladder.ARMS)}), "
+                     "e.g. cpu,base")
   config = default_config.get_config()
   config.teacher_arch_expected = "resnet56"
   # Models
@@ -54,4 +63,6 @@ def get_config(schedule: str = "cpu"):
       config.generator[name] = defaults.generator[name]
     for name in ("batch_groups", "kd_steps", "steps_per_call"):
       config.student[name] = defaults.student[name]
+  if arm:
+    ladder.apply_arm(config, arm)
   return config

@@ -16,13 +16,20 @@ Not yet reproduced here (no GPU in our sessions so far); see docs/results.md.
 Run time: NAYER reports hours on one GPU for 120 epochs. The paper's CLIP table
 (`--config.embeddings=PATH/cifar10_clip_vitb32.npy`) is its best language model;
 the default is the shipped all-MiniLM-L6-v2 (SBERT) table.
+
+A fourth item picks an arm of the ablation ladder (caedfkd_jax/ladder.py: base,
+cend, cend_cncl, gaussian), e.g. `paper_cifar.py:cifar10,resnet34,resnet18,base`.
 """
 
-from caedfkd_jax import default_config
+from caedfkd_jax import default_config, ladder
 
 
 def get_config(arg: str = "cifar10,resnet34,resnet18"):
-  dataset, teacher_arch, student_arch = arg.split(",")
+  parts = arg.split(",")
+  if len(parts) not in (3, 4):
+    raise ValueError(f"{arg!r}: use DATASET,TEACHER,STUDENT[,ARM], e.g. cifar10,resnet34,resnet18 "
+                     f"or cifar10,resnet34,resnet18,base (arms: {', '.join(ladder.ARMS)})")
+  dataset, teacher_arch, student_arch = parts[:3]
   if dataset not in ("cifar10", "cifar100"):
     raise ValueError(f"dataset {dataset!r}: use cifar10 or cifar100")
   config = default_config.get_config()
@@ -39,4 +46,6 @@ def get_config(arg: str = "cifar10,resnet34,resnet18"):
     config.student.batch_groups = 1  # 500 per KD step.
     config.generator.steps = 40
     config.epochs = 220
+  if len(parts) == 4:
+    ladder.apply_arm(config, parts[3])
   return config

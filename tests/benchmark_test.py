@@ -126,3 +126,45 @@ def test_time_to_accuracy_names_a_run_without_evaluations(tmp_path, capsys):
   _write_run(tmp_path / "noeval", [{"epoch": 1, "time/train_minutes": 1.0}])
   assert time_to_accuracy.main([str(tmp_path / "noeval")]) == 2
   assert "--config.eval_data" in capsys.readouterr().err
+
+
+def test_parity_judge_scores_a_batch_as_our_losses_do(tmp_path):
+  """The NAYER-parity judge: its BN term is our summed BN loss, its CE and top-1 are by hand."""
+  from benchmarks import nayer_parity
+  from caedfkd_jax import bundle as bundle_lib
+  spec = bundle_lib.ModelSpec("resnet_tiny_a", 4, 16, mean=(0.5,) * 3, std=(0.25,) * 3)
+  variables = bundle_lib.init_variables(spec, 0)
+  variables["batch_stats"] = jax.tree.map(lambda x: x + 0.3, variables["batch_stats"])
+  teacher = nayer_parity.torch_teacher(bundle_lib.Bundle(spec, variables))
+  images = np.random.default_rng(3).random((8, 16, 16, 3)).astype(np.float32)
+  labels = np.arange(8) % 4
+  verdict = nayer_parity.judge(teacher, images, labels, spec.mean, spec.std, low_confidence=0.3)
+  model = models.create_model("resnet_tiny_a", 4)
+  x = (jnp.asarray(images) - 0.5) / 0.25
+  (logits, _), state = model.apply(variables, x, train=False, mutable=[BN_STATS])
+  np.testing.assert_allclose(verdict["bn"], float(losses.bn_statistics_loss(
+      state[BN_STATS], variables["batch_stats"], "sum")), rtol=1e-4)
+  logits = np.asarray(logits, np.float64)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  np.testing.assert_allclose(verdict["ce"], -log_p[np.arange(8), labels].mean(), rtol=1e-4)
+  p = np.exp(log_p)
+  right = p.argmax(-1) == labels
+  assert verdict["top1"] == pytest.approx(right.mean())
+  assert verdict["confident_wrong"] == pytest.approx(np.mean(~right & (p.max(-1) >= 0.3)))
+
+
+def test_ladder_study_summarizes_arms_against_base():
+  from benchmarks import ladder_study
+  rows = lambda finals: [[{"epoch": 1}, {"epoch": 2, "eval/top1": f - 10, "time/minutes": 1.0},
+                          {"epoch": 3, "eval/top1": f, "time/minutes": 2.0}] for f in finals]
+  summary = ladder_study.summarize({"base": rows([80.0, 84.0, 82.0]),
+                                    "cend": rows([85.0, 86.0, 90.0])})
+  assert summary["base"]["final_top1"]["mean"] == pytest.approx(82.0)
+  assert summary["base"]["final_top1"]["std"] == pytest.approx(2.0)
+  assert summary["cend"]["minus_base"]["per_seed"] == [5.0, 2.0, 8.0]
+  assert summary["cend"]["minus_base"]["mean"] == pytest.approx(5.0)
+  reached_80 = summary["cend"]["epochs_to"]["80"]      # seed 2 (90%) got past 80% at epoch 2
+  assert (reached_80["reached"], reached_80["epochs"]["mean"]) == (3, pytest.approx(8 / 3))
+  assert summary["base"]["epochs_to"]["90"]["reached"] == 0
+  table = ladder_study.format_table(summary)
+  assert "| cend | 87.00 ± 2.65" in table and "5.00 ± 3.00" in table

@@ -101,9 +101,10 @@ def test_params_only_and_sized_by_batch():
   assert set(variables) == {"params"}  # No batch_stats: always batch statistics.
   assert params[NOISY_LAYER]["kernel"].shape == (4, D, 8)
   assert params[NOISY_LAYER]["bias"].shape == (4, 8)
-  with pytest.raises(ValueError, match="made for a batch of 12"):
+  with pytest.raises(ValueError, match=r"hold 4 noisy-layer Linears, but a batch of 6 embeddings "
+                     r"in chunks of 3 rows \(one per class\) needs 2"):
     gen.apply({"params": params}, emb[:2 * K])
-  with pytest.raises(ValueError, match="not a multiple of num_classes=3"):
+  with pytest.raises(ValueError, match=r"not a multiple of 3: .* of 3 rows \(one per class\)"):
     init_generator(jax.random.key(0), gen, 2 * K + 1, D)
 
 
@@ -206,3 +207,85 @@ def test_bfloat16_compute_keeps_float32_output():
   ref = ref_gen.apply({"params": params}, jax.random.normal(jax.random.key(1), (2 * K, D)))
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(out, ref, atol=0.05)
+
+
+# ----------------- noisy-layer chunking: per_view / per_group ---------------- #
+
+def _init(gen, batch, seed=0):
+  """Random params of init_generator's shapes, the noisy layer ~ N(0, 1) as in every round.
+
+  Drawn with NumPy from `jax.eval_shape`: compiling Flax's init costs seconds on CPU.
+  """
+  shapes = jax.eval_shape(lambda: init_generator(jax.random.key(0), gen, batch, D))
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda s: jnp.asarray(rng.normal(0, 0.3, s.shape), s.dtype), shapes)
+  kernel = jnp.asarray(rng.normal(size=params[NOISY_LAYER]["kernel"].shape), jnp.float32)
+  return {**params, NOISY_LAYER: {**params[NOISY_LAYER], "kernel": kernel}}
+
+
+def _noisy_and_images(gen, params, emb):
+  """The noisy layer's output (captured) and the images, for one batch."""
+  is_noisy = lambda module, method: isinstance(module, generator_lib.NoisyLayer)
+  apply = jax.jit(lambda p, e: gen.apply({"params": p}, e, capture_intermediates=is_noisy,
+                                         mutable=["intermediates"]))
+  images, state = apply(params, emb)
+  return np.asarray(state["intermediates"][NOISY_LAYER]["__call__"][0]), np.asarray(images)
+
+
+def test_per_group_chunks_share_one_linear_per_cncl_group():
+  from caedfkd_jax import cend
+  groups, sources = 2, 2
+  views = sources + 1
+  rows = generator_lib.noisy_chunk_rows("per_group", K, views)
+  assert rows == K * views and generator_lib.noisy_chunk_rows("per_view", K, views) == K
+  table = jax.random.normal(jax.random.key(5), (K, D))
+  make_batch = jax.jit(lambda m: cend.build_generator_batch(jax.random.key(6), table, groups,
+                                                            sources, magnitude=m))
+  batch = make_batch(0.0)
+  group_B, src_B = np.asarray(batch.group_B), np.asarray(batch.source_index_B)
+  per_group = Generator(num_classes=K, img_size=8, noise_dim=8, ngf=4, noisy_chunk_rows=rows)
+  params = _init(per_group, groups * rows)
+  assert params[NOISY_LAYER]["kernel"].shape == (groups, D, 8)   # num_groups chunks, not B // K
+  assert params[NOISY_LAYER]["bias"].shape == (groups, 8)
+  noisy, images = _noisy_and_images(per_group, params, batch.embeddings_BxD)
+  # Magnitude 0: an anchor and its N positives are one embedding through one Linear.
+  by_view = lambda x: x.reshape(groups, views, K, *x.shape[1:])
+  for x in (by_view(noisy), by_view(images)):
+    np.testing.assert_allclose(x, np.broadcast_to(x[:, :1], x.shape), rtol=0, atol=1e-6)
+    assert np.abs(x[0] - x[1]).max() > 1e-2          # groups still differ by projection
+  # per_view (NAYER): B // K Linears, one per view, so even at magnitude 0 every positive
+  # differs from its anchor.
+  per_view = Generator(num_classes=K, img_size=8, noise_dim=8, ngf=4)
+  params_v = _init(per_view, groups * rows)
+  assert params_v[NOISY_LAYER]["kernel"].shape == (groups * views, D, 8)
+  noisy_v, images_v = _noisy_and_images(per_view, params_v, batch.embeddings_BxD)
+  assert np.abs(by_view(noisy_v)[:, 1:] - by_view(noisy_v)[:, :1]).max(axis=-1).min() > 1e-2
+  assert np.abs(by_view(images_v)[:, 1:] - by_view(images_v)[:, :1]).max() > 1e-2
+  # A hand computation: BatchNorm1d, then row b through Linear group_B[b] (kernel gathered per row).
+  noisy_batch = make_batch(0.3)
+  noisy, _ = _noisy_and_images(per_group, params, noisy_batch.embeddings_BxD)
+  emb = np.asarray(noisy_batch.embeddings_BxD, np.float32)
+  scale, shift = (np.asarray(params["embed_norm"][n]) for n in ("scale", "bias"))
+  x = (emb - emb.mean(0)) / np.sqrt(emb.var(0) + 1e-5) * scale + shift
+  kernel, bias = (np.asarray(params[NOISY_LAYER][n]) for n in ("kernel", "bias"))
+  expected = np.einsum("bd,bdf->bf", x, kernel[group_B]) + bias[group_B]
+  np.testing.assert_allclose(noisy, expected, rtol=1e-5, atol=1e-4)
+  assert np.abs(by_view(noisy)[:, 1:] - by_view(noisy)[:, :1]).max() > 1e-2   # noise shows now
+  assert src_B.reshape(groups, views, K)[0, :, 0].tolist() == list(range(views))
+
+
+def test_noisy_chunk_errors_name_the_chunking():
+  with pytest.raises(ValueError, match="Unknown noisy_chunks 'per_class'"):
+    generator_lib.noisy_chunk_rows("per_class", K, 2)
+  per_group = Generator(num_classes=K, img_size=8, noise_dim=8, ngf=4, noisy_chunk_rows=2 * K)
+  with pytest.raises(ValueError, match=r"not a multiple of 6: .*\(one CNCL group: num_classes=3 "
+                     r"x 2 views, noisy_chunks=per_group\)"):
+    init_generator(jax.random.key(0), per_group, 3 * K, D)
+  with pytest.raises(ValueError, match="chunks of 4 rows are not a multiple of num_classes=3"):
+    init_generator(jax.random.key(0), Generator(num_classes=K, img_size=8, noisy_chunk_rows=4),
+                   4 * K, D)
+  # per_view params (4 Linears for 12 rows) do not fit a per_group generator (2 for 12 rows).
+  params = _init(Generator(num_classes=K, img_size=8, noise_dim=8, ngf=4), 4 * K)
+  with pytest.raises(ValueError, match=r"hold 4 noisy-layer Linears, but a batch of 12 "
+                     r"embeddings in chunks of 6 rows .* needs 2"):
+    per_group.apply({"params": params}, jnp.zeros((4 * K, D)))

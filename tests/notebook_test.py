@@ -1,6 +1,5 @@
 """The Colab notebook executes top to bottom (small settings), so it cannot rot."""
 
-import os
 import pathlib
 
 import nbformat

@@ -241,3 +241,15 @@ def test_a_rerun_reuses_the_persistent_compilation_cache(teacher_dir, table_path
   assert any(name.startswith("jit_generator_step") for name in cached)
   distill(tmp_path / "second")
   assert set(os.listdir(cache)) == cached
+
+
+def test_generator_is_renewed_on_nayers_g_life_schedule():
+  from caedfkd_jax import default_config
+  config = default_config.get_config()
+  renewed = lambda: [e for e in range(45) if train.renews_generator(config, e)]
+  config.warmup_epochs, config.generator.life_epochs = 20, 10   # NAYER's CIFAR scripts
+  assert renewed() == [10, 20, 30, 40]
+  config.warmup_epochs = 1                                      # NAYER's default --warmup
+  assert renewed() == [1, 10, 11, 20, 21, 30, 31, 40, 41]
+  config.warmup_epochs = 0
+  assert renewed() == [10, 20, 30, 40]

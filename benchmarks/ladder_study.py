@@ -1,0 +1,128 @@
+r"""The ablation ladder on the digits demo pair, several seeds per arm, one fixed budget.
+
+Protocol (fixed before any run; see docs/results.md): one teacher (the demo's ResNet-20
+trained on 80% of scikit-learn's digits, seed 0) for every arm and seed; each arm of
+`caedfkd_jax.ladder` (base, cend, cend_cncl, gaussian) trains `--seeds` students in one
+program (`config.num_runs`, seeds 0..n-1, so seed s of one arm starts from the same
+student and generator initialisation as seed s of another) on the demo's config for
+exactly `--epochs` epochs, with no time budget: the result does not depend on how busy
+the machine is. Metrics: final top-1 on the 360 held-out digits (primary), epochs to
+80% and 90% (secondary), mean, sample standard deviation and 95% t interval over
+seeds, and each arm's per-seed difference from `base`.
+
+  python -m benchmarks.ladder_study --workdir runs/ladder_digits --seeds 5 --epochs 10
+
+Every arm is an ordinary `caedfkd distill` run directory (resumable: rerun the same
+command after a kill). Writes study.json and study.md in --workdir.
+"""
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import numpy as np
+
+from caedfkd_jax import atomic_files, bundle as bundle_lib
+from caedfkd_jax import demo, ladder, runs as runs_lib, train
+
+LEVELS = (80.0, 90.0)
+
+
+def prepare_teacher(workdir: str, teacher_epochs: int) -> tuple[str, str]:
+  """(teacher bundle, held-out image folder), made once; seed 0 as `caedfkd demo`."""
+  x_train, x_test, y_train, y_test = demo.load_digits(0)
+  spec = bundle_lib.ModelSpec("resnet20", 10, demo.IMAGE_SIZE, mean=(0.5,) * 3, std=(0.5,) * 3,
+                              class_names=demo.DIGIT_NAMES,
+                              extra={"trained_on": "sklearn digits (80%)"})
+  teacher_dir = os.path.join(workdir, "teacher")
+  if not bundle_lib.bundle_exists(teacher_dir):
+    bundle_lib.save_bundle(teacher_dir, spec, demo.train_teacher(x_train, y_train, spec,
+                                                                 teacher_epochs, 0))
+  eval_dir = demo.write_image_folder(os.path.join(workdir, "heldout"), x_test, y_test,
+                                     demo.DIGIT_NAMES)
+  return teacher_dir, eval_dir
+
+
+def arm_config(arm: str, teacher_dir: str, eval_dir: str, seeds: int, epochs: int):
+  config = ladder.apply_arm(demo.demo_config(teacher_dir, eval_dir, minutes=0.0), arm)
+  config.seed = 0
+  config.num_runs = seeds
+  config.epochs = epochs
+  config.accuracy_levels = ()
+  return config
+
+
+def arm_rows(workdir: str, arm: str, seeds: int) -> list[list[dict[str, Any]]]:
+  """Each seed's metrics rows (one per epoch) of an arm's run directory."""
+  return [runs_lib.read_rows(os.path.join(workdir, arm, "runs", f"run_{i:02d}"))
+          for i in range(seeds)]
+
+
+def summarize(rows_by_arm: dict[str, list[list[dict[str, Any]]]]) -> dict[str, Any]:
+  """Per arm: final top-1 and epochs to each level over seeds; per-seed differences from base."""
+  finals = {arm: [[r["eval/top1"] for r in rows if "eval/top1" in r][-1] for rows in seeds]
+            for arm, seeds in rows_by_arm.items()}
+  out = {}
+  for arm, seeds in rows_by_arm.items():
+    to_level = {}
+    for level in LEVELS:
+      hits = [runs_lib.first_reaching(rows, level) for rows in seeds]
+      to_level[f"{level:g}"] = {"reached": sum(h is not None for h in hits), "of": len(hits),
+                                "epochs": runs_lib.interval95([h["epoch"] for h in hits if h])}
+    out[arm] = {"final_top1": runs_lib.interval95(finals[arm]), "per_seed": finals[arm],
+                "epochs_to": to_level}
+    if arm != "base" and "base" in finals:
+      diff = np.subtract(finals[arm], finals["base"]).tolist()
+      out[arm]["minus_base"] = {"per_seed": diff, **runs_lib.interval95(diff)}
+  return out
+
+
+def format_table(summary: dict[str, Any]) -> str:
+  fmt = lambda s: (f"{s['mean']:.2f} ± {s['std']:.2f} [{s['ci95_low']:.2f}, {s['ci95_high']:.2f}]"
+                   if s.get("std") is not None else
+                   "n/a" if s.get("mean") is None else f"{s['mean']:.2f}")
+  lines = ["| arm | final top-1 %: mean ± std [95% CI] | per seed | minus base: mean ± std "
+           "[95% CI] | " + " | ".join(f"epochs to {lv:g}%" for lv in LEVELS) + " |",
+           "|---|---|---|---|" + "---|" * len(LEVELS)]
+  for arm, s in summary.items():
+    per_seed = ", ".join(f"{v:.1f}" for v in s["per_seed"])
+    diff = fmt(s["minus_base"]) if "minus_base" in s else "-"
+    levels = " | ".join(f"{fmt(t['epochs'])} ({t['reached']}/{t['of']})"
+                        for t in s["epochs_to"].values())
+    lines.append(f"| {arm} | {fmt(s['final_top1'])} | {per_seed} | {diff} | {levels} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", default="runs/ladder_digits")
+  parser.add_argument("--arms", default=",".join(ladder.ARMS),
+                      help=f"comma-separated arms of {', '.join(ladder.ARMS)}")
+  parser.add_argument("--seeds", type=int, default=5)
+  parser.add_argument("--epochs", type=int, default=10)
+  parser.add_argument("--teacher-epochs", type=int, default=30)
+  args = parser.parse_args(argv)
+  arms = args.arms.split(",")
+  unknown = [a for a in arms if a not in ladder.ARMS]
+  if unknown:
+    parser.error(f"--arms: unknown {unknown}; the arms are {', '.join(ladder.ARMS)}")
+  os.makedirs(args.workdir, exist_ok=True)
+  teacher_dir, eval_dir = prepare_teacher(args.workdir, args.teacher_epochs)
+  for arm in arms:
+    print(f"== arm {arm}: {args.seeds} seeds, {args.epochs} epochs", flush=True)
+    train.train_and_evaluate(arm_config(arm, teacher_dir, eval_dir, args.seeds, args.epochs),
+                             os.path.join(args.workdir, arm))
+  summary = summarize({arm: arm_rows(args.workdir, arm, args.seeds) for arm in arms})
+  table = format_table(summary)
+  record = {"command": " ".join(["python -m benchmarks.ladder_study"] + sys.argv[1:]),
+            "arms": arms, "seeds": args.seeds, "epochs": args.epochs, "summary": summary}
+  atomic_files.write_text(os.path.join(args.workdir, "study.json"), json.dumps(record, indent=2))
+  atomic_files.write_text(os.path.join(args.workdir, "study.md"), table + "\n")
+  print(table)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
