@@ -8,7 +8,7 @@ NAYER's side is its own `datafree.synthesis.NAYER` and `NLGenerator`, imported f
 checkout (never copied here), driven one `synthesize()` per round; its teacher is the
 config's teacher bundle converted back to PyTorch (`caedfkd_jax.torch_zoo`).
 
-One judge scores every round's kept (best) batch of both sides the same way: the
+One judge (`synthesis_judge.py`) scores every round's kept (best) batch of both sides alike: the
 PyTorch teacher on the unaugmented images gives the cross-entropy against the
 intended classes, top-1 against them, the mean confidence, the share the teacher is
 confident about (>= config.low_confidence) yet wrong, and the raw BN-statistics loss
@@ -22,7 +22,7 @@ from the line it prints every step, ours from the step metrics.
       --nayer_path ~/src/NAYER --rounds 8 --seeds 0,1,2 --out_dir runs/nayer_parity
 
 NAYER's synthesizer needs torch, torchvision and kornia (and the packages its
-`datafree` imports: termcolor, xlsxwriter) in this interpreter. `--sides jax` runs
+`datafree` imports: termcolor, xlsxwriter, pandas) in this interpreter. `--sides jax` runs
 ours alone. Writes parity.json (every figure, per side, seed and round), a markdown
 table of mean and spread over seeds per round, and the last round's kept batch of
 each side as a labelled grid (seed 0).
@@ -43,6 +43,8 @@ from absl import app, flags
 from ml_collections import config_flags
 import numpy as np
 
+from benchmarks.synthesis_judge import judge, torch_teacher
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, as for `caedfkd distill`.")
 _NAYER_PATH = flags.DEFINE_string("nayer_path", None, "A checkout of github.com/tmtuan1307/NAYER.")
 _ROUNDS = flags.DEFINE_integer("rounds", 8, "Generator rounds per side and seed.")
@@ -53,52 +55,6 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "runs/nayer_parity", "Where the JSON a
 # NAYER prints "<step> - bn <bn * weight> - bn <bn> - oh <ce> - adv <adv>" every generator step.
 _STEP_LINE = re.compile(r"^(\d+) - bn tensor\(([-\d.e+]+).*? - bn tensor\(([-\d.e+]+).*? - oh "
                         r"tensor\(([-\d.e+]+)")
-JUDGED = ("ce", "top1", "confidence", "confident_wrong", "bn")
-
-
-def torch_teacher(bundle):
-  """The bundle's network as a PyTorch module in eval mode, weights loaded strictly."""
-  import torch
-  from caedfkd_jax import convert, torch_zoo
-  spec = bundle.spec
-  module = torch_zoo.build(spec.arch, spec.num_classes)
-  state = convert.variables_to_state_dict(bundle.variables, spec.arch, spec.num_classes,
-                                          image_size=spec.image_size)
-  module.load_state_dict({k: torch.as_tensor(v) for k, v in state.items()})
-  return module.eval().requires_grad_(False)
-
-
-def judge(teacher, images01_BxHxWxC: np.ndarray, labels_B: np.ndarray, mean, std,
-          low_confidence: float) -> dict[str, float]:
-  """The teacher's verdict on one kept batch (unaugmented), the same for both sides."""
-  import torch
-  x = torch.as_tensor(np.ascontiguousarray(images01_BxHxWxC.transpose(0, 3, 1, 2)), dtype=torch.float32)
-  x = (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-  bn_terms = []
-
-  def hook(module, inputs, _):
-    a = inputs[0]
-    mean_c, var_c = a.mean((0, 2, 3)), a.permute(1, 0, 2, 3).flatten(1).var(1, unbiased=False)
-    bn_terms.append(torch.norm(module.running_var - var_c) + torch.norm(module.running_mean - mean_c))
-
-  handles = [m.register_forward_hook(hook) for m in teacher.modules()
-             if isinstance(m, torch.nn.BatchNorm2d)]
-  try:
-    with torch.no_grad():
-      logits = teacher(x)
-  finally:
-    for h in handles:
-      h.remove()
-  labels = torch.as_tensor(labels_B, dtype=torch.long)
-  probs = logits.softmax(-1)
-  confidence, predicted = probs.max(-1)
-  wrong = predicted != labels
-  return {"ce": float(torch.nn.functional.cross_entropy(logits, labels)),
-          "top1": float((~wrong).float().mean()),
-          "confidence": float(confidence.mean()),
-          "confident_wrong": float((wrong & (confidence >= low_confidence)).float().mean()),
-          "bn": float(sum(bn_terms)),
-          "predicted": predicted.numpy(), "confidence_B": confidence.numpy()}
 
 
 def jax_rounds(config, bundle, table, rounds: int, seed: int):

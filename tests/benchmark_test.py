@@ -130,15 +130,15 @@ def test_time_to_accuracy_names_a_run_without_evaluations(tmp_path, capsys):
 
 def test_parity_judge_scores_a_batch_as_our_losses_do(tmp_path):
   """The NAYER-parity judge: its BN term is our summed BN loss, its CE and top-1 are by hand."""
-  from benchmarks import nayer_parity
+  from benchmarks import synthesis_judge
   from caedfkd_jax import bundle as bundle_lib
   spec = bundle_lib.ModelSpec("resnet_tiny_a", 4, 16, mean=(0.5,) * 3, std=(0.25,) * 3)
   variables = bundle_lib.init_variables(spec, 0)
   variables["batch_stats"] = jax.tree.map(lambda x: x + 0.3, variables["batch_stats"])
-  teacher = nayer_parity.torch_teacher(bundle_lib.Bundle(spec, variables))
+  teacher = synthesis_judge.torch_teacher(bundle_lib.Bundle(spec, variables))
   images = np.random.default_rng(3).random((8, 16, 16, 3)).astype(np.float32)
   labels = np.arange(8) % 4
-  verdict = nayer_parity.judge(teacher, images, labels, spec.mean, spec.std, low_confidence=0.3)
+  verdict = synthesis_judge.judge(teacher, images, labels, spec.mean, spec.std, low_confidence=0.3)
   model = models.create_model("resnet_tiny_a", 4)
   x = (jnp.asarray(images) - 0.5) / 0.25
   (logits, _), state = model.apply(variables, x, train=False, mutable=[BN_STATS])
