@@ -32,6 +32,7 @@ import contextlib
 import io
 import json
 import os
+import random
 import re
 import statistics
 import sys
@@ -82,7 +83,6 @@ def nayer_rounds(nayer_path: str, config, bundle, table, rounds: int, seed: int)
   datafree, _ = nayer_side.import_nayer(nayer_path)
   torch.manual_seed(seed)
   np.random.seed(seed)
-  import random
   random.seed(seed)
   spec = bundle.spec
   k, d = table.vectors.shape
