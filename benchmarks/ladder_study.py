@@ -33,9 +33,7 @@ LEVELS = (80.0, 90.0)
 def prepare_teacher(workdir: str, teacher_epochs: int) -> tuple[str, str]:
   """(teacher bundle, held-out image folder), made once; seed 0 as `caedfkd demo`."""
   x_train, x_test, y_train, y_test = demo.load_digits(0)
-  spec = bundle_lib.ModelSpec("resnet20", 10, demo.IMAGE_SIZE, mean=(0.5,) * 3, std=(0.5,) * 3,
-                              class_names=demo.DIGIT_NAMES,
-                              extra={"trained_on": "sklearn digits (80%)"})
+  spec = demo.teacher_spec()
   teacher_dir = os.path.join(workdir, "teacher")
   if not bundle_lib.bundle_exists(teacher_dir):
     bundle_lib.save_bundle(teacher_dir, spec, demo.train_teacher(x_train, y_train, spec,

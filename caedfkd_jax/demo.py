@@ -41,6 +41,12 @@ def load_digits(seed: int = 0):
                           random_state=seed, stratify=digits.target)
 
 
+def teacher_spec() -> bundle_lib.ModelSpec:
+  """The demo teacher: a ResNet-20 on 16x16 RGB digits."""
+  return bundle_lib.ModelSpec("resnet20", 10, IMAGE_SIZE, mean=(0.5,) * 3, std=(0.5,) * 3,
+                              class_names=DIGIT_NAMES, extra={"trained_on": "sklearn digits (80%)"})
+
+
 def train_teacher(x_train, y_train, spec: bundle_lib.ModelSpec, epochs: int, seed: int):
   """Plain supervised training (SGD, cosine, crop+flip-free: digits are not mirror-symmetric)."""
   model = models.create_model(spec.arch, spec.num_classes)
@@ -201,8 +207,7 @@ def run(args: argparse.Namespace) -> int:
   x_train, x_test, y_train, y_test = load_digits(args.seed)
   print(f"digits: {len(x_train)} training images for the teacher, {len(x_test)} held out")
 
-  spec = bundle_lib.ModelSpec("resnet20", 10, IMAGE_SIZE, mean=(0.5,) * 3, std=(0.5,) * 3,
-                              class_names=DIGIT_NAMES, extra={"trained_on": "sklearn digits (80%)"})
+  spec = teacher_spec()
   teacher_dir = os.path.join(workdir, "teacher")
   if not os.path.exists(os.path.join(teacher_dir, bundle_lib.MODEL_JSON)):
     variables = train_teacher(x_train, y_train, spec, args.teacher_epochs, args.seed)
