@@ -76,15 +76,9 @@ def benchmark_config():
 
 
 def load_teacher(config):
-  """The teacher bundle named by the config, or a random one of the benchmark's teacher arch."""
-  from caedfkd_jax import bundle as bundle_lib
-  from caedfkd_jax import embeddings
-  table = embeddings.load_table(config.embeddings)
-  if config.teacher:
-    return bundle_lib.load_bundle(config.teacher), table
-  arch = _TEACHER_ARCH.value or config.get("teacher_arch_expected") or "resnet56"
-  spec = bundle_lib.ModelSpec(arch, table.vectors.shape[0], 32)
-  return bundle_lib.Bundle(spec, bundle_lib.init_variables(spec, 0)), table
+  """The teacher bundle named by the config, or a random one of --teacher_arch."""
+  from benchmarks import jax_side
+  return jax_side.load_teacher(config, _TEACHER_ARCH.value)
 
 
 def run_side(side: str) -> dict[str, Any]:

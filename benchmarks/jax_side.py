@@ -70,6 +70,21 @@ def peak_memory() -> dict[str, Any]:
           "host_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
+def load_teacher(config, teacher_arch: str | None = None):
+  """(teacher bundle, table): the config's teacher, or a random one of `teacher_arch`.
+
+  Without a teacher path the arch is `teacher_arch`, else config.teacher_arch_expected, else
+  resnet56: speed does not depend on the weights.
+  """
+  from caedfkd_jax import embeddings
+  table = embeddings.load_table(config.embeddings)
+  if config.teacher:
+    return bundle_lib.load_bundle(config.teacher), table
+  arch = teacher_arch or config.get("teacher_arch_expected") or "resnet56"
+  spec = bundle_lib.ModelSpec(arch, table.vectors.shape[0], 32)
+  return bundle_lib.Bundle(spec, bundle_lib.init_variables(spec, 0)), table
+
+
 def prepare(config, teacher: bundle_lib.Bundle, table):
   """(setup, mesh over every device, replicated sharding, teacher variables on the mesh)."""
   setup = train.create_setup(config, teacher, table)
@@ -126,7 +141,9 @@ def measure(config, teacher: bundle_lib.Bundle, table, repeats: int = 3,
   epoch_s = time.perf_counter() - start
 
   g_steps, kd_per_call = config.generator.steps, config.student.steps_per_call
-  kd_batch = config.student.batch_groups * setup.group_size
+  # Images through the student per KD step: under sampler=uniform with CNCL on, the CNCL
+  # groups ride beside the uniform rows (steps.sample_kd_batch).
+  kd_batch = (config.student.batch_groups + steps.cncl_subbatch_groups(config)) * setup.group_size
   round_median, kd_median = statistics.median(round_s), statistics.median(kd_s)
   device = jax.local_devices()[0]
   return {

@@ -2,6 +2,9 @@ r"""Where a framework gap comes from: one zoo network's forward and training ste
 
   python -m benchmarks.network_breakdown --archs resnet56,resnet20 --batch 100
 
+JAX runs once per `--cpu_kernels` choice (caedfkd_jax/xla_cpu.py), so the table shows
+XLA's default CPU kernels beside the tuned ones the train steps use.
+
 For each arch: the eval-mode forward (what the teacher does in a KD step), the input gradient
 (what the teacher does in a generator step: no weight gradients) and the train-mode
 forward+backward with weight gradients (what the student does), in both frameworks on the
@@ -9,6 +12,7 @@ same machine, median of --repeats calls after a warm-up call.
 """
 
 import argparse
+import functools
 import statistics
 import time
 
@@ -17,10 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from caedfkd_jax import models, torch_zoo
+from caedfkd_jax import models, torch_zoo, xla_cpu
 
 
-def _median_ms(fn, repeats: int) -> float:
+def median_ms(fn, repeats: int) -> float:
   jax.block_until_ready(fn())
   times = []
   for _ in range(repeats):
@@ -30,7 +34,8 @@ def _median_ms(fn, repeats: int) -> float:
   return 1e3 * statistics.median(times)
 
 
-def jax_times(arch: str, x_BxHxWxC: np.ndarray, dtype, repeats: int) -> dict[str, float]:
+def jax_times(arch: str, x_BxHxWxC: np.ndarray, dtype, repeats: int,
+              cpu_kernels: str = "tuned") -> dict[str, float]:
   model = models.create_model(arch, 10, dtype)
   variables = model.init(jax.random.key(0), jnp.asarray(x_BxHxWxC[:1]))
   params, batch_stats = variables["params"], variables["batch_stats"]
@@ -41,12 +46,13 @@ def jax_times(arch: str, x_BxHxWxC: np.ndarray, dtype, repeats: int) -> dict[str
                       mutable=["batch_stats"] if train else False)
     return (out[0][0] if train else out[0]).sum()
 
-  forward = jax.jit(lambda p, x: model.apply({"params": p, "batch_stats": batch_stats}, x)[0])
-  input_grad = jax.jit(jax.grad(lambda x: logits_sum(params, x, False)))
-  train_grad = jax.jit(jax.grad(lambda p: logits_sum(p, x, True)))
-  return {"forward": _median_ms(lambda: forward(params, x), repeats),
-          "input_grad": _median_ms(lambda: input_grad(x), repeats),
-          "train_step": _median_ms(lambda: train_grad(params), repeats)}
+  jit = functools.partial(xla_cpu.jit, choice=cpu_kernels, platform=jax.default_backend())
+  forward = jit(lambda p, x: model.apply({"params": p, "batch_stats": batch_stats}, x)[0])
+  input_grad = jit(jax.grad(lambda x: logits_sum(params, x, False)))
+  train_grad = jit(jax.grad(lambda p: logits_sum(p, x, True)))
+  return {"forward": median_ms(lambda: forward(params, x), repeats),
+          "input_grad": median_ms(lambda: input_grad(x), repeats),
+          "train_step": median_ms(lambda: train_grad(params), repeats)}
 
 
 def torch_times(arch: str, x_BxHxWxC: np.ndarray, repeats: int) -> dict[str, float]:
@@ -66,8 +72,8 @@ def torch_times(arch: str, x_BxHxWxC: np.ndarray, repeats: int) -> dict[str, flo
     model.train().requires_grad_(True).zero_grad()
     model(x).sum().backward()
 
-  return {"forward": _median_ms(forward, repeats), "input_grad": _median_ms(input_grad, repeats),
-          "train_step": _median_ms(train_step, repeats)}
+  return {"forward": median_ms(forward, repeats), "input_grad": median_ms(input_grad, repeats),
+          "train_step": median_ms(train_step, repeats)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,17 +82,24 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--batch", type=int, default=100)
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--jax_dtype", default="float32", choices=["float32", "bfloat16"])
+  parser.add_argument("--cpu_kernels", default=",".join(xla_cpu.CHOICES),
+                      help="JAX columns, one per XLA:CPU kernel choice (comma-separated).")
   args = parser.parse_args(argv)
+  choices = args.cpu_kernels.split(",")
   x = np.random.default_rng(0).random((args.batch, 32, 32, 3), np.float32)
   print(f"batch {args.batch}, JAX {args.jax_dtype} on {jax.devices()[0].device_kind}, "
         f"PyTorch {torch.__version__} float32 ({torch.get_num_threads()} threads); ms per call")
-  print("| arch | phase | JAX ms | PyTorch ms | JAX speed |\n|---|---|---|---|---|")
+  jax_columns = " | ".join(f"JAX {c} ms" for c in choices)
+  speed_columns = " | ".join(f"JAX {c} speed" for c in choices)
+  print(f"| arch | phase | {jax_columns} | PyTorch ms | {speed_columns} |")
+  print("|---" * (3 + 2 * len(choices)) + "|")
   for arch in args.archs.split(","):
-    ours = jax_times(arch, x, jnp.dtype(args.jax_dtype), args.repeats)
+    ours = {c: jax_times(arch, x, jnp.dtype(args.jax_dtype), args.repeats, c) for c in choices}
     theirs = torch_times(arch, x, args.repeats)
-    for phase in ours:
-      print(f"| {arch} | {phase} | {ours[phase]:.1f} | {theirs[phase]:.1f} | "
-            f"{theirs[phase] / ours[phase]:.2f}x |", flush=True)
+    for phase in theirs:
+      ms = " | ".join(f"{ours[c][phase]:.1f}" for c in choices)
+      speed = " | ".join(f"{theirs[phase] / ours[c][phase]:.2f}x" for c in choices)
+      print(f"| {arch} | {phase} | {ms} | {theirs[phase]:.1f} | {speed} |", flush=True)
   return 0
 
 

@@ -49,7 +49,8 @@ def measure(config, teacher, table, num_runs: int, vectorize: bool, repeats: int
   state = jax.device_put(states[0] if num_runs == 1 else runs_lib.stack(states), replicated)
   over_runs = None if num_runs == 1 else functools.partial(
       runs_lib.over_runs, num_runs=num_runs, vectorize=vectorize)
-  fns = steps.make_step_fns(setup, mesh, over_runs=over_runs)
+  fns = steps.make_step_fns(setup, mesh, over_runs=over_runs,
+                            vmapped_runs=vectorize and num_runs > 1)
   times: dict[str, list[float]] = {"round": [], "kd": []}
   first: dict[str, float] = {}
   for _ in range(repeats + 1):

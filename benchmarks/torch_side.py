@@ -157,6 +157,10 @@ class TorchDFKD:
     self.group = k * (config.cend.num_sources + 1)
     self.syn_batch = config.num_groups * self.group
     self.kd_batch = config.student.batch_groups * self.group
+    s = config.student
+    cncl_groups = (s.cncl_groups or s.batch_groups) if (
+        s.sampler == "uniform" and s.cncl_weight != 0) else 0   # steps.cncl_subbatch_groups
+    self.kd_images = (s.batch_groups + cncl_groups) * self.group   # through the student a step
     self.teacher = torch_zoo.build(teacher_arch, k).to(self.device).eval().requires_grad_(False)
     self.student = torch_zoo.build(config.student_arch, k).to(self.device)
     self.generator = Generator(k, self.syn_batch, table.shape[1], config.generator.noise_dim,
@@ -217,20 +221,34 @@ class TorchDFKD:
     self.bn.enabled = False
     return best_loss
 
+  def _group_rows(self, num_groups: int) -> torch.Tensor:
+    slot = torch.randperm(self.bank.shape[0] // self.group, device=self.device)[:num_groups]
+    return (slot[:, None] * self.group + torch.arange(self.group, device=self.device)).view(-1)
+
   def kd_step(self):
+    """One KD step as steps.sample_kd_batch lays it out: KL rows first, then CNCL rows."""
     cfg = self.cfg.student
-    groups = self.bank.shape[0] // self.group
-    slot = torch.randperm(groups, device=self.device)[:cfg.batch_groups]
-    idx = (slot[:, None] * self.group + torch.arange(self.group, device=self.device)).view(-1)
+    if cfg.sampler == "groups":
+      idx = self._group_rows(cfg.batch_groups)
+      num_kl, cncl_from = len(idx), 0
+    else:  # uniform: NAYER's pool draw, with whole CNCL groups appended when CNCL is on
+      num_kl = self.kd_batch
+      idx = torch.randint(0, self.bank.shape[0], (num_kl,), device=self.device)
+      cncl_rows = self.kd_images - num_kl
+      idx = torch.cat([idx, self._group_rows(cncl_rows // self.group)])
+      cncl_from = num_kl if cncl_rows else None
     with torch.no_grad():
       x = self._normalize(random_crop_flip(self.bank[idx].float() / 255))
     with self.autocast:
       with torch.no_grad():
-        t_logits = self.teacher(x).float()
+        t_logits = self.teacher(x[:num_kl]).float()
       s_logits, features = self.student(x, return_features=True)
     t = cfg.temperature
-    loss = t * t * kl_rows(t_logits / t, s_logits.float() / t).mean() + cfg.cncl_weight * cncl(
-        features, self.bank_labels[idx], self.bank_source[idx], cfg.cncl_temperature)
+    loss = t * t * kl_rows(t_logits / t, s_logits[:num_kl].float() / t).mean()
+    if cncl_from is not None:
+      rows = idx[cncl_from:]
+      loss = loss + cfg.cncl_weight * cncl(features[cncl_from:], self.bank_labels[rows],
+                                           self.bank_source[rows], cfg.cncl_temperature)
     self.student_opt.zero_grad(set_to_none=True)
     loss.backward()
     self.student_opt.step()
@@ -289,7 +307,7 @@ def measure(config, teacher_arch: str, table: np.ndarray, mean, std, image_size:
       "round_s": round_median,
       "kd_call_s": kd_median,
       "generator_images_per_s": run.syn_batch * g_steps / round_median,
-      "student_images_per_s": run.kd_batch * kd_per_call / kd_median,
+      "student_images_per_s": run.kd_images * kd_per_call / kd_median,
       "epoch_s": epoch_s,
       "compile_s": max(first_round_s - round_median, 0.0) + max(first_kd_s - kd_median, 0.0),
       "memory": {"device_peak_bytes": (torch.cuda.max_memory_allocated(dev) if dev.type == "cuda"

@@ -4,7 +4,7 @@ Without these, a zero or a negative value surfaces mid-run as a ZeroDivisionErro
 a shape error at the first trace, or an empty memory bank.
 """
 
-from caedfkd_jax import cend, losses, memory_bank, runs, steps
+from caedfkd_jax import cend, losses, memory_bank, runs, steps, xla_cpu
 from caedfkd_jax import generator as generator_lib
 
 
@@ -90,6 +90,9 @@ def validate_config(config, num_devices: int, group_size: int) -> None:
                      "mean (averaged over the teacher's BN layers).")
   if config.student.cncl_form not in ("infonce", "supcon"):
     raise ValueError(f"config.student.cncl_form={config.student.cncl_form!r}: use infonce or supcon.")
+  if config.get("cpu_kernels", "tuned") not in xla_cpu.CHOICES:
+    raise ValueError(f"config.cpu_kernels={config.cpu_kernels!r}: use tuned (measured faster on "
+                     "CPUs) or xla_default (XLA's own CPU kernels).")
   if config.student.sampler not in memory_bank.SAMPLERS:
     raise ValueError(f"config.student.sampler={config.student.sampler!r}: use groups (whole CNCL "
                      "groups) or uniform (NAYER's pool sampling).")

@@ -12,12 +12,18 @@ from tqdm.auto import tqdm
 
 from caedfkd_jax import bundle as bundle_lib
 from caedfkd_jax import data as data_lib
+from caedfkd_jax import xla_cpu
 
 
-@functools.partial(jax.jit, static_argnums=(0,))
 def _logits(model, variables, images_uint8, mean, std):
   x = (images_uint8.astype(jnp.float32) / 255.0 - mean) / std
   return model.apply(variables, x, train=False)[0]
+
+
+@functools.cache
+def _jitted_logits(platform: str) -> Callable:
+  """`_logits` compiled with the tuned CPU kernels (xla_cpu.py); built on first use."""
+  return xla_cpu.jit(_logits, choice="tuned", platform=platform, static_argnums=(0,))
 
 
 def map_batches(fn: Callable[[np.ndarray], Any], images_uint8: np.ndarray, batch_size: int = 500,
@@ -40,7 +46,8 @@ def predict(model, variables, images_uint8: np.ndarray, mean, std, batch_size: i
   """Logits for uint8 N x H x W x C images, in eval mode; one compiled batch shape."""
   mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
   variables = {"params": variables["params"], "batch_stats": variables["batch_stats"]}
-  return map_batches(lambda batch: _logits(model, variables, batch, mean, std), images_uint8,
+  logits = _jitted_logits(jax.default_backend())
+  return map_batches(lambda batch: logits(model, variables, batch, mean, std), images_uint8,
                      batch_size, "evaluate", progress)
 
 

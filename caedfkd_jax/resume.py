@@ -23,7 +23,7 @@ INVOCATION_FIELDS = frozenset({
     "checkpoint_every_minutes", "max_checkpoints", "eval_data", "eval_split", "eval_every_epochs",
     "eval_batch_size", "grid_images_per_class", "compilation_cache_dir", "allow_config_change",
     "distributed", "coordinator_address", "num_processes", "process_id", "runs_vectorized",
-    "accuracy_levels"})
+    "accuracy_levels", "cpu_kernels"})
 
 
 def tree_sha256(tree) -> str:

@@ -19,7 +19,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from caedfkd_jax import augment, cend, generator as generator_lib, losses, memory_bank
+from caedfkd_jax import augment, cend, generator as generator_lib, losses, memory_bank, xla_cpu
 from caedfkd_jax.bundle import normalize
 
 PyTree = Any
@@ -368,7 +368,8 @@ def resolve_fuse(config, fuse: bool | None = None, platform: str | None = None) 
 
 
 def make_step_fns(setup: Setup, mesh: Mesh, fuse: bool | None = None,
-                  over_runs: Callable | None = None) -> dict[str, Callable]:
+                  over_runs: Callable | None = None, vmapped_runs: bool = False
+                  ) -> dict[str, Callable]:
   """Jitted phases over `mesh`: state and teacher replicated, batches sharded, state donated.
 
   Fused (see `resolve_fuse`), a generator round and a KD call are each one
@@ -376,35 +377,43 @@ def make_step_fns(setup: Setup, mesh: Mesh, fuse: bool | None = None,
   every step is its own compiled call driven from Python, the CPU choice.
   Either way each phase compiles once: shapes, dtypes and shardings of the
   state never change between calls. `over_runs(fn, in_axes)`, when given, maps
-  each piece over a leading run axis of the state (`runs.over_runs`).
+  each piece over a leading run axis of the state (`runs.over_runs`);
+  `vmapped_runs` says that it does so with `jax.vmap`.
   """
   replicated = NamedSharding(mesh, P())
-  jit = functools.partial(jax.jit, donate_argnums=(0,))
   cfg = setup.config
+  platform = mesh.devices.flat[0].platform
+  fused = resolve_fuse(cfg, fuse, platform=platform)
+  # XLA:CPU's kernels (xla_cpu.py; accelerators ignore the choice).
+  plain_jit = functools.partial(xla_cpu.jit, choice=cfg.get("cpu_kernels", "tuned"),
+                                platform=platform, elementwise=not (fused or vmapped_runs))
+  jit = functools.partial(plain_jit, donate_argnums=(0,))
   per_run = over_runs or (lambda fn, in_axes: fn)
-  if resolve_fuse(cfg, fuse, platform=mesh.devices.flat[0].platform):
+  if fused:
     rounds = {
-        warm: jit(per_run(functools.partial(generator_round, setup=setup, warmup=warm, mesh=mesh),
-                          (0, None)),
-                  in_shardings=(replicated, replicated))
+        warm: jit(
+            per_run(functools.partial(generator_round, setup=setup, warmup=warm, mesh=mesh),
+                    (0, None)),
+            in_shardings=(replicated, replicated))
         for warm in (True, False)}
-    kd = jit(per_run(functools.partial(student_steps, setup=setup,
-                                       num_steps=cfg.student.steps_per_call, mesh=mesh), (0, None)),
-             in_shardings=(replicated, replicated))
+    kd = jit(
+        per_run(functools.partial(student_steps, setup=setup,
+                                  num_steps=cfg.student.steps_per_call, mesh=mesh), (0, None)),
+        in_shardings=(replicated, replicated))
     return {"warmup_round": rounds[True], "round": rounds[False], "kd": kd}
 
-  start = {warm: jax.jit(per_run(functools.partial(start_round, setup=setup, warmup=warm, mesh=mesh),
-                                 (0,)))
+  start = {warm: plain_jit(per_run(
+               functools.partial(start_round, setup=setup, warmup=warm, mesh=mesh), (0,)))
            for warm in (True, False)}
-  g_step = jax.jit(per_run(functools.partial(generator_step, setup=setup, mesh=mesh),
-                           (0, 0, None, 0, None)), donate_argnums=(0,))
-  finish = jax.jit(per_run(functools.partial(finish_round, setup=setup), (0, 0, 0, None)),
-                   donate_argnums=(0,))
+  g_step = jit(per_run(
+      functools.partial(generator_step, setup=setup, mesh=mesh), (0, 0, None, 0, None)))
+  finish = jit(per_run(
+      functools.partial(finish_round, setup=setup), (0, 0, 0, None)))
 
   def kd_step(state, i, teacher_vars):
     return student_step(state, jax.random.fold_in(kd_rng(state), i), setup=setup,
                         teacher_vars=teacher_vars, mesh=mesh)
-  s_step = jax.jit(per_run(kd_step, (0, None, None)), donate_argnums=(0,))
+  s_step = jit(per_run(kd_step, (0, None, None)))
   # Per-step metrics stack on the last axis: (steps,), or (runs, steps) as the fused scans give.
   stack_steps = lambda metrics: jax.tree.map(lambda *xs: jnp.stack(xs, axis=-1), *metrics)
 

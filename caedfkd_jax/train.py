@@ -361,11 +361,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if state is None:
     state = multihost.put(initial_state(), replicated)
   # Every per-run piece maps over the run axis; `over_runs` None: one run, no axis.
+  vectorize = runs is not None and runs_lib.resolve_vectorize(config, mesh.devices.flat[0].platform)
   over_runs = None if runs is None else functools.partial(
-      runs_lib.over_runs, num_runs=len(runs),
-      vectorize=runs_lib.resolve_vectorize(config, mesh.devices.flat[0].platform))
+      runs_lib.over_runs, num_runs=len(runs), vectorize=vectorize)
   per_run = over_runs or (lambda fn, in_axes: fn)
-  fns = steps.make_step_fns(setup, mesh, over_runs=over_runs)
+  fns = steps.make_step_fns(setup, mesh, over_runs=over_runs, vmapped_runs=vectorize)
   run_dirs = [workdir] if runs is None else [os.path.join(workdir, "runs", r.name) for r in runs]
   # Rows logged after the checkpoint being resumed are logged again: drop them first.
   writers = [MetricsWriter(d, enabled=jax.process_index() == 0,

@@ -168,3 +168,33 @@ def test_ladder_study_summarizes_arms_against_base():
   assert summary["base"]["epochs_to"]["90"]["reached"] == 0
   table = ladder_study.format_table(summary)
   assert "| cend | 87.00 ± 2.65" in table and "5.00 ± 3.00" in table
+
+
+def test_conv_layers_and_network_breakdown_print_both_kernel_choices(capsys, monkeypatch):
+  """The CPU-gap tables run end to end at toy sizes, with one column per cpu_kernels choice."""
+  from benchmarks import conv_layers, network_breakdown
+  monkeypatch.setattr(conv_layers, "LAYERS", ((8, 4, 4, "student"), (8, 4, 4, "generator")))
+  assert conv_layers.main(["--batch", "2", "--repeats", "1"]) == 0
+  rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 8x8")]
+  assert len(rows) == 2 and all(row.count(" / ") == 6 for row in rows)
+  assert network_breakdown.main(["--archs", "resnet8", "--batch", "2", "--repeats", "1"]) == 0
+  out = capsys.readouterr().out
+  assert "JAX tuned ms | JAX xla_default ms | PyTorch ms" in out
+  assert len([line for line in out.splitlines() if line.startswith("| resnet8 |")]) == 3
+
+
+@pytest.mark.parametrize("cncl_weight", [0.0, 0.5])
+def test_torch_side_samples_uniform_kd_batches_as_the_jax_side_does(cncl_weight):
+  """sampler=uniform: KL rows from the whole bank, CNCL groups appended only with CNCL on."""
+  from caedfkd_jax import default_config, steps
+  config = default_config.get_config()
+  config.student_arch, config.cend.num_sources, config.num_groups = "resnet8", 1, 1
+  config.generator.ngf, config.generator.noise_dim = 4, 8
+  config.student.sampler, config.student.batch_groups = "uniform", 2
+  config.student.cncl_weight, config.student.cncl_groups = cncl_weight, 1
+  table = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+  run = torch_side.TorchDFKD(config, "resnet8", table, (0.5,) * 3, (0.25,) * 3, 32, "cpu")
+  group = 4 * 2
+  assert run.kd_images == (2 + steps.cncl_subbatch_groups(config)) * group
+  assert run.kd_images == (3 if cncl_weight else 2) * group
+  assert np.isfinite(float(run.kd_step()))

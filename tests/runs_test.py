@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from caedfkd_jax import bundle as bundle_lib, demo, embeddings, runs, steps, train
-from tiny_run import NUM_CLASSES, assert_same_round_and_kd, tiny_config
+from tiny_run import NUM_CLASSES, assert_same_round_and_kd, step_outputs, tiny_config
 
 
 def _eval_folder(path) -> str:
@@ -75,17 +75,6 @@ def _setup(config, teacher, table):
                              generator_tx=optax.sgd(0.05))
 
 
-def _round_and_kd(fns, state, teacher_vars):
-  fresh = lambda: jax.tree.map(jnp.copy, state)   # the steps donate it
-  after_round, gen_metrics, low_conf, images = fns["round"](fresh(), teacher_vars)
-  after_kd, kd_metrics = fns["kd"](fresh(), teacher_vars)
-  return jax.device_get({
-      "gen_metrics": gen_metrics, "low_conf": low_conf, "images": images,
-      "generator_params": after_round.generator_params, "bn_ema": after_round.bn_ema,
-      "bank": after_round.bank.images, "kd_metrics": kd_metrics, "student": after_kd.student,
-      "unit_after_round": after_round.unit, "unit_after_kd": after_kd.unit})
-
-
 def _job(teacher_dir, table_path):
   config = tiny_config(teacher_dir, table_path)
   config.sweep = "student.cncl_weight=0,0.5"   # 2 runs; seeds differ in the end-to-end tests
@@ -105,7 +94,7 @@ def lone_runs(teacher_dir, table_path):
     state = train.create_state(lone_setup, teacher.variables, 32)
     state, _, _, _ = lone_fns["warmup_round"](state, teacher.variables)
     starts.append(state.replace(hparams=runs.hparams(run)))
-    outputs.append(_round_and_kd(lone_fns, state, teacher.variables))
+    outputs.append(step_outputs(lone_fns, state, teacher.variables))
   return starts, outputs
 
 
@@ -141,9 +130,10 @@ def test_each_run_computes_what_its_lone_run_computes(teacher_dir, table_path, l
   mesh = steps.make_mesh(jax.devices("cpu")[:devices])   # conftest simulates 8 CPU devices
   fns = steps.make_step_fns(_setup(config, teacher, table), mesh, fuse=fuse,
                             over_runs=functools.partial(runs.over_runs, num_runs=len(plan),
-                                                        vectorize=vectorize))
+                                                        vectorize=vectorize),
+                            vmapped_runs=vectorize)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  together = _round_and_kd(fns, jax.device_put(runs.stack(starts), replicated),
+  together = step_outputs(fns, jax.device_put(runs.stack(starts), replicated),
                            jax.device_put(teacher.variables, replicated))
   assert together["kd_metrics"]["kd/loss"].shape == (len(plan), config.student.steps_per_call)
   for r, lone in enumerate(lone_outputs):

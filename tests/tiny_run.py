@@ -5,6 +5,7 @@ The teacher bundle and embedding table it needs are the `teacher_dir` and
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from caedfkd_jax import default_config
@@ -32,6 +33,31 @@ def tiny_config(teacher_dir, table_path):
   config.grid_images_per_class = 2
   config.eval_every_epochs = 1
   return config
+
+
+def step_outputs(fns, state, teacher_vars) -> dict:
+  """One round and one KD call of `fns` (make_step_fns) from `state`; host copies of all outputs.
+
+  The form `assert_same_round_and_kd` compares. `state` is copied first: the steps donate it.
+  """
+  fresh = lambda: jax.tree.map(jnp.copy, state)
+  after_round, gen_metrics, low_conf, images = fns["round"](fresh(), teacher_vars)
+  after_kd, kd_metrics = fns["kd"](fresh(), teacher_vars)
+  return jax.device_get({
+      "gen_metrics": gen_metrics, "low_conf": low_conf, "images": images,
+      "generator_params": after_round.generator_params, "bn_ema": after_round.bn_ema,
+      "bank": after_round.bank.images, "unit_after_round": after_round.unit,
+      "kd_metrics": kd_metrics, "student": after_kd.student, "unit_after_kd": after_kd.unit})
+
+
+def round_and_kd(setup, teacher_vars, state, devices=None, fuse: bool = False) -> dict:
+  """`step_outputs` of a setup's steps on `devices` (default: one CPU), state replicated."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from caedfkd_jax import steps
+  mesh = steps.make_mesh(devices or jax.devices("cpu")[:1])
+  replicated = NamedSharding(mesh, P())
+  return step_outputs(steps.make_step_fns(setup, mesh, fuse=fuse),
+                      jax.device_put(state, replicated), jax.device_put(teacher_vars, replicated))
 
 
 def assert_same_round_and_kd(a, b, context: str = ""):

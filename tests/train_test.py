@@ -11,7 +11,7 @@ import pytest
 
 from caedfkd_jax import bundle as bundle_lib
 from caedfkd_jax import default_config, embeddings, steps, train
-from tiny_run import NUM_CLASSES, assert_same_round_and_kd, tiny_config
+from tiny_run import NUM_CLASSES, assert_same_round_and_kd, round_and_kd, tiny_config
 
 def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
@@ -75,29 +75,12 @@ def _same_start(teacher_dir, table_path):
   return setup, teacher.variables, jax.device_get(state)
 
 
-def _round_and_kd(setup, teacher_vars, state, devices, fuse):
-  """One generator round and one KD call from `state` on `devices`; host copies of all outputs."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  mesh = steps.make_mesh(devices)
-  replicated = NamedSharding(mesh, P())
-  fns = steps.make_step_fns(setup, mesh, fuse=fuse)
-  teacher_vars = jax.device_put(teacher_vars, replicated)
-  fresh = lambda: jax.device_put(jax.tree.map(jnp.copy, state), replicated)   # steps donate it
-  after_round, gen_metrics, low_conf, images = fns["round"](fresh(), teacher_vars)
-  after_kd, kd_metrics = fns["kd"](fresh(), teacher_vars)
-  return jax.device_get({
-      "gen_metrics": gen_metrics, "low_conf": low_conf, "images": images,
-      "generator_params": after_round.generator_params, "bn_ema": after_round.bn_ema,
-      "bank": after_round.bank.images, "unit_after_round": after_round.unit,
-      "kd_metrics": kd_metrics, "student": after_kd.student, "unit_after_kd": after_kd.unit})
-
-
 def test_eight_devices_match_one(teacher_dir, table_path):
   cpus = jax.devices("cpu")   # CPU devices exist on any backend; conftest simulates 8.
   assert len(cpus) == 8, "conftest sets 8 simulated CPU devices"
   setup, teacher_vars, state = _same_start(teacher_dir, table_path)
-  one = _round_and_kd(setup, teacher_vars, state, cpus[:1], fuse=False)
-  eight = _round_and_kd(setup, teacher_vars, state, cpus, fuse=False)
+  one = round_and_kd(setup, teacher_vars, state, cpus[:1], fuse=False)
+  eight = round_and_kd(setup, teacher_vars, state, cpus, fuse=False)
   assert_same_round_and_kd(one, eight)
 
 
@@ -168,17 +151,31 @@ def test_fused_scans_compute_what_per_step_calls_compute(teacher_dir, table_path
   """GPUs run each round / KD call as one lax.scan, CPUs step by step: same numbers either way."""
   setup, teacher_vars, state = _same_start(teacher_dir, table_path)
   cpu = jax.devices("cpu")[:1]
-  per_step = _round_and_kd(setup, teacher_vars, state, cpu, fuse=False)
-  fused = _round_and_kd(setup, teacher_vars, state, cpu, fuse=True)
+  per_step = round_and_kd(setup, teacher_vars, state, cpu, fuse=False)
+  fused = round_and_kd(setup, teacher_vars, state, cpu, fuse=True)
   assert_same_round_and_kd(per_step, fused)
+
+
+def test_tuned_cpu_kernels_compute_what_xla_default_computes(teacher_dir, table_path):
+  """`config.cpu_kernels` picks XLA:CPU's kernels, not the maths: one round and KD call agree."""
+  import dataclasses
+  setup, teacher_vars, state = _same_start(teacher_dir, table_path)
+  cpu = jax.devices("cpu")[:1]
+  default_config = setup.config.copy_and_resolve_references()
+  default_config.cpu_kernels = "xla_default"
+  assert setup.config.cpu_kernels == "tuned"
+  tuned = round_and_kd(setup, teacher_vars, state, cpu, fuse=False)
+  default = round_and_kd(dataclasses.replace(setup, config=default_config), teacher_vars, state,
+                          cpu, fuse=False)
+  assert_same_round_and_kd(tuned, default)
 
 
 def test_the_path_comparison_catches_a_real_difference(teacher_dir, table_path):
   """The tolerances above are tight enough to see one wrong RNG fold in a KD call."""
   setup, teacher_vars, state = _same_start(teacher_dir, table_path)
   cpu = jax.devices("cpu")[:1]
-  reference = _round_and_kd(setup, teacher_vars, state, cpu, fuse=False)
-  shifted = _round_and_kd(setup, teacher_vars, state.replace(rng=jax.random.fold_in(state.rng, 1)),
+  reference = round_and_kd(setup, teacher_vars, state, cpu, fuse=False)
+  shifted = round_and_kd(setup, teacher_vars, state.replace(rng=jax.random.fold_in(state.rng, 1)),
                           cpu, fuse=False)
   with pytest.raises(AssertionError):
     assert_same_round_and_kd(reference, shifted)
