@@ -21,7 +21,7 @@ def get_config() -> ml_collections.ConfigDict:
                                      # KD call. Unset: on for GPUs/TPUs, off for CPUs (XLA:CPU
                                      # runs convs inside loops ~100x slower, measured).
   config.cpu_kernels = "tuned"      # XLA:CPU kernels for the train steps: "tuned" (Eigen convs,
-                                     # YNNPACK reductions and elementwise fusions; measured faster,
+                                     # YNNPACK reductions and student-step elementwise fusions; faster,
                                      # same maths) or "xla_default" (XLA's own: YNNPACK convs).
                                      # See caedfkd_jax/xla_cpu.py.
   config.compilation_cache_dir = "auto"  # Persistent XLA cache, so a resumed run or a rerun

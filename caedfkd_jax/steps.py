@@ -384,10 +384,14 @@ def make_step_fns(setup: Setup, mesh: Mesh, fuse: bool | None = None,
   cfg = setup.config
   platform = mesh.devices.flat[0].platform
   fused = resolve_fuse(cfg, fuse, platform=platform)
-  # XLA:CPU's kernels (xla_cpu.py; accelerators ignore the choice).
-  plain_jit = functools.partial(xla_cpu.jit, choice=cfg.get("cpu_kernels", "tuned"),
-                                platform=platform, elementwise=not (fused or vmapped_runs))
+  # XLA:CPU's kernels (xla_cpu.py; accelerators ignore the choice). YNNPACK's elementwise
+  # fusions only in the unfused, unvmapped student step: they slowed the generator round.
+  kernels = functools.partial(xla_cpu.jit, choice=cfg.get("cpu_kernels", "tuned"),
+                              platform=platform)
+  plain_jit = functools.partial(kernels, elementwise=False)
   jit = functools.partial(plain_jit, donate_argnums=(0,))
+  student_jit = functools.partial(kernels, elementwise=not (fused or vmapped_runs),
+                                  donate_argnums=(0,))
   per_run = over_runs or (lambda fn, in_axes: fn)
   if fused:
     rounds = {
@@ -396,7 +400,7 @@ def make_step_fns(setup: Setup, mesh: Mesh, fuse: bool | None = None,
                     (0, None)),
             in_shardings=(replicated, replicated))
         for warm in (True, False)}
-    kd = jit(
+    kd = student_jit(
         per_run(functools.partial(student_steps, setup=setup,
                                   num_steps=cfg.student.steps_per_call, mesh=mesh), (0, None)),
         in_shardings=(replicated, replicated))
@@ -413,7 +417,7 @@ def make_step_fns(setup: Setup, mesh: Mesh, fuse: bool | None = None,
   def kd_step(state, i, teacher_vars):
     return student_step(state, jax.random.fold_in(kd_rng(state), i), setup=setup,
                         teacher_vars=teacher_vars, mesh=mesh)
-  s_step = jit(per_run(kd_step, (0, None, None)))
+  s_step = student_jit(per_run(kd_step, (0, None, None)))
   # Per-step metrics stack on the last axis: (steps,), or (runs, steps) as the fused scans give.
   stack_steps = lambda metrics: jax.tree.map(lambda *xs: jnp.stack(xs, axis=-1), *metrics)
 

@@ -9,11 +9,12 @@ recomputed in a cache-hostile order, once per convolution that reads it (up to
 alone).
 
 "tuned" leaves convolutions to XLA's Eigen kernels and passes YNNPACK the
-reductions (BatchNorm's batch statistics) and the elementwise fusions, which then
-read the chain once instead of recomputing it. In a `lax.scan`-fused or
-`jax.vmap`-ped step, XLA 0.10's YNNPACK elementwise fusion failed at run time
-("Instruction with unsupported layout in YNN fusion"), so there (`elementwise=False`,
-never the CPU default) only the reductions go to YNNPACK. The maths is the same
+reductions (BatchNorm's batch statistics) and, in the student step, the elementwise
+fusions, which then read the chain once instead of recomputing it. The generator
+step keeps them off (`elementwise=False`): there they were slower than XLA's
+default. So do `lax.scan`-fused or `jax.vmap`-ped steps (never the CPU default),
+where XLA 0.10's YNNPACK elementwise fusion failed at run time ("Instruction with
+unsupported layout in YNN fusion"). The maths is the same
 (tests/xla_cpu_test.py holds both choices against float64). Measured in
 docs/results.md ("XLA:CPU kernels for the train steps"). "xla_default" keeps
 XLA's own choice. Accelerators are never affected.
