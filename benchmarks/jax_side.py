@@ -19,6 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from benchmarks import flops as flops_lib
 from caedfkd_jax import bundle as bundle_lib
 from caedfkd_jax import config_checks, steps, train
+from caedfkd_jax.methods import nayer
 
 
 def _timed(fn, *args):
@@ -30,7 +31,7 @@ def _timed(fn, *args):
 
 def _fill_bank(state: steps.TrainState, setup: steps.Setup, seed: int) -> steps.TrainState:
   """A full bank of random uint8 images laid out in whole CNCL groups, as after many rounds."""
-  bank = state.bank
+  bank = state.method.bank
   capacity = bank.capacity
   rng = np.random.default_rng(seed)
   k, views = setup.num_classes, setup.config.cend.num_sources + 1
@@ -42,7 +43,7 @@ def _fill_bank(state: steps.TrainState, setup: steps.Setup, seed: int) -> steps.
       source_index=jnp.asarray(within // k % views, jnp.int32),
       group=jnp.asarray(slot // setup.group_size, jnp.int32),
       size=jnp.int32(capacity), cursor=jnp.int32(0))
-  return state.replace(bank=bank)
+  return state.replace(method=state.method.replace(bank=bank))
 
 
 def step_flops(setup: steps.Setup, mesh, state: steps.TrainState,
@@ -51,16 +52,10 @@ def step_flops(setup: steps.Setup, mesh, state: steps.TrainState,
 
   None where the backend gives no count before compiling (GPUs): see `count_step_flops`.
   """
-  carry, ctx = jax.jit(functools.partial(steps.start_round, setup=setup, warmup=False,
-                                         mesh=mesh))(state)
-  gen = jax.jit(functools.partial(steps.generator_step, setup=setup, mesh=mesh))
-  student = jax.jit(functools.partial(steps.student_step, setup=setup, mesh=mesh))
-  rng = jax.random.key(0)
-  return {
-      "generator_step": flops_lib.lowered_flops(gen.lower(carry, ctx, jnp.int32(0), state,
-                                                          teacher_vars)),
-      "student_step": flops_lib.lowered_flops(student.lower(state, rng, teacher_vars=teacher_vars)),
-  }
+  phases = setup.method.phases(setup, mesh)
+  count = lambda phase: flops_lib.lowered_flops(jax.jit(phase.step).lower(
+      *jax.jit(phase.start)(state), jnp.int32(0), state, teacher_vars))
+  return {"generator_step": count(phases["round"]), "student_step": count(phases["kd"])}
 
 
 def peak_memory() -> dict[str, Any]:
@@ -131,19 +126,18 @@ def measure(config, teacher: bundle_lib.Bundle, table, repeats: int = 3,
 
   # One post-warm-up epoch exactly as the launcher runs it: its rounds, then its KD calls,
   # dispatched back to back with one wait at the end.
-  rounds, kd_calls = train.epoch_plan(config, config.warmup_epochs)
+  plan = setup.method.epoch_plan(config, config.warmup_epochs)
+  rounds, kd_calls = plan.count("round"), plan.count("kd")
   start = time.perf_counter()
-  for _ in range(rounds):
-    state = round_fn(state)[0]
-  for _ in range(kd_calls):
-    state = kd_fn(state)[0]
+  for name in plan:
+    state = (round_fn if name == "round" else kd_fn)(state)[0]
   jax.block_until_ready(state)
   epoch_s = time.perf_counter() - start
 
   g_steps, kd_per_call = config.generator.steps, config.student.steps_per_call
   # Images through the student per KD step: under sampler=uniform with CNCL on, the CNCL
-  # groups ride beside the uniform rows (steps.sample_kd_batch).
-  kd_batch = (config.student.batch_groups + steps.cncl_subbatch_groups(config)) * setup.group_size
+  # groups ride beside the uniform rows (nayer.sample_kd_batch).
+  kd_batch = (config.student.batch_groups + nayer.cncl_subbatch_groups(config)) * setup.group_size
   round_median, kd_median = statistics.median(round_s), statistics.median(kd_s)
   device = jax.local_devices()[0]
   return {

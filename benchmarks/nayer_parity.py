@@ -69,9 +69,10 @@ def jax_rounds(config, bundle, table, rounds: int, seed: int):
   state = jax.device_put(train.create_state(setup, teacher_vars, bundle.spec.image_size), replicated)
   round_fn = steps.make_step_fns(setup, mesh, fuse=False)["warmup_round"]
   for _ in range(rounds):
-    state, metrics, _, best = round_fn(state, teacher_vars)
+    state, metrics, outputs = round_fn(state, teacher_vars)
+    best = outputs["images"]
     ce, bn = np.asarray(metrics["gen/ce"]), np.asarray(metrics["gen/bn"])
-    _, labels = memory_bank.latest(state.bank, setup.synthesis_batch)  # this round's batch
+    _, labels = memory_bank.latest(state.method.bank, setup.synthesis_batch)  # this round's batch
     yield np.asarray(best), np.asarray(labels), {"step_ce": [float(ce[0]), float(ce[-1])],
                                            "step_bn": [float(bn[0]), float(bn[-1])]}
 

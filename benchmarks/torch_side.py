@@ -158,8 +158,8 @@ class TorchDFKD:
     self.syn_batch = config.num_groups * self.group
     self.kd_batch = config.student.batch_groups * self.group
     s = config.student
-    cncl_groups = (s.cncl_groups or s.batch_groups) if (
-        s.sampler == "uniform" and s.cncl_weight != 0) else 0   # steps.cncl_subbatch_groups
+    from caedfkd_jax.methods.nayer import cncl_subbatch_groups   # The JAX side's rule.
+    cncl_groups = cncl_subbatch_groups(config)
     self.kd_images = (s.batch_groups + cncl_groups) * self.group   # through the student a step
     self.teacher = torch_zoo.build(teacher_arch, k).to(self.device).eval().requires_grad_(False)
     self.student = torch_zoo.build(config.student_arch, k).to(self.device)
@@ -226,7 +226,7 @@ class TorchDFKD:
     return (slot[:, None] * self.group + torch.arange(self.group, device=self.device)).view(-1)
 
   def kd_step(self):
-    """One KD step as steps.sample_kd_batch lays it out: KL rows first, then CNCL rows."""
+    """One KD step as nayer.sample_kd_batch lays it out: KL rows first, then CNCL rows."""
     cfg = self.cfg.student
     if cfg.sampler == "groups":
       idx = self._group_rows(cfg.batch_groups)

@@ -4,8 +4,9 @@ Without these, a zero or a negative value surfaces mid-run as a ZeroDivisionErro
 a shape error at the first trace, or an empty memory bank.
 """
 
-from caedfkd_jax import cend, losses, memory_bank, runs, steps, xla_cpu
+from caedfkd_jax import cend, losses, memory_bank, methods, runs, xla_cpu
 from caedfkd_jax import generator as generator_lib
+from caedfkd_jax.methods import nayer
 
 
 # Fields that must be >= 1 (ints) or > 0 (floats), and fields that must be >= 0.
@@ -69,6 +70,12 @@ def _check_cend(config) -> None:
 
 def validate_config(config, num_devices: int, group_size: int) -> None:
   """One clear line for every value that would otherwise fail mid-run or with a traceback."""
+  method = methods.get(config.method)   # Names the known methods when the name is not one.
+  for name in runs.parse_sweep(config.sweep):
+    if any(name == f or (f.endswith("_") and name.startswith(f)) for f in method.ignores):
+      raise ValueError(f"config.sweep varies {name}, which method {method.name} does not read: "
+                       "every run would be the same. Sweep another field, or pick a method "
+                       "that reads it (e.g. --config.method=cae_dfkd).")
   for name in _POSITIVE:
     if not _field(config, name) > 0:
       raise ValueError(f"config.{name}={_field(config, name)!r} must be positive.")
@@ -115,7 +122,8 @@ def validate_config(config, num_devices: int, group_size: int) -> None:
     raise ValueError(f"student.kd_steps={s.kd_steps} must be a multiple of "
                      f"student.steps_per_call={s.steps_per_call}")
   syn, kd = config.num_groups * group_size, s.batch_groups * group_size
-  cncl = steps.cncl_subbatch_groups(config, runs.parse_sweep(config.sweep)) * group_size
+  with_cncl = "student.cncl_" not in method.ignores
+  cncl = with_cncl * nayer.cncl_subbatch_groups(config, runs.parse_sweep(config.sweep)) * group_size
   for name, size in (("synthesis batch (num_groups*K*(N+1))", syn),
                      ("KD batch (student.batch_groups*K*(N+1))", kd),
                      ("CNCL sub-batch (student.cncl_groups*K*(N+1))", cncl)):

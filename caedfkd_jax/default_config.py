@@ -10,6 +10,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  config.method = "cae_dfkd"     # caedfkd_jax/methods/<name>.py: cae_dfkd (CEND + CNCL on the NAYER
+                                 # base) or nayer (the base alone; reads no cend.mode/magnitude
+                                 # or student.cncl_* field).
 
   # Models
   config.teacher = ""            # Path of the teacher bundle (`caedfkd convert`). Required.
@@ -80,7 +83,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.student.sampler = "groups"      # How the KD batch is drawn from the bank: "groups" (whole
                                          # CNCL groups; KL and CNCL on all of it) or "uniform"
                                          # (NAYER's pool sampling; CNCL, when on, gets its own
-                                         # sub-batch of whole groups: steps.sample_kd_batch).
+                                         # sub-batch of whole groups: nayer.sample_kd_batch).
   config.student.cncl_groups = ml_collections.config_dict.placeholder(int)  # Groups in that
                                          # CNCL sub-batch ("uniform" only). None: batch_groups,
                                          # so CNCL sees as many groups as under "groups".

@@ -20,12 +20,13 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from caedfkd_jax import atomic_files, bundle as bundle_lib
-from caedfkd_jax import default_config, evaluate, ladder, models, train
+from caedfkd_jax import default_config, evaluate, ladder, methods, models, train
 
 IMAGE_SIZE = 16
 DEMO_JSON = "demo.json"                      # the arguments the workdir's run was made with
 OWN_DIRS = ("teacher", "heldout", "distill")  # what --fresh deletes
 FULL_METHOD = "cend_cncl"                     # the ladder arm the demo runs by default
+DEFAULT_METHOD = "cae_dfkd"                   # the method (caedfkd_jax/methods/) it runs by default
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -151,6 +152,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--arm", choices=list(ladder.ARMS), default=FULL_METHOD,
                       help="an arm of the ablation ladder (README, 'The ablation ladder'); "
                            f"default {FULL_METHOD}, the full method")
+  parser.add_argument("--method", choices=list(methods.NAMES), default=DEFAULT_METHOD,
+                      help=f"the DFKD method (caedfkd_jax/methods/); default {DEFAULT_METHOD}")
   parser.add_argument("--fresh", action="store_true",
                       help="delete the demo's earlier teacher/, heldout/ and distill/ in --workdir "
                            "and start over (by default a rerun with the same arguments resumes)")
@@ -159,11 +162,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _recorded_arguments(args: argparse.Namespace) -> dict[str, int | str]:
   """What the workdir's contents depend on; --minutes is only the time budget, free to grow.
 
-  --arm is recorded only when it is not the full method, so runs made before it existed resume.
+  --arm and --method are recorded only when not the defaults, so runs made before they existed
+  resume.
   """
   recorded = {"teacher_epochs": args.teacher_epochs, "seed": args.seed}
   if args.arm != FULL_METHOD:
     recorded["arm"] = args.arm
+  if getattr(args, "method", DEFAULT_METHOD) != DEFAULT_METHOD:
+    recorded["method"] = args.method
   return recorded
 
 
@@ -184,7 +190,8 @@ def prepare_workdir(workdir: str, args: argparse.Namespace) -> None:
         recorded = json.load(f)
       except json.JSONDecodeError:
         recorded = {}
-    with_arm = lambda d: {**d, "arm": d.get("arm", FULL_METHOD)}
+    with_arm = lambda d: {**d, "arm": d.get("arm", FULL_METHOD),
+                          "method": d.get("method", DEFAULT_METHOD)}
     recorded, full = with_arm(recorded), with_arm(wanted)
     changed = [f"--{k.replace('_', '-')} {recorded.get(k)} -> {v}"
                for k, v in full.items() if recorded.get(k) != v]
@@ -225,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
 
   config = ladder.apply_arm(demo_config(teacher_dir, eval_dir, args.minutes), args.arm)
   config.seed = args.seed
+  config.method = getattr(args, "method", DEFAULT_METHOD)
   result = train.train_and_evaluate(config, os.path.join(workdir, "distill"))
   student_top1 = top1(bundle_lib.load_bundle(result["student"]))
   plot = os.path.join(workdir, "student_accuracy.png")

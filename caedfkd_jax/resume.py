@@ -85,6 +85,11 @@ def check_resume(workdir: str, saved_config: dict, saved_progress: dict, config,
   if saved_teacher and saved_teacher != identity["teacher_sha256"]:
     raise ValueError(f"{workdir} holds a run distilled from another teacher (weights differ from "
                      f"{config.teacher}); a checkpoint cannot switch teachers. Use a new --workdir.")
+  saved_method = saved_config.get("method", "cae_dfkd") if saved_config else config.method
+  if saved_method != config.method:   # Same-shaped states (nayer, cae_dfkd) would pass below.
+    raise ValueError(f"{workdir} holds a {saved_method} run; a checkpoint cannot switch methods "
+                     f"(--config.method={config.method}). Use --config.method={saved_method} or a "
+                     "new --workdir.")
   saved_shapes = saved_progress.get("state_shapes")
   if saved_shapes and saved_shapes != identity["state_shapes"]:
     raise ValueError(f"{workdir} holds a run whose saved state has other shapes than this config "

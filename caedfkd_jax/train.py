@@ -1,8 +1,9 @@
-"""The CAE-DFKD run: setup, the epoch loop, checkpoints, logs and the student bundle.
+"""A DFKD run of any method (`config.method`): setup, the epoch loop, checkpoints, logs, bundle.
 
 Importable from a notebook: `train_and_evaluate(config, workdir)` is the whole
 run; `create_setup` / `create_state` / `steps.make_step_fns` are the pieces.
-An epoch is a list of *units*: its generator rounds, then its KD calls. The
+An epoch is a list of *units* (the method's `epoch_plan`: e.g. generator rounds, then KD
+calls). The
 state records the next unit, so a run stopped anywhere resumes at the last
 checkpointed unit and, all randomness being folded from (seed, epoch, unit),
 continues exactly as the uninterrupted run would.
@@ -10,7 +11,6 @@ continues exactly as the uninterrupted run would.
 
 import functools
 import json
-import math
 import os
 import time
 from typing import Any
@@ -19,14 +19,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from caedfkd_jax import atomic_files, bundle as bundle_lib
-from caedfkd_jax import cend, cpu_devices, embeddings, generator as generator_lib, memory_bank
-from caedfkd_jax import models
+from caedfkd_jax import cpu_devices, embeddings, methods
 from caedfkd_jax import multihost, resume, runs as runs_lib, steps
 from caedfkd_jax.config_checks import validate_config
 from caedfkd_jax.metrics_writer import MetricsWriter, save_image_grid
@@ -71,67 +69,9 @@ def enable_compilation_cache(directory: str) -> str | None:
   return directory
 
 
-def epoch_plan(config, epoch: int) -> tuple[int, int]:
-  """(generator rounds, KD calls) of an epoch."""
-  warm = epoch < config.warmup_epochs
-  rounds = config.warmup_g_loops if warm else config.g_loops
-  kd_calls = 0 if warm else config.student.kd_steps // config.student.steps_per_call
-  return rounds, kd_calls
-
-
-def renews_generator(config, epoch: int) -> bool:
-  """Whether a whole new generator starts `epoch`: NAYER's g_life schedule.
-
-  NAYER re-creates it where `(epoch - warmup) % g_life == 0 or epoch % g_life == 0`
-  (datafree/synthesis/nayer.py), so also when the warm-up ends. Epoch 0's
-  generator is the run's first one.
-  """
-  life, warmup = config.generator.life_epochs, config.warmup_epochs
-  return epoch > 0 and ((epoch - warmup) % life == 0 or epoch % life == 0)
-
-
-def total_kd_steps(config) -> int:
-  return max(config.epochs - config.warmup_epochs, 0) * config.student.kd_steps
-
-
-def default_bank_capacity(config, synthesis_batch: int) -> int:
-  rounds = sum(epoch_plan(config, e)[0] for e in range(config.epochs))
-  return rounds * synthesis_batch
-
-
 def create_setup(config, teacher: bundle_lib.Bundle, table: embeddings.EmbeddingTable) -> steps.Setup:
-  dtype = compute_dtype(config.compute_dtype)
-  num_classes = teacher.spec.num_classes
-  if table.vectors.shape[0] != num_classes:
-    raise ValueError(
-        f"The embedding table {config.embeddings!r} has {table.vectors.shape[0]} classes but the "
-        f"teacher has {num_classes}; make a table for the teacher's classes with `caedfkd embed`.")
-  embeddings.check_table_matches_classes(table, teacher.spec.class_names, config.embeddings)
-  if config.student_arch not in models.ARCHS:
-    raise ValueError(f"Unknown student_arch {config.student_arch!r}. Known archs: "
-                     f"{', '.join(sorted(models.ARCHS))}.")
-  s = config.student
-  schedule = optax.cosine_decay_schedule(s.lr, max(total_kd_steps(config), 1), alpha=s.eta_min / s.lr)
-  student_tx = optax.chain(optax.add_decayed_weights(s.weight_decay),
-                           optax.sgd(schedule, momentum=s.momentum))
-  generator_tx = optax.adam(config.generator.lr, b1=config.generator.b1, b2=config.generator.b2)
-  return steps.Setup(
-      teacher=models.create_model(teacher.spec.arch, num_classes, dtype),
-      student=models.create_model(config.student_arch, num_classes, dtype),
-      generator=generator_lib.Generator(
-          num_classes=num_classes, img_size=teacher.spec.image_size,
-          noise_dim=config.generator.noise_dim, ngf=config.generator.ngf, dtype=dtype,
-          noisy_chunk_rows=generator_lib.noisy_chunk_rows(
-              config.generator.noisy_chunks, num_classes, config.cend.num_sources + 1)),
-      table_KxD=jnp.asarray(table.vectors, jnp.float32),
-      mean=tuple(teacher.spec.mean), std=tuple(teacher.spec.std),
-      student_tx=student_tx, generator_tx=generator_tx, config=config,
-      noise_scale_D=cend.noise_scale(table.vectors, config.cend.magnitude_scale))
-
-
-def new_generator_params(setup: steps.Setup, rng: jax.Array):
-  return generator_lib.init_generator(rng, setup.generator, setup.synthesis_batch,
-                                      setup.table_KxD.shape[1])
+  """The static side of a run of `config.method` (methods.get)."""
+  return methods.get(config.method).create_setup(config, teacher, table)
 
 
 def create_state(setup: steps.Setup, teacher_vars, image_size: int,
@@ -139,19 +79,14 @@ def create_state(setup: steps.Setup, teacher_vars, image_size: int,
   """A run's first state; `seed` defaults to config.seed."""
   config = setup.config
   rng = jax.random.key(config.seed if seed is None else seed)
-  rng_g, rng_s = jax.random.split(jax.random.fold_in(rng, 2**31 - 1))
+  rng_method, rng_s = jax.random.split(jax.random.fold_in(rng, 2**31 - 1))
   student = bundle_lib.init_variables(
       bundle_lib.ModelSpec(config.student_arch, setup.num_classes, image_size), rng_s)
-  capacity = config.bank_capacity or default_bank_capacity(config, setup.synthesis_batch)
-  capacity = math.ceil(capacity / setup.group_size) * setup.group_size
   return steps.TrainState(
       epoch=jnp.int32(0), unit=jnp.int32(0), kd_step=jnp.int32(0),
-      generator_params=new_generator_params(setup, rng_g),
       student=student,
       student_opt_state=setup.student_tx.init(student["params"]),
-      bn_ema=jax.tree.map(jnp.zeros_like, teacher_vars["batch_stats"]),
-      bn_ema_valid=jnp.bool_(False),
-      bank=memory_bank.create_bank(capacity, (image_size, image_size, 3)),
+      method=setup.method.init_state(setup, teacher_vars, rng_method, image_size),
       rng=rng)
 
 
@@ -164,21 +99,15 @@ def create_run_states(setup: steps.Setup, teacher_vars, image_size: int,
       hparams=runs_lib.hparams(run)) for run in runs])
 
 
-def renewed_generator(setup: steps.Setup, state: steps.TrainState) -> steps.TrainState:
-  """A whole new generator, where `renews_generator` says (NAYER's g_life)."""
-  rng_g = jax.random.fold_in(jax.random.fold_in(state.rng, state.epoch), 2**31 - 1)
-  return state.replace(generator_params=new_generator_params(setup, rng_g))
-
-
-def finite_parts(state: steps.TrainState) -> dict[str, jax.Array]:
+def finite_parts(setup: steps.Setup, state: steps.TrainState) -> dict[str, jax.Array]:
   """Whether each learnt part of the state is finite: checked after every unit, on the device."""
   all_finite = lambda tree: jnp.all(jnp.stack(
       [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)] or [jnp.bool_(True)]))
-  return {"generator params": all_finite(state.generator_params),
-          "student params": all_finite(state.student["params"]),
-          "student batch_stats": all_finite(state.student["batch_stats"]),
-          "student optimiser state": all_finite(state.student_opt_state),
-          "teacher BN-statistics EMA": all_finite(state.bn_ema)}
+  parts = {"student params": state.student["params"],
+           "student batch_stats": state.student["batch_stats"],
+           "student optimiser state": state.student_opt_state,
+           **setup.method.finite_parts(state.method)}
+  return {name: all_finite(tree) for name, tree in parts.items()}
 
 
 def _in_run(runs: list[runs_lib.Run] | None, index: int) -> str:
@@ -222,9 +151,9 @@ def _check_finite_parts(finite: dict[str, np.ndarray], epoch: int, unit: int, wh
 
 def _student_spec(config, teacher: bundle_lib.Bundle, progress: dict[str, Any]) -> bundle_lib.ModelSpec:
   t = teacher.spec
+  method = methods.get(config.method)
   extra = {"distilled_from": config.teacher, "teacher_sha256": progress["teacher_sha256"],
-           "method": "CAE-DFKD", "cend_mode": config.cend.mode,
-           "cncl_weight": config.student.cncl_weight,
+           "method": method.name, **method.bundle_fields(config),
            "config": json.loads(json.dumps(config.to_dict()))}
   if progress.get("config_changes"):
     extra["config_changes"] = progress["config_changes"]
@@ -314,7 +243,7 @@ def _epoch_summary(epoch_metrics: dict[str, list], run: int | None) -> dict[str,
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) CAE-DFKD; writes checkpoints, logs and `workdir/student`.
+  """Runs (or resumes) `config.method`; writes checkpoints, logs and `workdir/student`.
 
   With `config.num_runs` > 1 or a `config.sweep`, every run of `runs.plan_runs` is trained in
   the same program; each writes `runs/run_XX/` (metrics, samples) and `student/run_XX`, and
@@ -327,6 +256,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if not config.teacher:
     raise ValueError("config.teacher is empty: pass --config.teacher=PATH_TO_TEACHER_BUNDLE "
                      "(make one with `caedfkd convert`).")
+  method = methods.get(config.method)  # An unknown name is refused before any work.
   runs = runs_lib.plan_runs(config) if runs_lib.is_multi(config) else None
   teacher = bundle_lib.load_bundle(config.teacher)
   if config.teacher_arch_expected and teacher.spec.arch != config.teacher_arch_expected:
@@ -376,9 +306,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # the device after every unit. Metrics of a unit are fetched after the next one is
   # dispatched, so the device always has work queued while the host logs.
   epoch, unit = _position(state.epoch), _position(state.unit)
-  units_per_epoch = [sum(epoch_plan(config, e)) for e in range(config.epochs)]
+  units_per_epoch = method.units_per_epoch(config)
   bar = tqdm(total=sum(units_per_epoch), initial=sum(units_per_epoch[:epoch]) + unit, unit="unit",
-             dynamic_ncols=True, desc="CAE-DFKD" if runs is None else f"CAE-DFKD x{len(runs)} runs",
+             dynamic_ncols=True, desc=method.name if runs is None else f"{method.name} x{len(runs)} runs",
              disable=jax.process_index() != 0)
   if not multihost.is_primary():
     bar.write = lambda *args, **kwargs: None  # tqdm.write ignores `disable`: one process speaks.
@@ -401,9 +331,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       "train_seconds": train_seconds(), "wall_seconds": run_seconds(), **identity,
       "config_changes": config_history, "partial_epoch": partial}
   budget_s = config.time_budget_minutes * 60
-  finite_fn = jax.jit(per_run(finite_parts, (0,)))
-  renew_fn = jax.jit(per_run(functools.partial(renewed_generator, setup), (0,)), donate_argnums=(0,))
-  grid_fn = jax.jit(per_run(functools.partial(_last_round_with_teacher_guesses, setup), (0, None)))
+  finite_fn = jax.jit(per_run(functools.partial(finite_parts, setup), (0,)))
+  renew_fn = method.renew and jax.jit(per_run(functools.partial(method.renew, setup), (0,)),
+                                      donate_argnums=(0,))
+  grid_fn = jax.jit(per_run(functools.partial(_latest_with_teacher_guesses, setup), (0, None)))
   grid_names = teacher.spec.class_names or table.classes  # Rows named; indices if neither.
   last_save = time.time()
   stopped_early = bool(budget_s) and wall_before >= budget_s and epoch < config.epochs
@@ -421,8 +352,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   epoch_metrics: dict[str, list] = (partial["metrics"] if unit and partial.get("epoch") == epoch
                                     else {"low_conf": []})
   while epoch < config.epochs and not stopped_early:
-    rounds, kd_calls = epoch_plan(config, epoch)
-    if unit == 0 and renews_generator(config, epoch):
+    plan = method.epoch_plan(config, epoch)
+    if unit == 0 and method.renews(config, epoch):
       state = renew_fn(state)
     if unit == 0:
       epoch_metrics = {"low_conf": []}
@@ -438,15 +369,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       bar.set_postfix({k.split("/")[1]: f"{np.mean(v):.3g}" for k, v in metrics.items()
                        if k in ("gen/loss", "kd/kl", "kd/cncl")}, refresh=False)
 
-    while unit < rounds + kd_calls:
-      if unit < rounds:
-        fn = fns["warmup_round"] if epoch < config.warmup_epochs else fns["round"]
-        state, metrics, low_conf_K, _ = fn(state, teacher_vars)
-        epoch_metrics["low_conf"].append(low_conf_K)
-        what = f"generator round {unit}"
-      else:
-        state, metrics = fns["kd"](state, teacher_vars)
-        what = f"KD call {unit - rounds}"
+    while unit < len(plan):
+      name = plan[unit]
+      state, metrics, outputs = fns[name](state, teacher_vars)
+      if "low_conf" in outputs:
+        epoch_metrics["low_conf"].append(outputs["low_conf"])
+      # "generator round 3": the unit's kind and its index among the epoch's units of that kind.
+      label = method.unit_labels[name]
+      what = f"{label} {sum(method.unit_labels[n] == label for n in plan[:unit])}"
       finite = finite_fn(state)
       if in_flight is not None:
         record(*in_flight)
@@ -473,10 +403,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       break
 
     # End of epoch: logs, images, evaluation, checkpoint; one row per run.
-    shared = {"student/lr": float(optax.cosine_decay_schedule(
-                  config.student.lr, max(total_kd_steps(config), 1),
-                  alpha=config.student.eta_min / config.student.lr)(_position(state.kd_step))),
-              "bank/size": _position(state.bank.size),
+    shared = {"student/lr": float(setup.student_lr(_position(state.kd_step))),
+              **{k: _position(v) for k, v in method.epoch_scalars(state.method).items()},
               "time/minutes": run_seconds() / 60, "time/train_minutes": train_seconds() / 60}
     summaries = [{**_epoch_summary(epoch_metrics, None if runs is None else r), **shared}
                  for r in range(len(run_dirs))]
@@ -490,8 +418,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       eval_seconds += time.time() - eval_start
     for writer, summary in zip(writers, summaries):
       writer.write(epoch + 1, summary)
-    if rounds:  # The last round's batch, read back from the bank (so also after a resume).
-      grids = multihost.to_host(grid_fn(state.bank, teacher_vars))
+    if any("round" in name for name in plan):  # The last round's batch, read back from the
+      grids = multihost.to_host(grid_fn(state.method, teacher_vars))  # state (also after a resume).
       for r, run_dir in enumerate(run_dirs):
         images, labels, predicted, confidence = grids if runs is None else runs_lib.unstack(grids, r)
         save_image_grid(os.path.join(run_dir, "samples", f"epoch_{epoch + 1:04d}.png"),
@@ -557,10 +485,9 @@ def _finish_runs(config, workdir: str, runs: list[runs_lib.Run], teacher: bundle
   return {"summary": summary}
 
 
-def _last_round_with_teacher_guesses(setup: steps.Setup, bank: memory_bank.MemoryBank, teacher_vars):
-  """The last round's banked images in [0, 1], their intended labels, and the teacher's guesses."""
-  images_u8, labels = memory_bank.latest(bank, setup.synthesis_batch)
-  images = images_u8.astype(jnp.float32) / 255.0
+def _latest_with_teacher_guesses(setup: steps.Setup, method_state, teacher_vars):
+  """The method's latest images in [0, 1], their intended labels, and the teacher's guesses."""
+  images, labels = setup.method.latest_images(setup, method_state)
   logits, _ = setup.teacher.apply(teacher_vars, bundle_lib.normalize(images, setup.mean, setup.std),
                                   train=False)
   probs = jax.nn.softmax(logits.astype(jnp.float32))

@@ -12,6 +12,7 @@ import torch
 
 from benchmarks import flops, time_to_accuracy, torch_side
 from caedfkd_jax import augment, convert, generator as generator_lib, losses, models, torch_zoo
+from caedfkd_jax.methods import nayer
 from caedfkd_jax.models.layers import BN_STATS
 
 def test_torch_crop_flip_matches_jax():
@@ -195,6 +196,6 @@ def test_torch_side_samples_uniform_kd_batches_as_the_jax_side_does(cncl_weight)
   table = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
   run = torch_side.TorchDFKD(config, "resnet8", table, (0.5,) * 3, (0.25,) * 3, 32, "cpu")
   group = 4 * 2
-  assert run.kd_images == (2 + steps.cncl_subbatch_groups(config)) * group
+  assert run.kd_images == (2 + nayer.cncl_subbatch_groups(config)) * group
   assert run.kd_images == (3 if cncl_weight else 2) * group
   assert np.isfinite(float(run.kd_step()))

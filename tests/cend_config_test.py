@@ -10,6 +10,7 @@ from caedfkd_jax import bundle as bundle_lib
 from caedfkd_jax import class_names, config_checks, default_config, embeddings, launch, main
 from caedfkd_jax import memory_bank, runs, steps, train
 from caedfkd_jax.generator import NOISY_LAYER
+from caedfkd_jax.methods import nayer
 from tiny_run import NUM_CLASSES, tiny_config
 
 
@@ -82,18 +83,20 @@ def test_magnitudes_and_a_magnitude_sweep_are_refused_together():
 def _round_batch(config, teacher, table, hparams=None):
   """The setup, and the CEND batch and params a generator round starts from.
 
-  The state holds only what `steps.start_round` reads; the generator's params are random
-  NumPy draws of `train.new_generator_params`' shapes (compiling Flax's init costs seconds).
+  The state holds only what `nayer.start_round` reads; the generator's params are random
+  NumPy draws of `nayer.new_generator_params`' shapes (compiling Flax's init costs seconds).
   """
   setup = train.create_setup(config, teacher, table)
-  shapes = jax.eval_shape(lambda: train.new_generator_params(setup, jax.random.key(0)))
+  shapes = jax.eval_shape(lambda: nayer.new_generator_params(setup, jax.random.key(0)))
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape), x.dtype), shapes)
   state = steps.TrainState(
-      epoch=jnp.int32(0), unit=jnp.int32(0), kd_step=jnp.int32(0), generator_params=params,
-      student={}, student_opt_state={}, bn_ema={}, bn_ema_valid=jnp.bool_(False),
-      bank=memory_bank.create_bank(1, (32, 32, 3)), rng=jax.random.key(0), hparams=hparams or {})
-  carry, ctx = steps.start_round(state, setup=setup, warmup=True)
+      epoch=jnp.int32(0), unit=jnp.int32(0), kd_step=jnp.int32(0), student={},
+      student_opt_state={},
+      method=nayer.SynthesisState(params, bn_ema={}, bn_ema_valid=jnp.bool_(False),
+                                  bank=memory_bank.create_bank(1, (32, 32, 3))),
+      rng=jax.random.key(0), hparams=hparams or {})
+  carry, ctx = setup.method.phases(setup, None)["warmup_round"].start(state)
   return setup, ctx.batch, carry.params
 
 
@@ -129,7 +132,7 @@ def test_a_round_gets_the_magnitudes_scale_and_chunks_of_its_config():
   # per_group: one noisy Linear per CNCL group (2 groups), so params and checkpoints change shape.
   config.generator.noisy_chunks = "per_group"
   setup = train.create_setup(config, teacher, table)
-  params = jax.eval_shape(lambda: train.new_generator_params(setup, jax.random.key(0)))
+  params = jax.eval_shape(lambda: nayer.new_generator_params(setup, jax.random.key(0)))
   assert setup.generator.noisy_chunk_rows == setup.group_size == 3 * NUM_CLASSES
   assert params[NOISY_LAYER]["kernel"].shape == (config.num_groups, 16, 8)
   assert params[NOISY_LAYER]["bias"].shape == (config.num_groups, 8)

@@ -35,6 +35,7 @@ def fake_runs(monkeypatch):
 
   def train_and_evaluate(config, workdir):
     calls["distill"].append((config.seed, config.time_budget_minutes, workdir))
+    calls["method"] = config.method
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
       if calls["eval"]:
@@ -77,6 +78,7 @@ def test_rerun_with_the_same_arguments_resumes(fake_runs, tmp_path, capsys):
     (["--teacher-epochs", "5"], "--teacher-epochs 3 -> 5"),
     (["--teacher-epochs", "3", "--seed", "2"], "--seed 0 -> 2"),
     (["--seed", "2"], "--teacher-epochs 3 -> 30, --seed 0 -> 2"),
+    (["--teacher-epochs", "3", "--method", "nayer"], "--method cae_dfkd -> nayer"),
 ])
 def test_changed_arguments_are_refused(flags, changed, fake_runs, tmp_path, capsys):
   assert _demo(tmp_path / "w", "--teacher-epochs", "3") == 0
@@ -88,6 +90,13 @@ def test_changed_arguments_are_refused(flags, changed, fake_runs, tmp_path, caps
                  "another --workdir.\n")
   assert fake_runs["teacher"] == [(3, 0)] and len(fake_runs["distill"]) == 1
   assert json.loads((tmp_path / "w" / "demo.json").read_text()) == {"teacher_epochs": 3, "seed": 0}
+
+
+def test_method_reaches_the_run_and_is_recorded(fake_runs, tmp_path):
+  assert _demo(tmp_path / "w", "--teacher-epochs", "3", "--method", "nayer") == 0
+  assert fake_runs["method"] == "nayer"
+  assert json.loads((tmp_path / "w" / "demo.json").read_text()) == {
+      "teacher_epochs": 3, "seed": 0, "method": "nayer"}
 
 
 def test_fresh_deletes_the_old_run_and_starts_over(fake_runs, tmp_path):

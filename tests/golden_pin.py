@@ -57,6 +57,9 @@ def save(path: pathlib.Path, state: steps.TrainState, outputs: dict) -> None:
 def load(path: pathlib.Path, template: steps.TrainState) -> tuple[steps.TrainState, dict]:
   """(the stored state, shaped like `template`; the stored outputs as nested dicts)."""
   stored = flax.serialization.msgpack_restore(gzip.decompress(path.read_bytes()))
+  if "method" not in stored["state"]:   # Stored before the method seam: NAYER's fields were flat.
+    flat = stored["state"]
+    flat["method"] = {k: flat.pop(k) for k in ("generator_params", "bn_ema", "bn_ema_valid", "bank")}
   template = jax.device_get(template.replace(rng=jax.random.key_data(template.rng)))
   state = flax.serialization.from_state_dict(template, stored["state"])
   return state.replace(rng=jax.random.wrap_key_data(state.rng)), stored["outputs"]
@@ -67,7 +70,7 @@ def main() -> None:
   setup = tiny_setup(teacher, table)
   mesh = steps.make_mesh(jax.devices("cpu")[:1])
   state = train.create_state(setup, teacher.variables, 32)
-  state, _, _, _ = steps.make_step_fns(setup, mesh, fuse=False)["warmup_round"](
+  state, _, _ = steps.make_step_fns(setup, mesh, fuse=False)["warmup_round"](
       state, teacher.variables)
   state = jax.device_get(state)
   save(GOLDEN, state, round_and_kd(setup, teacher.variables, state))

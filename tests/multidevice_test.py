@@ -37,7 +37,6 @@ def _one_generator_step(out_path: str) -> None:
   """Child process: one real-size generator step on 1 device and on 8, from the same state."""
   cpu_devices.reserve_intra_op_threads()  # What `train_and_evaluate` does first.
   import dataclasses
-  import functools
   import jax
   import jax.numpy as jnp
   import optax
@@ -60,8 +59,8 @@ def _one_generator_step(out_path: str) -> None:
   for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices()[:8])):
     mesh = steps.make_mesh(devices)
     put = lambda tree: jax.device_put(tree, NamedSharding(mesh, P()))
-    start = jax.jit(functools.partial(steps.start_round, setup=setup, warmup=False, mesh=mesh))
-    g_step = jax.jit(functools.partial(steps.generator_step, setup=setup, mesh=mesh))
+    phase = setup.method.phases(setup, mesh)["round"]
+    start, g_step = jax.jit(phase.start), jax.jit(phase.step)
     s, t = put(state), put(teacher_vars)
     carry, ctx = start(s)
     before = jax.device_get(carry.params)

@@ -125,14 +125,15 @@ def test_time_budget_and_time_axis_count_over_every_invocation(teacher_dir, tabl
 
 def _poison_student_params_at(monkeypatch, kd_step: int):
   """From KD step `kd_step` on, the student's params become NaN while every loss stays finite."""
-  real = steps.student_step
+  from caedfkd_jax.methods import nayer
+  real = nayer.student_step
 
-  def poisoned(state, rng, **kwargs):
-    state, metrics = real(state, rng, **kwargs)
-    params = jax.tree.map(lambda p: jnp.where(state.kd_step > kd_step, jnp.nan, p),
-                          state.student["params"])
-    return state.replace(student={**state.student, "params": params}), metrics
-  monkeypatch.setattr(steps, "student_step", poisoned)
+  def poisoned(carry, *args, **kwargs):
+    carry, metrics = real(carry, *args, **kwargs)
+    params = jax.tree.map(lambda p: jnp.where(carry.kd_step > kd_step, jnp.nan, p),
+                          carry.student["params"])
+    return carry.replace(student={**carry.student, "params": params}), metrics
+  monkeypatch.setattr(nayer, "student_step", poisoned)
 
 
 def _latest_checkpoint_is_finite(config, workdir) -> int:
@@ -144,7 +145,7 @@ def _latest_checkpoint_is_finite(config, workdir) -> int:
   mngr = train._checkpoint_manager(str(workdir), config)
   state, _ = train._restore(mngr, abstract, lambda *_: None)
   mngr.close()
-  assert all(bool(ok) for ok in jax.device_get(train.finite_parts(state)).values())
+  assert all(bool(ok) for ok in jax.device_get(train.finite_parts(setup, state)).values())
   return int(state.epoch)
 
 

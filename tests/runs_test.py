@@ -92,7 +92,7 @@ def lone_runs(teacher_dir, table_path):
     lone_setup = _setup(runs.run_config(config, run), teacher, table)
     lone_fns = steps.make_step_fns(lone_setup, mesh, fuse=False)
     state = train.create_state(lone_setup, teacher.variables, 32)
-    state, _, _, _ = lone_fns["warmup_round"](state, teacher.variables)
+    state, _, _ = lone_fns["warmup_round"](state, teacher.variables)
     starts.append(state.replace(hparams=runs.hparams(run)))
     outputs.append(step_outputs(lone_fns, state, teacher.variables))
   return starts, outputs

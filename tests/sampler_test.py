@@ -17,6 +17,7 @@ import pytest
 
 from caedfkd_jax import augment, bundle as bundle_lib, config_checks, default_config, demo
 from caedfkd_jax import embeddings, ladder, losses, memory_bank, steps, train
+from caedfkd_jax.methods import nayer
 from caedfkd_jax.bundle import normalize
 from tiny_run import NUM_CLASSES, tiny_config
 
@@ -53,16 +54,25 @@ def teacher_and_state(teacher_dir, table_path):
     bank = memory_bank.add(bank, jnp.asarray(rng.uniform(size=(16, 32, 32, 3)), jnp.float32),
                            jnp.asarray(labels), jnp.asarray(source), jnp.asarray(group))
   state = steps.TrainState(
-      epoch=jnp.int32(1), unit=jnp.int32(0), kd_step=jnp.int32(0), generator_params={},
+      epoch=jnp.int32(1), unit=jnp.int32(0), kd_step=jnp.int32(0),
       student={"params": params, "batch_stats": teacher["batch_stats"]},
-      student_opt_state=setup.student_tx.init(params), bn_ema={}, bn_ema_valid=jnp.bool_(True),
-      bank=bank, rng=jax.random.key(0))
+      student_opt_state=setup.student_tx.init(params),
+      method=nayer.SynthesisState(generator_params={}, bn_ema={}, bn_ema_valid=jnp.bool_(True),
+                                  bank=bank),
+      rng=jax.random.key(0))
   return teacher, state
 
 
+def _student_step(setup, teacher_vars, state, rng, with_cncl=True):
+  """Step 0 of a KD call whose key is `rng`: its metrics. The step folds 0 into `rng` first."""
+  carry, _ = nayer.start_kd(state)
+  return nayer.student_step(carry, rng, 0, state, teacher_vars, setup=setup,
+                            with_cncl=with_cncl)[1]
+
+
 def _kd_step(setup, teacher_vars, state, rng):
-  step = jax.jit(lambda s, r: steps.student_step(s, r, setup=setup, teacher_vars=teacher_vars))
-  return jax.device_get(step(state, rng)[1])
+  step = jax.jit(lambda s, r: _student_step(setup, teacher_vars, s, r))
+  return jax.device_get(step(state, rng))
 
 
 def test_uniform_loss_is_kl_on_uniform_rows_plus_cncl_on_group_rows(teacher_dir, table_path,
@@ -74,18 +84,18 @@ def test_uniform_loss_is_kl_on_uniform_rows_plus_cncl_on_group_rows(teacher_dir,
 
   drawn = {}
   def draw(bank, rng):
-    batch, drawn["cncl_from"] = steps.sample_kd_batch(bank, rng, setup=setup)
+    batch, drawn["cncl_from"] = nayer.sample_kd_batch(bank, rng, setup=setup)
     return batch
-  images = jax.eval_shape(draw, state.bank, rng)[0]
+  images = jax.eval_shape(draw, state.method.bank, rng)[0]
   assert drawn["cncl_from"] == 2 * GROUP and images.shape == (3 * GROUP, 32, 32, 3)
 
   @jax.jit
   def by_hand(rng):
     """The same draws: 2*8 uniform images, then 1 whole group of 8, one forward pass."""
-    rng_sample, rng_aug = jax.random.split(rng)
+    rng_sample, rng_aug = jax.random.split(jax.random.fold_in(rng, 0))   # step 0
     rng_uniform, rng_groups = jax.random.split(rng_sample)
-    uniform = memory_bank.sample(state.bank, rng_uniform, 2 * GROUP)
-    group = memory_bank.sample_groups(state.bank, rng_groups, 1, GROUP)
+    uniform = memory_bank.sample(state.method.bank, rng_uniform, 2 * GROUP)
+    group = memory_bank.sample_groups(state.method.bank, rng_groups, 1, GROUP)
     images = jnp.concatenate([uniform[0], group[0]])
     x = normalize(augment.random_crop_flip(rng_aug, images), setup.mean, setup.std)
     t_logits, _ = setup.teacher.apply(teacher_vars, x, train=False)
@@ -115,26 +125,29 @@ def test_uniform_without_cncl_draws_no_group_rows_unless_the_weight_is_swept(
   teacher_vars, state = teacher_and_state
   setup = _setup(teacher_dir, table_path, sampler="uniform", cncl_weight=0.0)
   rng = jax.random.key(3)
-  batch, cncl_from = steps.sample_kd_batch(state.bank, rng, setup=setup)
+  bank = state.method.bank
+  batch, cncl_from = nayer.sample_kd_batch(bank, rng, setup=setup)
   assert cncl_from is None and batch[0].shape[0] == 2 * GROUP
   # The step's traced program: the student sees the 16 uniform images alone, no CNCL term.
-  seen, real_loss = [], steps.student_loss
+  seen, real_loss = [], nayer.student_loss
   def student_loss(params, batch_stats, setup, x, *args):
     seen.append(x.shape[0])
     return real_loss(params, batch_stats, setup, x, *args)
-  monkeypatch.setattr(steps, "student_loss", student_loss)
-  metrics = jax.eval_shape(
-      lambda s, r: steps.student_step(s, r, setup=setup, teacher_vars=teacher_vars)[1], state, rng)
+  monkeypatch.setattr(nayer, "student_loss", student_loss)
+  metrics = jax.eval_shape(lambda s, r: _student_step(setup, teacher_vars, s, r), state, rng)
   assert seen == [2 * GROUP] and sorted(metrics) == ["kd/agreement", "kd/kl", "kd/loss"]
   # A swept weight is traced: the one program must hold the group rows for its other runs.
-  batch, cncl_from = steps.sample_kd_batch(state.bank, rng, setup=setup,
+  batch, cncl_from = nayer.sample_kd_batch(bank, rng, setup=setup,
                                            swept=("student.cncl_weight",))
   assert cncl_from == 2 * GROUP and batch[0].shape[0] == 4 * GROUP  # cncl_groups None: 2 groups
   # "groups" draws exactly what it drew before the sampler was a choice.
-  batch, cncl_from = steps.sample_kd_batch(state.bank, rng, setup=_setup(teacher_dir, table_path))
+  batch, cncl_from = nayer.sample_kd_batch(bank, rng, setup=_setup(teacher_dir, table_path))
   assert cncl_from == 0
-  for got, want in zip(batch, memory_bank.sample_groups(state.bank, rng, 2, GROUP)):
+  for got, want in zip(batch, memory_bank.sample_groups(bank, rng, 2, GROUP)):
     np.testing.assert_array_equal(got, want)
+  # A method without CNCL (NAYER) draws the same groups with no CNCL row.
+  assert nayer.sample_kd_batch(bank, rng, setup=_setup(teacher_dir, table_path),
+                               with_cncl=False)[1] is None
 
 
 def test_config_checks_name_a_bad_sampler_and_an_indivisible_cncl_sub_batch():

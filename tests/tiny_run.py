@@ -41,12 +41,14 @@ def step_outputs(fns, state, teacher_vars) -> dict:
   The form `assert_same_round_and_kd` compares. `state` is copied first: the steps donate it.
   """
   fresh = lambda: jax.tree.map(jnp.copy, state)
-  after_round, gen_metrics, low_conf, images = fns["round"](fresh(), teacher_vars)
-  after_kd, kd_metrics = fns["kd"](fresh(), teacher_vars)
+  after_round, gen_metrics, round_outputs = fns["round"](fresh(), teacher_vars)
+  after_kd, kd_metrics, _ = fns["kd"](fresh(), teacher_vars)
+  synth = after_round.method
   return jax.device_get({
-      "gen_metrics": gen_metrics, "low_conf": low_conf, "images": images,
-      "generator_params": after_round.generator_params, "bn_ema": after_round.bn_ema,
-      "bank": after_round.bank.images, "unit_after_round": after_round.unit,
+      "gen_metrics": gen_metrics, "low_conf": round_outputs["low_conf"],
+      "images": round_outputs["images"],
+      "generator_params": synth.generator_params, "bn_ema": synth.bn_ema,
+      "bank": synth.bank.images, "unit_after_round": after_round.unit,
       "kd_metrics": kd_metrics, "student": after_kd.student, "unit_after_kd": after_kd.unit})
 
 

@@ -71,7 +71,7 @@ def _same_start(teacher_dir, table_path):
   setup = dataclasses.replace(setup, generator_tx=optax.sgd(0.05))
   mesh = steps.make_mesh(jax.devices("cpu")[:1])
   state = train.create_state(setup, teacher.variables, 32)
-  state, _, _, _ = steps.make_step_fns(setup, mesh, fuse=False)["warmup_round"](state, teacher.variables)
+  state, _, _ = steps.make_step_fns(setup, mesh, fuse=False)["warmup_round"](state, teacher.variables)
   return setup, teacher.variables, jax.device_get(state)
 
 
@@ -133,13 +133,14 @@ def test_distill_cli_runs_and_resumes(teacher_dir, table_path, tmp_path):
 def test_each_phase_is_traced_once_over_a_whole_run(teacher_dir, table_path, tmp_path, monkeypatch,
                                                     fuse):
   """No retracing: four epochs (warm-up, then KD) reuse one compiled program per phase."""
+  from caedfkd_jax.methods import nayer
   chex.clear_trace_counter()
-  if fuse:
-    traced = {"generator_round": 2, "student_steps": 1}   # warm-up and regular rounds
-  else:
-    traced = {"generator_step": 1, "finish_round": 1, "student_step": 1}
+  if fuse:   # One program per kind of round (warm-up, regular), each tracing its step once.
+    traced = {"start_round": 2, "generator_step": 2, "finish_round": 2, "student_step": 1}
+  else:      # The warm-up and regular rounds share their step and finish programs.
+    traced = {"start_round": 2, "generator_step": 1, "finish_round": 1, "student_step": 1}
   for name, n in traced.items():
-    monkeypatch.setattr(steps, name, chex.assert_max_traces(getattr(steps, name), n=n))
+    monkeypatch.setattr(nayer, name, chex.assert_max_traces(getattr(nayer, name), n=n))
   config = tiny_config(teacher_dir, table_path)
   config.fuse_steps = fuse
   config.epochs = 4
@@ -242,8 +243,9 @@ def test_a_rerun_reuses_the_persistent_compilation_cache(teacher_dir, table_path
 
 def test_generator_is_renewed_on_nayers_g_life_schedule():
   from caedfkd_jax import default_config
+  from caedfkd_jax.methods import nayer
   config = default_config.get_config()
-  renewed = lambda: [e for e in range(45) if train.renews_generator(config, e)]
+  renewed = lambda: [e for e in range(45) if nayer.renews_generator(config, e)]
   config.warmup_epochs, config.generator.life_epochs = 20, 10   # NAYER's CIFAR scripts
   assert renewed() == [10, 20, 30, 40]
   config.warmup_epochs = 1                                      # NAYER's default --warmup

@@ -1,0 +1,42 @@
+"""What a DFKD method is to the engine: its setup, its state, its units and its epoch plan."""
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A DFKD method: pure functions the training loop (train.py) calls. One per file in methods/.
+
+  The shared pieces (losses, bank, augment, models, checkpoints, logging, the mesh)
+  stay outside; a method picks from them.
+  """
+  name: str
+  summary: str              # One line: what the method does (README table, CLI help).
+  create_setup: Callable    # (config, teacher Bundle, EmbeddingTable) -> steps.Setup
+  init_state: Callable      # (setup, teacher_vars, rng, image_size) -> the method's state pytree
+  phases: Callable          # (setup, mesh | None) -> {unit name: steps.Phase}
+  epoch_plan: Callable      # (config, epoch) -> tuple of unit names, in order
+  unit_labels: dict[str, str]  # unit name -> words for messages ("generator round")
+  latest_images: Callable   # (setup, method_state) -> (images01_BxHxWxC, labels_B): the grid
+  epoch_scalars: Callable   # (method_state) -> {name: scalar} logged each epoch
+  finite_parts: Callable    # (method_state) -> {"part name": pytree} checked after every unit
+  bundle_fields: Callable   # (config) -> what the student bundle records about the method
+  ignores: tuple[str, ...] = ()  # Config fields (or "section.prefix") the method never reads.
+  renews: Callable[[Any, int], bool] = lambda config, epoch: False  # A new generator at `epoch`?
+  renew: Callable | None = None  # (setup, state) -> state with it (jitted by the loop)
+
+  def units_per_epoch(self, config) -> list[int]:
+    return [len(self.epoch_plan(config, e)) for e in range(config.epochs)]
+
+
+def fold(rng: jax.Array, *values) -> jax.Array:
+  """`rng` with each of `values` folded in: every draw of a run is a function of its position."""
+  for v in values:
+    rng = jax.random.fold_in(rng, v)
+  return rng
+

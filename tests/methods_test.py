@@ -1,0 +1,80 @@
+"""The method seam: the registry, NAYER as CAE-DFKD's base, and a method's run end to end."""
+
+import dataclasses
+import json
+
+import pytest
+
+import golden_pin
+from caedfkd_jax import bundle as bundle_lib, config_checks, methods, train
+from tiny_run import assert_same_round_and_kd, round_and_kd, tiny_config
+
+
+@pytest.fixture(scope="module")
+def pinned():
+  """The stored tiny state after a warm-up round (golden_pin.py), and its setup's parts."""
+  teacher, table = golden_pin.tiny_teacher_and_table()
+  setup = golden_pin.tiny_setup(teacher, table)
+  state, _ = golden_pin.load(golden_pin.GOLDEN, train.create_state(setup, teacher.variables, 32))
+  return teacher, table, setup, state
+
+
+def _setup_of(setup, **fields):
+  """`setup` rebuilt for a config with `fields` ("section.field" or top-level) changed."""
+  config = setup.config.copy_and_resolve_references()
+  for name, value in fields.items():
+    *section, field = name.split(".")
+    (config[section[0]] if section else config)[field] = value
+  teacher_and_table = golden_pin.tiny_teacher_and_table()
+  return dataclasses.replace(train.create_setup(config, *teacher_and_table),
+                             generator_tx=setup.generator_tx)
+
+
+def test_every_method_is_complete(pinned):
+  _, _, setup, _ = pinned
+  for name in methods.NAMES:
+    method = methods.get(name)
+    assert method.name == name and method.summary
+    units = {u for e in range(setup.config.epochs) for u in method.epoch_plan(setup.config, e)}
+    phases = method.phases(_setup_of(setup, method=name), None)
+    assert units <= set(phases) and units <= set(method.unit_labels), name
+  with pytest.raises(ValueError, match="Unknown method 'cmi2': --config.method takes one of"):
+    methods.get("cmi2")
+
+
+def test_nayer_computes_cae_dfkd_with_cend_and_cncl_switched_off(pinned):
+  """The base is the base: NAYER's round and KD call are CAE-DFKD's ablation arm "base"."""
+  teacher, _, setup, state = pinned
+  nayer = round_and_kd(_setup_of(setup, method="nayer", **{"student.sampler": "uniform"}),
+                       teacher.variables, state)
+  switched_off = round_and_kd(_setup_of(setup, **{
+      "cend.mode": "clean", "student.cncl_weight": 0.0, "student.sampler": "uniform"}),
+      teacher.variables, state)
+  assert "kd/cncl" not in nayer["kd_metrics"]
+  assert_same_round_and_kd(nayer, switched_off)
+  with pytest.raises(AssertionError):   # ... and not what CAE-DFKD with CEND computes.
+    assert_same_round_and_kd(nayer, round_and_kd(setup, teacher.variables, state))
+
+
+def test_a_method_ignores_what_it_does_not_read_and_refuses_sweeping_it(teacher_dir, table_path):
+  config = tiny_config(teacher_dir, table_path)
+  config.method = "nayer"
+  config.sweep = "student.cncl_weight=0,0.5"
+  with pytest.raises(ValueError, match="varies student.cncl_weight, which method nayer does not"):
+    config_checks.validate_config(config, 1, 8)
+  config.sweep = "loss.bn=5,10"
+  config_checks.validate_config(config, 1, 8)
+
+
+def test_a_nayer_run_records_its_method_and_cannot_resume_as_another(teacher_dir, table_path,
+                                                                      tmp_path):
+  config = tiny_config(teacher_dir, table_path)
+  config.method, config.epochs = "nayer", 2
+  result = train.train_and_evaluate(config, str(tmp_path))
+  extra = bundle_lib.load_bundle(result["student"]).spec.extra
+  assert extra["method"] == "nayer" and "cncl_weight" not in extra
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["epoch"] for r in rows] == [1, 2] and "kd/kl" in rows[1] and "kd/cncl" not in rows[1]
+  config.method = "cae_dfkd"
+  with pytest.raises(ValueError, match="holds a nayer run; a checkpoint cannot switch methods"):
+    train.train_and_evaluate(config, str(tmp_path))
