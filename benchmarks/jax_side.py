@@ -5,7 +5,6 @@ called the way `train.train_and_evaluate` calls them, on a bank filled with
 random images so the KD steps sample real-sized data from the first call.
 """
 
-import functools
 import resource
 import statistics
 import time
@@ -19,7 +18,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from benchmarks import flops as flops_lib
 from caedfkd_jax import bundle as bundle_lib
 from caedfkd_jax import config_checks, steps, train
-from caedfkd_jax.methods import nayer
+from caedfkd_jax.methods import bank_kd
 
 
 def _timed(fn, *args):
@@ -136,8 +135,8 @@ def measure(config, teacher: bundle_lib.Bundle, table, repeats: int = 3,
 
   g_steps, kd_per_call = config.generator.steps, config.student.steps_per_call
   # Images through the student per KD step: under sampler=uniform with CNCL on, the CNCL
-  # groups ride beside the uniform rows (nayer.sample_kd_batch).
-  kd_batch = (config.student.batch_groups + nayer.cncl_subbatch_groups(config)) * setup.group_size
+  # groups ride beside the uniform rows (bank_kd.sample_kd_batch).
+  kd_batch = (config.student.batch_groups + bank_kd.cncl_subbatch_groups(config)) * setup.group_size
   round_median, kd_median = statistics.median(round_s), statistics.median(kd_s)
   device = jax.local_devices()[0]
   return {

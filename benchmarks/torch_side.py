@@ -158,7 +158,7 @@ class TorchDFKD:
     self.syn_batch = config.num_groups * self.group
     self.kd_batch = config.student.batch_groups * self.group
     s = config.student
-    from caedfkd_jax.methods.nayer import cncl_subbatch_groups   # The JAX side's rule.
+    from caedfkd_jax.methods.bank_kd import cncl_subbatch_groups   # The JAX side's rule.
     cncl_groups = cncl_subbatch_groups(config)
     self.kd_images = (s.batch_groups + cncl_groups) * self.group   # through the student a step
     self.teacher = torch_zoo.build(teacher_arch, k).to(self.device).eval().requires_grad_(False)
@@ -226,7 +226,7 @@ class TorchDFKD:
     return (slot[:, None] * self.group + torch.arange(self.group, device=self.device)).view(-1)
 
   def kd_step(self):
-    """One KD step as nayer.sample_kd_batch lays it out: KL rows first, then CNCL rows."""
+    """One KD step as bank_kd.sample_kd_batch lays it out: KL rows first, then CNCL rows."""
     cfg = self.cfg.student
     if cfg.sampler == "groups":
       idx = self._group_rows(cfg.batch_groups)

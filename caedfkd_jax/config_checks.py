@@ -6,7 +6,7 @@ a shape error at the first trace, or an empty memory bank.
 
 from caedfkd_jax import cend, losses, memory_bank, methods, runs, xla_cpu
 from caedfkd_jax import generator as generator_lib
-from caedfkd_jax.methods import nayer
+from caedfkd_jax.methods import bank_kd
 
 
 # Fields that must be >= 1 (ints) or > 0 (floats), and fields that must be >= 0.
@@ -72,7 +72,7 @@ def validate_config(config, num_devices: int, group_size: int) -> None:
   """One clear line for every value that would otherwise fail mid-run or with a traceback."""
   method = methods.get(config.method)   # Names the known methods when the name is not one.
   for name in runs.parse_sweep(config.sweep):
-    if any(name == f or (f.endswith("_") and name.startswith(f)) for f in method.ignores):
+    if any(name == f or (f.endswith(("_", ".")) and name.startswith(f)) for f in method.ignores):
       raise ValueError(f"config.sweep varies {name}, which method {method.name} does not read: "
                        "every run would be the same. Sweep another field, or pick a method "
                        "that reads it (e.g. --config.method=cae_dfkd).")
@@ -123,13 +123,15 @@ def validate_config(config, num_devices: int, group_size: int) -> None:
                      f"student.steps_per_call={s.steps_per_call}")
   syn, kd = config.num_groups * group_size, s.batch_groups * group_size
   with_cncl = "student.cncl_" not in method.ignores
-  cncl = with_cncl * nayer.cncl_subbatch_groups(config, runs.parse_sweep(config.sweep)) * group_size
+  cncl = with_cncl * bank_kd.cncl_subbatch_groups(config, runs.parse_sweep(config.sweep)) * group_size
   for name, size in (("synthesis batch (num_groups*K*(N+1))", syn),
                      ("KD batch (student.batch_groups*K*(N+1))", kd),
                      ("CNCL sub-batch (student.cncl_groups*K*(N+1))", cncl)):
     if size % num_devices:
       raise ValueError(f"The {name} = {size} is not divisible by the {num_devices} devices; "
                        "change num_groups / student.batch_groups / student.cncl_groups.")
+  if method.check_config is not None:
+    method.check_config(config, num_devices)
   if config.epochs <= config.warmup_epochs:
     raise ValueError(f"epochs={config.epochs} leaves no KD epoch after "
                      f"warmup_epochs={config.warmup_epochs}")

@@ -10,9 +10,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.method = "cae_dfkd"     # caedfkd_jax/methods/<name>.py: cae_dfkd (CEND + CNCL on the NAYER
-                                 # base) or nayer (the base alone; reads no cend.mode/magnitude
-                                 # or student.cncl_* field).
+  config.method = "cae_dfkd"     # caedfkd_jax/methods/ (README "Methods"): cae_dfkd (CEND + CNCL
+                                 # on the NAYER base), nayer, cmi, cae_dfkd_cmi (CEND + CNCL on
+                                 # CMI). A base reads no cend.mode/magnitude or student.cncl_*.
 
   # Models
   config.teacher = ""            # Path of the teacher bundle (`caedfkd convert`). Required.
@@ -73,6 +73,21 @@ def get_config() -> ml_collections.ConfigDict:
   config.low_confidence = 0.5            # Teacher confidence under which a synthetic image counts as
                                          # "low confidence" (the paper's Figure 2a statistic).
 
+  # CMI base (methods/cmi.py; METHOD.md b.3). CMI also reads generator.steps/lr/b1/b2/ngf and
+  # loss.ce/bn/adv/bn_reduce; configs/cmi_cifar.py sets CMI's own values for those.
+  config.cmi = ml_collections.ConfigDict()
+  config.cmi.nz = 256                    # Width of CMI's z.
+  config.cmi.synthesis_batch = 256       # Images per round on the CMI base (CAE-DFKD over CMI:
+                                         # num_groups * K * (N + 1), as on NAYER's base).
+  config.cmi.learn_inputs = True         # Adam optimises the inputs with G (CMI's z; over CMI,
+                                         # CEND's embeddings in its place [INFERRED]).
+  config.cmi.cr = 0.8                    # Weight of the contrastive term L_cr.
+  config.cmi.cr_temperature = 0.2        # cmi_cifar10.sh (0.1 in its adversarial script).
+  config.cmi.memory_size = 40960         # Past (local || global) features kept.
+  config.cmi.negatives = 4096            # Cached rows drawn as negatives each step.
+  config.cmi.head_dim = 256
+  config.cmi.local_scale = (0.25, 1.0)   # The local view's random-resized-crop area range.
+
   # Student (Eq. 6)
   config.student = ml_collections.ConfigDict()
   config.student.lr = 0.1                # [PAPER]; NAYER uses 0.2.
@@ -83,7 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.student.sampler = "groups"      # How the KD batch is drawn from the bank: "groups" (whole
                                          # CNCL groups; KL and CNCL on all of it) or "uniform"
                                          # (NAYER's pool sampling; CNCL, when on, gets its own
-                                         # sub-batch of whole groups: nayer.sample_kd_batch).
+                                         # sub-batch of whole groups: bank_kd.sample_kd_batch).
   config.student.cncl_groups = ml_collections.config_dict.placeholder(int)  # Groups in that
                                          # CNCL sub-batch ("uniform" only). None: batch_groups,
                                          # so CNCL sees as many groups as under "groups".
@@ -140,4 +155,40 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_processes = ml_collections.config_dict.placeholder(int)  # None: auto-detected.
   config.process_id = ml_collections.config_dict.placeholder(int)     # 0..num_processes-1;
                                          # None: auto-detected.
+
+  # CPSC-DFKD (methods/cpsc_dfkd.py; METHOD.md b.5): its own loop, generator and weights.
+  # It reads student.lr/momentum/weight_decay and epochs, and no generator.*, loss.*, cend.*
+  # or bank field; warmup_epochs must be 0 (its warm-up is the student LR's). Defaults: the
+  # authors' README run (CPSC_DFKD.py at 1c6ade1); configs/cpsc_cifar.py sets the rest.
+  config.cpsc = ml_collections.ConfigDict()
+  config.cpsc.epoch_itrs = 50            # (generator, student) iterations per epoch.
+  config.cpsc.g_steps = 6                # Generator steps per iteration (README; code default 1).
+  config.cpsc.s_steps = 5                # Student steps per iteration.
+  config.cpsc.batch_size = 512           # Fresh z and labels per step, generator and student.
+  config.cpsc.nz = 256                   # Width of z.
+  config.cpsc.ngf = 64                   # GeneratorD's width.
+  config.cpsc.generator_lr = 1e-3        # Adam, betas (generator_b1, generator_b2).
+  config.cpsc.generator_b1 = 0.5
+  config.cpsc.generator_b2 = 0.999
+  config.cpsc.alpha = 5.0                # IKD (logit discrepancy) weight.
+  config.cpsc.beta = 1.0                 # Teacher BN-statistics weight (summed over layers).
+  config.cpsc.gamma = 0.7                # SupCon weight, [student, teacher] features as 2 views.
+  config.cpsc.eta = 0.7                  # CE-to-the-sampled-label weight.
+  config.cpsc.temperature = 0.07         # SupCon's tau.
+  config.cpsc.generator_ikd = "mse"      # losses.IKD_FORMS. Code: "log_mse" on CIFAR-10 (set by
+  config.cpsc.student_ikd = "mse"        # configs/cpsc_cifar.py), "mse" elsewhere, as the paper;
+                                         # the student's CIFAR-10 form is "log_l2".
+  config.cpsc.ce_on_probabilities = True # Code: CE(softmax(logits), y), softmax twice; the paper's
+                                         # CE on logits is False.
+  config.cpsc.reset_generator_adam_every_step = True  # Code: a new Adam at every generator
+                                         # step (its first, sign-like step each time); False:
+                                         # one Adam for the whole run.
+  config.cpsc.student_bn_train_in_generator_steps = True  # Code: the student stays in train
+                                         # mode: batch statistics, running averages updated on
+                                         # the generator's batches too. False: eval mode there.
+  config.cpsc.adapter = "none"           # Student-feature head to the teacher's width for
+                                         # SupCon: "none", "mlp" (code, WRN-16-1/40-1 students)
+                                         # or "linear"; fixed random, never trained (as the code).
+  config.cpsc.lr_warmup_epochs = 10      # Student LR: lr * e / W for epochs e = 1..W, then
+                                         # cosine to 0 over `epochs`, stepped per epoch (code).
   return config

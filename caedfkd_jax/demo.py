@@ -27,6 +27,18 @@ DEMO_JSON = "demo.json"                      # the arguments the workdir's run w
 OWN_DIRS = ("teacher", "heldout", "distill")  # what --fresh deletes
 FULL_METHOD = "cend_cncl"                     # the ladder arm the demo runs by default
 DEFAULT_METHOD = "cae_dfkd"                   # the method (caedfkd_jax/methods/) it runs by default
+# What another method needs on the digits besides demo_config's fields (sized like it: 100
+# images a round or a step).
+METHOD_FIELDS = {
+    # CMI banks ungrouped images: pool sampling, CEND's batch size, a CPU-sized memory.
+    "cmi": {"student.sampler": "uniform", "cmi.synthesis_batch": 100, "cmi.memory_size": 2048,
+            "cmi.negatives": 256},
+    "cae_dfkd_cmi": {"cmi.memory_size": 2048, "cmi.negatives": 256},
+    # No bank and no generator-only warm-up: its own loop's sizes; the code's 10-class IKD forms.
+    "cpsc_dfkd": {"warmup_epochs": 0, "cpsc.batch_size": 100, "cpsc.epoch_itrs": 10,
+                  "cpsc.g_steps": 2, "cpsc.lr_warmup_epochs": 1, "cpsc.generator_ikd": "log_mse",
+                  "cpsc.student_ikd": "log_l2"},
+}
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -233,6 +245,9 @@ def run(args: argparse.Namespace) -> int:
   config = ladder.apply_arm(demo_config(teacher_dir, eval_dir, args.minutes), args.arm)
   config.seed = args.seed
   config.method = getattr(args, "method", DEFAULT_METHOD)
+  for name, value in METHOD_FIELDS.get(config.method, {}).items():
+    *section, field = name.split(".")
+    (config[section[0]] if section else config)[field] = value
   result = train.train_and_evaluate(config, os.path.join(workdir, "distill"))
   student_top1 = top1(bundle_lib.load_bundle(result["student"]))
   plot = os.path.join(workdir, "student_accuracy.png")

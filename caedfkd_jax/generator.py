@@ -15,6 +15,7 @@ where NAYER's chunks of K ("per_view") give each view its own random projection.
 
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -120,6 +121,8 @@ class Generator(nn.Module):
   num_upsamples: int | None = None
   noisy_chunk_rows: int | None = None   # Rows per noisy-layer Linear (`noisy_chunk_rows()`);
                                         # None: num_classes (NAYER).
+  noisy_input: bool = True  # NAYER's BN1d + noisy layer in front; False: the inputs go straight
+                            # to the projection, Fast/CMI's Generator(nz) (`cmi_reset`).
 
   def layout(self) -> tuple[int, bool, tuple[tuple[bool, int], ...]]:
     """(init size, BN after the projection?, conv stages as (upsample first?, out channels))."""
@@ -136,10 +139,12 @@ class Generator(nn.Module):
   def __call__(self, embeddings_BxD: jax.Array) -> jax.Array:
     init, project_norm, stages = self.layout()
     width = 2 * self.ngf
-    x = BatchStatNorm(name="embed_norm")(embeddings_BxD.astype(jnp.float32))
-    x = NoisyLayer(self.num_classes, self.noise_dim, self.noisy_chunk_rows, name=NOISY_LAYER)(x)
+    x = embeddings_BxD.astype(jnp.float32)
+    if self.noisy_input:
+      x = BatchStatNorm(name="embed_norm")(x)
+      x = NoisyLayer(self.num_classes, self.noise_dim, self.noisy_chunk_rows, name=NOISY_LAYER)(x)
     x = nn.Dense(width * init * init, kernel_init=torch_default_kernel_init,
-                 bias_init=torch_default_bias_init(self.noise_dim), dtype=self.dtype,
+                 bias_init=torch_default_bias_init(x.shape[-1]), dtype=self.dtype,
                  name="project")(x)
     x = x.reshape(-1, init, init, width)
     if project_norm:
@@ -164,6 +169,20 @@ def init_generator(rng: jax.Array, generator: Generator, batch_size: int, embed_
   (num_classes where unset), so the params only fit that batch size and chunking.
   """
   return generator.init(rng, jnp.zeros((batch_size, embed_dim), jnp.float32))["params"]
+
+
+def cmi_reset(params, rng: jax.Array):
+  """CMI's per-round `reset_model`: Linear/conv weights ~ N(0, 0.02), their biases 0, BatchNorm
+  scales ~ N(1, 0.02), BN biases 0. Every leaf is redrawn, so the old values do not matter."""
+  flat = flax.traverse_util.flatten_dict(params)
+  keys = jax.random.split(rng, len(flat))
+  def redraw(path, value, key):
+    if path[-1] == "bias":
+      return jnp.zeros_like(value)
+    mean = 1.0 if path[-1] == "scale" else 0.0
+    return mean + 0.02 * jax.random.normal(key, value.shape, value.dtype)
+  return flax.traverse_util.unflatten_dict(
+      {path: redraw(path, value, key) for (path, value), key in zip(sorted(flat.items()), keys)})
 
 
 def reinit_noisy_layer(params, rng: jax.Array):

@@ -94,7 +94,7 @@ def latest(bank: MemoryBank, n: int) -> tuple[jax.Array, jax.Array]:
 def sample(bank: MemoryBank, rng: jax.Array, batch_size: int):
   """`batch_size` slots drawn uniformly (with replacement) from the filled ones.
 
-  The "uniform" KD sampler (NAYER's pool sampling; see `methods.nayer.sample_kd_batch`).
+  The "uniform" KD sampler (NAYER's pool sampling; see `methods.bank_kd.sample_kd_batch`).
 
   Returns (images01 float32 B x H x W x C, labels, source_index, group). An
   empty bank yields slot 0 (zeros).

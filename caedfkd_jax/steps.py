@@ -54,18 +54,10 @@ class Setup:
                             # made once by the method's create_setup; None: magnitudes in table units.
   method: Any = None        # The methods.Method that made this setup and runs its units.
   student_lr: Callable[[jax.Array], jax.Array] | None = None  # The student's LR schedule (logged).
-
-  @property
-  def num_classes(self) -> int:
-    return int(self.table_KxD.shape[0])
-
-  @property
-  def group_size(self) -> int:
-    return self.num_classes * (self.config.cend.num_sources + 1)
-
-  @property
-  def synthesis_batch(self) -> int:
-    return self.config.num_groups * self.group_size
+  num_classes: int = 0      # K, the teacher's classes.
+  synthesis_batch: int = 0  # Images a generator round makes (banked together).
+  group_size: int = 1       # Rows of one CNCL group, K * (N + 1); 1 where images are not grouped.
+  kd_batch: int = 0         # Images a KD step distills on (besides any CNCL sub-batch).
 
 
 @dataclasses.dataclass(frozen=True)

@@ -495,7 +495,7 @@ def _latest_with_teacher_guesses(setup: steps.Setup, method_state, teacher_vars)
 
 
 def _format_summary(epoch: int, epochs: int, s: dict[str, Any]) -> str:
-  keys = ["gen/loss", "gen/ce", "gen/bn", "gen/adv", "gen/teacher_acc_on_best",
+  keys = ["gen/loss", "gen/ce", "gen/bn", "gen/adv", "gen/cr", "gen/teacher_acc_on_best",
           "gen/low_confidence_share", "kd/kl", "kd/cncl", "kd/agreement", "eval/top1", "time/minutes"]
   parts = [f"{k.split('/')[1]}={s[k]:.4g}" for k in keys if k in s]
   return f"epoch {epoch}/{epochs}: " + " ".join(parts)

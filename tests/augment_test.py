@@ -1,4 +1,5 @@
-"""Random crop + flip against a NumPy reference for the same draws, and its gradient."""
+"""Random crop + flip against a NumPy reference, random resized crop + flip against PyTorch,
+for the same draws, and their gradients."""
 
 import functools
 
@@ -7,8 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 
-from caedfkd_jax.augment import crop_flip, random_crop_flip, sample_crop_flip
+from caedfkd_jax.augment import (crop_flip, random_crop_flip, random_resized_crop_flip,
+                                 resized_crop_flip, sample_crop_flip, sample_resized_crop_flip)
 
 
 def _reference(images, dy, dx, flips, padding):
@@ -98,3 +101,105 @@ def test_negative_padding_is_rejected():
     random_crop_flip(jax.random.key(0), _images(), padding=-1)
   with pytest.raises(ValueError, match="B x H x W x C"):
     random_crop_flip(jax.random.key(0), jnp.zeros((8, 8, 3)))
+
+
+# --- Random resized crop (CMI's local view) --------------------------------------------------
+
+
+def _torch_resized_crop_flip(images, y, x, h, w, flips):
+  """torchvision's resized_crop for the same boxes: crop, bilinear resize (upscaling, so antialias
+  changes nothing) with align_corners=False, then hflip; in float64."""
+  images = torch.from_numpy(np.asarray(images, np.float64)).permute(0, 3, 1, 2)
+  _, _, height, width = images.shape
+  out = []
+  for im, *box in zip(images, *(np.asarray(a).tolist() for a in (y, x, h, w, flips))):
+    top, left, hh, ww, f = box
+    crop = im[None, :, top:top + hh, left:left + ww]
+    resized = torch.nn.functional.interpolate(crop, size=(height, width), mode="bilinear",
+                                              align_corners=False)[0]
+    out.append(resized.flip(-1) if f else resized)
+  return torch.stack(out).permute(0, 2, 3, 1).numpy()
+
+
+# Jitted once per shape: eager, each small op of the sampler would compile on its own.
+_rrc = jax.jit(random_resized_crop_flip, static_argnames=("scale", "ratio", "flip"))
+_sample_rrc = jax.jit(sample_resized_crop_flip, static_argnums=(1, 2, 3, 4, 5, 6))
+
+
+def test_resized_crop_matches_torch_for_the_same_draws():
+  images = np.random.RandomState(0).rand(12, 8, 10, 3).astype(np.float32)  # Not square.
+  rng = jax.random.key(2)
+  out = _rrc(rng, images)
+  y, x, h, w, flips = _sample_rrc(rng, 12, 8, 10, (0.25, 1.0), (3 / 4, 4 / 3), True)
+  np.testing.assert_allclose(out, _torch_resized_crop_flip(images, y, x, h, w, flips), atol=1e-6)
+  # The draws vary, so crops, resizes and flips are all covered.
+  assert len(set(np.asarray(h * 100 + w).tolist())) > 3 and 0 < int(flips.sum()) < 12
+  assert int((h < 8).sum()) > 3 and int((w < 10).sum()) > 3
+
+
+def test_resized_crop_identity_at_full_scale_without_flip():
+  images = _images(b=6)
+  out = _rrc(jax.random.key(0), images, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False)
+  np.testing.assert_allclose(out, images, atol=1e-6)
+
+
+def test_resized_crop_boxes_respect_scale_ratio_and_image():
+  n, height, width = 4000, 32, 32
+  scale, ratio = (0.25, 1.0), (3 / 4, 4 / 3)
+  y, x, h, w, flips = (np.asarray(a) for a in _sample_rrc(
+      jax.random.key(4), n, height, width, scale, ratio, True))
+  assert (y >= 0).all() and (x >= 0).all() and (y + h <= height).all() and (x + w <= width).all()
+  # Sides are rounded to whole pixels: bounds hold up to half a pixel on each side.
+  area = height * width
+  assert ((h + 0.5) * (w + 0.5) >= scale[0] * area).all()
+  assert ((h - 0.5) * (w - 0.5) <= scale[1] * area).all()
+  assert ((w + 0.5) / (h - 0.5) >= ratio[0]).all() and ((w - 0.5) / (h + 0.5) <= ratio[1]).all()
+  # The whole range is used: small and full crops, both aspects, every position.
+  frac = h * w / area
+  assert frac.min() < 0.3 and frac.max() > 0.95 and (w > h).any() and (w < h).any()
+  assert len(np.unique(y)) > 10 and len(np.unique(x)) > 10
+  assert abs(float(flips.mean()) - 0.5) < 0.03
+
+
+def test_resized_crop_falls_back_to_the_central_crop():
+  """No (area, aspect) draw fits a 2:1 to 3:1 box in a square image at >= 90% area: torchvision
+  then takes the widest central box of aspect min(ratio)."""
+  y, x, h, w, _ = _sample_rrc(jax.random.key(0), 5, 12, 12, (0.9, 1.0), (2.0, 3.0), True)
+  for got, expected in ((h, 6), (w, 12), (y, 3), (x, 0)):
+    np.testing.assert_array_equal(got, expected)
+
+
+@jax.jit
+def _rrc_grad(rng, images, weights):
+  """d sum(weights * out) / d images."""
+  return jax.grad(lambda im: jnp.sum(weights * random_resized_crop_flip(rng, im)))(images)
+
+
+def test_resized_crop_is_differentiable_and_keyed():
+  images = _images(b=6)
+  rng = jax.random.key(9)
+  grad = _rrc_grad(rng, images, np.random.RandomState(1).randn(*images.shape).astype(np.float32))
+  chex.assert_tree_all_finite(grad)
+  assert float(jnp.abs(grad).sum()) > 0
+  mass = _rrc_grad(rng, images, np.ones(images.shape, np.float32))
+  # Each output pixel's bilinear weights sum to one: d sum(out) / d images totals H * W * C.
+  np.testing.assert_allclose(mass.sum(axis=(1, 2, 3)), 8 * 8 * 3, rtol=1e-5)
+  np.testing.assert_array_equal(_rrc(rng, images), _rrc(rng, images))
+  assert not np.allclose(_rrc(jax.random.key(10), images), _rrc(rng, images))
+
+
+def test_resized_crop_flip_only_mirrors():
+  images = _images(b=2)
+  full, flips = np.full((2,), 8), np.array([True, False])
+  out = jax.jit(resized_crop_flip)(images, np.zeros(2, int), np.zeros(2, int), full, full, flips)
+  np.testing.assert_allclose(out[0], images[0, :, ::-1], atol=1e-6)
+  np.testing.assert_allclose(out[1], images[1], atol=1e-6)
+
+
+def test_resized_crop_rejects_bad_arguments():
+  with pytest.raises(ValueError, match="B x H x W x C"):
+    random_resized_crop_flip(jax.random.key(0), jnp.zeros((8, 8, 3)))
+  with pytest.raises(ValueError, match="scale"):
+    random_resized_crop_flip(jax.random.key(0), _images(), scale=(0.5, 0.25))
+  with pytest.raises(ValueError, match="ratio"):
+    random_resized_crop_flip(jax.random.key(0), _images(), ratio=(0.0, 1.0))

@@ -12,7 +12,7 @@ import torch
 
 from benchmarks import flops, time_to_accuracy, torch_side
 from caedfkd_jax import augment, convert, generator as generator_lib, losses, models, torch_zoo
-from caedfkd_jax.methods import nayer
+from caedfkd_jax.methods import bank_kd
 from caedfkd_jax.models.layers import BN_STATS
 
 def test_torch_crop_flip_matches_jax():
@@ -187,7 +187,7 @@ def test_conv_layers_and_network_breakdown_print_both_kernel_choices(capsys, mon
 @pytest.mark.parametrize("cncl_weight", [0.0, 0.5])
 def test_torch_side_samples_uniform_kd_batches_as_the_jax_side_does(cncl_weight):
   """sampler=uniform: KL rows from the whole bank, CNCL groups appended only with CNCL on."""
-  from caedfkd_jax import default_config, steps
+  from caedfkd_jax import default_config
   config = default_config.get_config()
   config.student_arch, config.cend.num_sources, config.num_groups = "resnet8", 1, 1
   config.generator.ngf, config.generator.noise_dim = 4, 8
@@ -196,6 +196,6 @@ def test_torch_side_samples_uniform_kd_batches_as_the_jax_side_does(cncl_weight)
   table = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
   run = torch_side.TorchDFKD(config, "resnet8", table, (0.5,) * 3, (0.25,) * 3, 32, "cpu")
   group = 4 * 2
-  assert run.kd_images == (2 + nayer.cncl_subbatch_groups(config)) * group
+  assert run.kd_images == (2 + bank_kd.cncl_subbatch_groups(config)) * group
   assert run.kd_images == (3 if cncl_weight else 2) * group
   assert np.isfinite(float(run.kd_step()))

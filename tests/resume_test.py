@@ -125,15 +125,15 @@ def test_time_budget_and_time_axis_count_over_every_invocation(teacher_dir, tabl
 
 def _poison_student_params_at(monkeypatch, kd_step: int):
   """From KD step `kd_step` on, the student's params become NaN while every loss stays finite."""
-  from caedfkd_jax.methods import nayer
-  real = nayer.student_step
+  from caedfkd_jax.methods import bank_kd
+  real = bank_kd.student_step
 
   def poisoned(carry, *args, **kwargs):
     carry, metrics = real(carry, *args, **kwargs)
     params = jax.tree.map(lambda p: jnp.where(carry.kd_step > kd_step, jnp.nan, p),
                           carry.student["params"])
     return carry.replace(student={**carry.student, "params": params}), metrics
-  monkeypatch.setattr(nayer, "student_step", poisoned)
+  monkeypatch.setattr(bank_kd, "student_step", poisoned)
 
 
 def _latest_checkpoint_is_finite(config, workdir) -> int:

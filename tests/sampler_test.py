@@ -17,7 +17,7 @@ import pytest
 
 from caedfkd_jax import augment, bundle as bundle_lib, config_checks, default_config, demo
 from caedfkd_jax import embeddings, ladder, losses, memory_bank, steps, train
-from caedfkd_jax.methods import nayer
+from caedfkd_jax.methods import bank_kd, nayer
 from caedfkd_jax.bundle import normalize
 from tiny_run import NUM_CLASSES, tiny_config
 
@@ -65,8 +65,8 @@ def teacher_and_state(teacher_dir, table_path):
 
 def _student_step(setup, teacher_vars, state, rng, with_cncl=True):
   """Step 0 of a KD call whose key is `rng`: its metrics. The step folds 0 into `rng` first."""
-  carry, _ = nayer.start_kd(state)
-  return nayer.student_step(carry, rng, 0, state, teacher_vars, setup=setup,
+  carry, _ = bank_kd.start_kd(state)
+  return bank_kd.student_step(carry, rng, 0, state, teacher_vars, setup=setup,
                             with_cncl=with_cncl)[1]
 
 
@@ -84,7 +84,7 @@ def test_uniform_loss_is_kl_on_uniform_rows_plus_cncl_on_group_rows(teacher_dir,
 
   drawn = {}
   def draw(bank, rng):
-    batch, drawn["cncl_from"] = nayer.sample_kd_batch(bank, rng, setup=setup)
+    batch, drawn["cncl_from"] = bank_kd.sample_kd_batch(bank, rng, setup=setup)
     return batch
   images = jax.eval_shape(draw, state.method.bank, rng)[0]
   assert drawn["cncl_from"] == 2 * GROUP and images.shape == (3 * GROUP, 32, 32, 3)
@@ -126,27 +126,27 @@ def test_uniform_without_cncl_draws_no_group_rows_unless_the_weight_is_swept(
   setup = _setup(teacher_dir, table_path, sampler="uniform", cncl_weight=0.0)
   rng = jax.random.key(3)
   bank = state.method.bank
-  batch, cncl_from = nayer.sample_kd_batch(bank, rng, setup=setup)
+  batch, cncl_from = bank_kd.sample_kd_batch(bank, rng, setup=setup)
   assert cncl_from is None and batch[0].shape[0] == 2 * GROUP
   # The step's traced program: the student sees the 16 uniform images alone, no CNCL term.
-  seen, real_loss = [], nayer.student_loss
+  seen, real_loss = [], bank_kd.student_loss
   def student_loss(params, batch_stats, setup, x, *args):
     seen.append(x.shape[0])
     return real_loss(params, batch_stats, setup, x, *args)
-  monkeypatch.setattr(nayer, "student_loss", student_loss)
+  monkeypatch.setattr(bank_kd, "student_loss", student_loss)
   metrics = jax.eval_shape(lambda s, r: _student_step(setup, teacher_vars, s, r), state, rng)
   assert seen == [2 * GROUP] and sorted(metrics) == ["kd/agreement", "kd/kl", "kd/loss"]
   # A swept weight is traced: the one program must hold the group rows for its other runs.
-  batch, cncl_from = nayer.sample_kd_batch(bank, rng, setup=setup,
+  batch, cncl_from = bank_kd.sample_kd_batch(bank, rng, setup=setup,
                                            swept=("student.cncl_weight",))
   assert cncl_from == 2 * GROUP and batch[0].shape[0] == 4 * GROUP  # cncl_groups None: 2 groups
   # "groups" draws exactly what it drew before the sampler was a choice.
-  batch, cncl_from = nayer.sample_kd_batch(bank, rng, setup=_setup(teacher_dir, table_path))
+  batch, cncl_from = bank_kd.sample_kd_batch(bank, rng, setup=_setup(teacher_dir, table_path))
   assert cncl_from == 0
   for got, want in zip(batch, memory_bank.sample_groups(bank, rng, 2, GROUP)):
     np.testing.assert_array_equal(got, want)
   # A method without CNCL (NAYER) draws the same groups with no CNCL row.
-  assert nayer.sample_kd_batch(bank, rng, setup=_setup(teacher_dir, table_path),
+  assert bank_kd.sample_kd_batch(bank, rng, setup=_setup(teacher_dir, table_path),
                                with_cncl=False)[1] is None
 
 

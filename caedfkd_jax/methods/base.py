@@ -26,7 +26,10 @@ class Method:
   epoch_scalars: Callable   # (method_state) -> {name: scalar} logged each epoch
   finite_parts: Callable    # (method_state) -> {"part name": pytree} checked after every unit
   bundle_fields: Callable   # (config) -> what the student bundle records about the method
-  ignores: tuple[str, ...] = ()  # Config fields (or "section.prefix") the method never reads.
+  ignores: tuple[str, ...] = ()  # Config fields the method never reads; "cend." and
+                                 # "student.cncl_" name every field they begin.
+  check_config: Callable | None = None  # (config, num_devices) -> None; raises ValueError
+                                        # naming a bad value of the method's own fields.
   renews: Callable[[Any, int], bool] = lambda config, epoch: False  # A new generator at `epoch`?
   renew: Callable | None = None  # (setup, state) -> state with it (jitted by the loop)
 

@@ -5,6 +5,11 @@ batch mean and variance of every BatchNorm *input*, also when the teacher runs
 on its running averages. Each layer sows them into the `bn_stats` collection,
 mirroring the layout of `batch_stats`, so the loss is a `jax.tree.map` over the
 two trees. Sowing is free when `bn_stats` is not mutable (XLA drops the work).
+
+CMI's contrastive features are the *per-instance* means (over H, W) of the same
+BN inputs; they go into a second collection, `bn_instance_means`, and only when
+a caller makes it mutable (`cmi_contrast.teacher_instance_features`), so every
+other caller traces exactly the graph it traced before.
 """
 
 from functools import partial
@@ -15,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 BN_STATS = "bn_stats"
+BN_INSTANCE_MEANS = "bn_instance_means"
 
 # PyTorch's default init for Linear/Conv is kaiming_uniform(a=sqrt(5)), i.e.
 # U(+-1/sqrt(fan_in)) for weights and biases. The zoos re-init convs with
@@ -42,6 +48,11 @@ def conv1x1(features: int, stride: int = 1, dtype: Any = jnp.float32,
             name: str | None = None) -> nn.Conv:
   return nn.Conv(features, (1, 1), strides=(stride, stride), padding="VALID",
                  use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
+
+
+def _keep_last(_, value):
+  """sow reducer: a module called twice keeps its latest statistics."""
+  return value
 
 
 class BatchNorm(nn.Module):
@@ -73,9 +84,13 @@ class BatchNorm(nn.Module):
       x32 = x.astype(jnp.float32)
       mean = jnp.mean(x32, axis=reduce_axes)
       var = jnp.mean(jnp.square(x32 - mean), axis=reduce_axes)
-      keep_last = lambda _, value: value
-      self.sow(BN_STATS, "mean", mean, reduce_fn=keep_last, init_fn=lambda: None)
-      self.sow(BN_STATS, "var", var, reduce_fn=keep_last, init_fn=lambda: None)
+      self.sow(BN_STATS, "mean", mean, reduce_fn=_keep_last, init_fn=lambda: None)
+      self.sow(BN_STATS, "var", var, reduce_fn=_keep_last, init_fn=lambda: None)
+    if self.is_mutable_collection(BN_INSTANCE_MEANS):
+      spatial_axes = tuple(range(1, x.ndim - 1))  # B x C out of B x H x W x C
+      instance_mean = jnp.mean(x.astype(jnp.float32), axis=spatial_axes)
+      self.sow(BN_INSTANCE_MEANS, "mean", instance_mean, reduce_fn=_keep_last,
+               init_fn=lambda: None)
 
     if use_running_average:
       mean, var = ra_mean.value, ra_var.value

@@ -1,0 +1,163 @@
+"""KD from a bank of synthetic images (Eq. 6): the unit every bank-based method shares.
+
+NAYER, CAE-DFKD and CMI all distill from what their generator rounds banked: a KD
+call is `student.steps_per_call` SGD steps, each on a batch drawn from the bank
+(`sample_kd_batch`), under t^2 KL(T || S) and, for methods with CNCL, the CNCL
+term on whole groups of one anchor and its diffused views.
+"""
+
+import functools
+from typing import Any, Collection
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from caedfkd_jax import augment, losses, memory_bank
+from caedfkd_jax.bundle import normalize
+from caedfkd_jax.methods.base import fold
+from caedfkd_jax.steps import Phase, Setup, TrainState, constrain_batch, hparam
+
+PyTree = Any
+
+
+
+def student_loss(params: PyTree, batch_stats: PyTree, setup: Setup, x: jax.Array,
+                 t_logits: jax.Array, labels: jax.Array, source_index: jax.Array,
+                 group: jax.Array, hparams: dict[str, jax.Array] | None = None,
+                 cncl_from: int | None = 0):
+  """L_S = t^2 KL(T || S) + lambda * L_CNCL on the student's penultimate features.
+
+  One forward pass over all of `x`, so BatchNorm's batch statistics cover every row.
+  KL is taken on the first `len(t_logits)` rows (the rows the teacher saw), CNCL on
+  rows `cncl_from:` (None: no CNCL term and no "kd/cncl" metric). The "groups"
+  sampler puts both on every row; see `sample_kd_batch` for "uniform".
+  """
+  cfg = setup.config.student
+  hp = functools.partial(hparam, setup, hparams or {})
+  (s_logits, aux), new_vars = setup.student.apply(
+      {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
+  s_logits = s_logits[:t_logits.shape[0]]
+  l_kl = losses.kl_divergence(t_logits, s_logits, hp("student.temperature"))
+  loss, cncl = l_kl, {}
+  if cncl_from is not None:
+    rows = slice(cncl_from, None)
+    l_cncl = losses.cncl_loss(aux["features"][rows], labels[rows], source_index[rows],
+                              hp("student.cncl_temperature"), group_B=group[rows],
+                              same_group_positives=cfg.cncl_same_group, form=cfg.cncl_form)
+    loss, cncl = l_kl + hp("student.cncl_weight") * l_cncl, {"kd/cncl": l_cncl}
+  agree = jnp.mean(jnp.argmax(s_logits, -1) == jnp.argmax(t_logits, -1))
+  metrics = {"kd/loss": loss, "kd/kl": l_kl, **cncl, "kd/agreement": agree}
+  return loss, (new_vars["batch_stats"], metrics)
+
+
+def cncl_subbatch_groups(config, swept: Collection[str] = ()) -> int:
+  """Whole CNCL groups drawn beside a "uniform" KD batch (0: none).
+
+  Decided in Python from the config, so a run without CNCL computes nothing for
+  it. `swept` names the traced hyper-parameters (the state's `hparams` keys, or
+  the config's sweep): a swept `student.cncl_weight` may be non-zero in some runs
+  of the one program, so the sub-batch is then drawn whatever the config says.
+  """
+  s = config.student
+  if s.sampler != "uniform" or (s.cncl_weight == 0 and "student.cncl_weight" not in swept):
+    return 0
+  return s.batch_groups if s.cncl_groups is None else s.cncl_groups
+
+
+def sample_kd_batch(bank: memory_bank.MemoryBank, rng: jax.Array, *, setup: Setup,
+                    with_cncl: bool = True, swept: Collection[str] = (),
+                    mesh: Mesh | None = None):
+  """A KD step's (images01, labels, source_index, group) and the first CNCL row.
+
+  "groups" (`memory_bank.sample_groups`): `batch_groups` whole CNCL groups, each
+  anchor with its positives; KL and CNCL both on every row (first CNCL row 0).
+
+  "uniform" (`memory_bank.sample`): `batch_groups * K * (N + 1)` images drawn
+  uniformly from the filled bank, all under KL: NAYER's pool sampling. NAYER
+  (datafree/synthesis/nayer.py) rebuilds a DataLoader with shuffle=True over its
+  PNG pool after every generator round and `sample()` takes its next batch: no
+  image repeats within one pass over the pool, the pass's last batch is smaller,
+  and the shuffle restarts every round. Here every draw is with replacement and
+  full-sized: a batch of B from a pool of P holds about B^2 / 2P repeated pairs
+  (1.6 for 500 from NAYER's 80k images after warm-up).
+
+  With CNCL on (`cncl_subbatch_groups`), whole groups are drawn beside the uniform
+  rows and appended after them: one student forward pass covers both (BatchNorm
+  statistics over all rows), KL is taken on the uniform rows only and CNCL on the
+  group rows only (first CNCL row = the uniform batch size). KL stays off the
+  group rows so that switching CNCL on leaves the distillation itself as it was,
+  the same number of KD images drawn the same way (only BN's batch statistics see
+  the group rows), and the teacher need not run on them. Without CNCL rows (or
+  `with_cncl` False: a method without CNCL) the first CNCL row is None.
+  """
+  cfg = setup.config.student
+  if cfg.sampler == "groups":
+    batch = memory_bank.sample_groups(bank, rng, cfg.batch_groups, setup.group_size)
+    return constrain_batch(batch, mesh), (0 if with_cncl else None)
+  rng_uniform, rng_groups = jax.random.split(rng)
+  num_kl = setup.kd_batch
+  batch = constrain_batch(memory_bank.sample(bank, rng_uniform, num_kl), mesh)
+  num_groups = cncl_subbatch_groups(setup.config, swept) if with_cncl else 0
+  if not num_groups:
+    return batch, None
+  groups = memory_bank.sample_groups(bank, rng_groups, num_groups, setup.group_size)
+  groups = constrain_batch(groups, mesh)
+  batch = tuple(jnp.concatenate(parts) for parts in zip(batch, groups))
+  return constrain_batch(batch, mesh), num_kl
+
+
+@struct.dataclass
+class StudentCarry:
+  """What changes during a KD call."""
+  student: PyTree
+  opt_state: PyTree
+  kd_step: jax.Array
+
+
+def start_kd(state: TrainState) -> tuple[StudentCarry, jax.Array]:
+  return (StudentCarry(state.student, state.student_opt_state, state.kd_step),
+          fold(state.rng, state.epoch, state.unit))
+
+
+def student_step(carry: StudentCarry, rng: jax.Array, step: jax.Array, state: TrainState,
+                 teacher_vars: PyTree, *, setup: Setup, with_cncl: bool,
+                 mesh: Mesh | None = None):
+  """One SGD step on a KD batch drawn from the bank (`sample_kd_batch`)."""
+  rng_sample, rng_aug = jax.random.split(jax.random.fold_in(rng, step))
+  (images, labels, source_index, group), cncl_from = sample_kd_batch(
+      state.method.bank, rng_sample, setup=setup, with_cncl=with_cncl,
+      swept=state.hparams.keys(), mesh=mesh)
+  x = normalize(augment.random_crop_flip(rng_aug, images), setup.mean, setup.std)
+  num_kl = cncl_from or x.shape[0]   # KL rows come first; "groups" has CNCL on every row (0).
+  t_logits, _ = setup.teacher.apply(teacher_vars, x[:num_kl], train=False)
+  grad_fn = jax.value_and_grad(student_loss, has_aux=True)
+  (_, (batch_stats, metrics)), grads = grad_fn(
+      carry.student["params"], carry.student["batch_stats"], setup, x,
+      jax.lax.stop_gradient(t_logits), labels, source_index, group, state.hparams, cncl_from)
+  updates, opt_state = setup.student_tx.update(grads, carry.opt_state, carry.student["params"])
+  params = optax.apply_updates(carry.student["params"], updates)
+  return StudentCarry({"params": params, "batch_stats": batch_stats}, opt_state,
+                      carry.kd_step + 1), metrics
+
+
+def finish_kd(state: TrainState, carry: StudentCarry, rng: jax.Array, teacher_vars: PyTree):
+  state = state.replace(student=carry.student, student_opt_state=carry.opt_state,
+                        kd_step=carry.kd_step)
+  return state, {}, {}
+
+
+def kd_phase(setup: Setup, mesh: Mesh | None, with_cncl: bool) -> Phase:
+  """A KD call: `student.steps_per_call` steps on bank batches (CNCL rows where `with_cncl`)."""
+  return Phase(start=start_kd,
+               step=functools.partial(student_step, setup=setup, with_cncl=with_cncl, mesh=mesh),
+               finish=finish_kd, num_steps=setup.config.student.steps_per_call,
+               trains_student=True)
+
+
+def latest_images(setup: Setup, method_state) -> tuple[jax.Array, jax.Array]:
+  """The last round's banked batch in [0, 1] and its labels (the epoch's image grid)."""
+  images_u8, labels = memory_bank.latest(method_state.bank, setup.synthesis_batch)
+  return images_u8.astype(jnp.float32) / 255.0, labels

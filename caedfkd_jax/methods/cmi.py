@@ -1,0 +1,301 @@
+"""CMI, Contrastive Model Inversion (IJCAI 2021), as a base method (METHOD.md b.3).
+
+Per round (datafree/synthesis/contrastive.py of github.com/zju-vipa/CMI):
+- a generator re-initialised from scratch (`generator.cmi_reset`) and a fresh batch of
+  inputs, optimised together by a fresh Adam for `generator.steps` steps;
+- L_G = bn * L_BN + ce * CE + adv * L_adv + cr * L_cr, where L_cr (cmi_contrast.py)
+  asks a persistent head to match each image's local view (random resized crop) to its
+  global view (padded crop) among the batch and a memory of past rounds' features;
+- the lowest-loss step's images go to the bank, its features to the memory.
+KD calls then distill from the bank (bank_kd.py), like NAYER's.
+
+`make_method` builds a method on this base from the generator's inputs and whether
+KD adds CNCL: CMI itself learns z ~ N(0, I) with random labels; CAE-DFKD over CMI
+(cae_dfkd.py) feeds CEND's embeddings in place of z and adds CNCL, the paper's own
+CMI-based ablation.
+
+Where this follows CMI's code: the loss and its weights, the head (created once, its
+own Adam at lr_g with default betas, never reset), the memory of the best step's
+(local || global) features, the BN loss without NAYER's EMA, teacher and student in
+eval mode, the global view for CE, BN and adv. Where not: the memory and negatives
+are fixed-shape and masked (cmi_contrast.py); the local view's crop follows
+torchvision, not kornia; the student's LR is a per-step cosine (CMI steps it per epoch).
+"""
+
+import dataclasses
+import functools
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+from jax.sharding import Mesh
+
+from caedfkd_jax import augment, cend, cmi_contrast, generator as generator_lib, losses
+from caedfkd_jax import memory_bank
+from caedfkd_jax.bundle import Bundle, normalize
+from caedfkd_jax.embeddings import EmbeddingTable
+from caedfkd_jax.methods import bank_kd, nayer
+from caedfkd_jax.methods.base import Method, fold
+from caedfkd_jax.steps import (Phase, Setup, TrainState, constrain_batch, hparam,
+                               student_optimizer, student_schedule)
+
+PyTree = Any
+GeneratorInputs = Callable[[Setup, dict, jax.Array], cend.GeneratorBatch]
+
+
+@struct.dataclass
+class ContrastState:
+  """What CMI keeps between rounds: the head and its Adam, the feature memory, the bank."""
+  head_params: PyTree
+  head_opt_state: PyTree
+  memory: cmi_contrast.FeatureMemory
+  bank: memory_bank.MemoryBank
+
+
+def random_z_inputs(setup: Setup, hparams: dict, rng: jax.Array) -> cend.GeneratorBatch:
+  """CMI's inputs: z ~ N(0, I) of width `cmi.nz` and labels uniform at random (sorted, as CMI)."""
+  rng_z, rng_y = jax.random.split(rng)
+  b = setup.synthesis_batch
+  labels = jnp.sort(jax.random.randint(rng_y, (b,), 0, setup.num_classes)).astype(jnp.int32)
+  zeros = jnp.zeros((b,), jnp.int32)   # No CNCL groups: every row its own anchor.
+  return cend.GeneratorBatch(jax.random.normal(rng_z, (b, setup.config.cmi.nz)), labels,
+                             zeros, zeros)
+
+
+# --------------------------------------------------------------------------- #
+# Generator round
+# --------------------------------------------------------------------------- #
+
+
+@struct.dataclass
+class Trainables:
+  """What a round's Adam optimises: the generator and (as CMI's z) its inputs."""
+  generator: PyTree
+  inputs: jax.Array
+
+
+def generator_loss(trainables: Trainables, head_params: PyTree, setup: Setup,
+                   teacher_vars: PyTree, student: PyTree, labels: jax.Array,
+                   negatives: tuple[jax.Array, jax.Array, jax.Array], adv_on: jax.Array,
+                   rng: jax.Array, mesh: Mesh | None = None,
+                   hparams: dict[str, jax.Array] | None = None):
+  """L_G = bn * L_BN + ce * CE + adv * L_adv + cr * L_cr. Returns (loss, aux)."""
+  hp = functools.partial(hparam, setup, hparams or {})
+  c = setup.config.cmi
+  inputs = trainables.inputs if c.learn_inputs else jax.lax.stop_gradient(trainables.inputs)
+  images = setup.generator.apply({"params": trainables.generator}, inputs)
+  images = constrain_batch(images, mesh)
+  rng_global, rng_local = jax.random.split(rng)
+  x_global = normalize(augment.random_crop_flip(rng_global, images), setup.mean, setup.std)
+  x_local = normalize(augment.random_resized_crop_flip(rng_local, images, scale=tuple(c.local_scale)),
+                      setup.mean, setup.std)
+  t_logits, global_f, bn_stats = cmi_contrast.teacher_instance_features(
+      setup.teacher, teacher_vars, x_global)
+  _, local_f, _ = cmi_contrast.teacher_instance_features(setup.teacher, teacher_vars, x_local)
+  l_bn = losses.bn_statistics_loss(bn_stats, teacher_vars["batch_stats"],
+                                   setup.config.loss.bn_reduce)
+  l_ce = losses.cross_entropy(t_logits, labels)
+  s_logits, _ = setup.student.apply(student, x_global, train=False)
+  l_adv = losses.adversarial_loss(t_logits, s_logits)
+  head = cmi_contrast.ContrastHead(features=c.head_dim)
+  l_cr = cmi_contrast.contrastive_loss(head_params, head, local_f, global_f, *negatives,
+                                       c.cr_temperature)
+  loss = (hp("loss.bn") * l_bn + hp("loss.ce") * l_ce + hp("loss.adv") * adv_on * l_adv
+          + c.cr * l_cr)
+  metrics = {"gen/loss": loss, "gen/ce": l_ce, "gen/bn": l_bn, "gen/adv": l_adv, "gen/cr": l_cr}
+  features = jax.lax.stop_gradient(jnp.concatenate([local_f, global_f], axis=-1))
+  return loss, (images, features, metrics)
+
+
+@struct.dataclass
+class RoundCarry:
+  trainables: Trainables
+  opt_state: PyTree
+  head_params: PyTree
+  head_opt_state: PyTree
+  best_loss: jax.Array
+  best_images: jax.Array
+  best_features: jax.Array   # B x 2D: (local || global) of the best step, for the memory.
+
+
+@struct.dataclass
+class RoundContext:
+  batch: cend.GeneratorBatch
+  adv_on: jax.Array
+  rng: jax.Array
+
+
+def head_optimizer(config) -> optax.GradientTransformation:
+  """CMI's optimizer_head: Adam at lr_g with PyTorch's default betas, made once per run."""
+  return optax.adam(config.generator.lr)
+
+
+def start_round(state: TrainState, *, setup: Setup, inputs: GeneratorInputs, warmup: bool,
+                mesh: Mesh | None = None) -> tuple[RoundCarry, RoundContext]:
+  """A CMI round begins: a re-initialised generator, fresh inputs, a fresh Adam on both."""
+  rng_init, rng_reset, rng_batch, rng_steps = jax.random.split(
+      fold(state.rng, state.epoch, state.unit), 4)
+  batch = constrain_batch(inputs(setup, state.hparams, rng_batch), mesh)
+  params = setup.generator.init(rng_init, batch.embeddings_BxD)["params"]
+  trainables = Trainables(generator_lib.cmi_reset(params, rng_reset), batch.embeddings_BxD)
+  c = state.method
+  image_shape = (setup.synthesis_batch, *c.bank.images.shape[1:])
+  carry = RoundCarry(trainables, setup.generator_tx.init(trainables), c.head_params,
+                     c.head_opt_state, jnp.float32(jnp.inf), jnp.zeros(image_shape, jnp.float32),
+                     jnp.zeros((setup.synthesis_batch, c.memory.features.shape[1]), jnp.float32))
+  return carry, RoundContext(batch, jnp.float32(0.0 if warmup else 1.0), rng_steps)
+
+
+def generator_step(carry: RoundCarry, ctx: RoundContext, step: jax.Array, state: TrainState,
+                   teacher_vars: PyTree, *, setup: Setup, mesh: Mesh | None = None):
+  """One Adam step of G and its inputs, one of the head; keeps the lowest-loss batch."""
+  rng_neg, rng_aug = jax.random.split(jax.random.fold_in(ctx.rng, step))
+  negatives = cmi_contrast.sample_negatives(state.method.memory, rng_neg,
+                                            setup.config.cmi.negatives)
+  grad_fn = jax.value_and_grad(generator_loss, argnums=(0, 1), has_aux=True)
+  (loss, (images, features, metrics)), (grads, head_grads) = grad_fn(
+      carry.trainables, carry.head_params, setup, teacher_vars, state.student,
+      ctx.batch.labels_B, negatives, ctx.adv_on, rng_aug, mesh, state.hparams)
+  updates, opt_state = setup.generator_tx.update(grads, carry.opt_state, carry.trainables)
+  head_tx = head_optimizer(setup.config)
+  head_updates, head_opt_state = head_tx.update(head_grads, carry.head_opt_state,
+                                                carry.head_params)
+  better = loss < carry.best_loss
+  keep = lambda new, old: jnp.where(better, jax.lax.stop_gradient(new), old)
+  carry = RoundCarry(
+      trainables=optax.apply_updates(carry.trainables, updates), opt_state=opt_state,
+      head_params=optax.apply_updates(carry.head_params, head_updates),
+      head_opt_state=head_opt_state, best_loss=jnp.where(better, loss, carry.best_loss),
+      best_images=keep(images, carry.best_images),
+      best_features=keep(features, carry.best_features))
+  return carry, metrics
+
+
+def finish_round(state: TrainState, carry: RoundCarry, ctx: RoundContext, teacher_vars: PyTree,
+                 *, setup: Setup):
+  """Banks the best batch, adds its features to the memory, keeps the head."""
+  c, batch = state.method, ctx.batch
+  bank = memory_bank.add(c.bank, carry.best_images, batch.labels_B, batch.source_index_B,
+                         batch.group_B)
+  d = c.memory.feature_dim
+  memory = cmi_contrast.add(c.memory, carry.best_features[:, :d], carry.best_features[:, d:])
+  x = normalize(carry.best_images, setup.mean, setup.std)
+  t_logits, _ = setup.teacher.apply(teacher_vars, x, train=False)
+  confident = jnp.max(jax.nn.softmax(t_logits), axis=-1) >= setup.config.low_confidence
+  onehot = jax.nn.one_hot(batch.labels_B, setup.num_classes)
+  low_conf_K = jnp.sum(onehot * (~confident)[:, None], 0) / jnp.maximum(jnp.sum(onehot, 0), 1)
+  teacher_acc = jnp.mean(jnp.argmax(t_logits, -1) == batch.labels_B)
+  state = state.replace(method=ContrastState(carry.head_params, carry.head_opt_state, memory, bank))
+  return (state, {"gen/teacher_acc_on_best": teacher_acc},
+          {"low_conf": low_conf_K, "images": carry.best_images})
+
+
+# --------------------------------------------------------------------------- #
+# The method
+# --------------------------------------------------------------------------- #
+
+
+def create_setup(config, teacher: Bundle, table: EmbeddingTable, *, method: Method,
+                 grouped: bool) -> Setup:
+  """CMI's generator (no noisy layer; inputs straight to the projection) and its batch size."""
+  from caedfkd_jax.train import compute_dtype
+  dtype = compute_dtype(config.compute_dtype)
+  base = nayer.create_setup(config, teacher, table, method=method)   # Checks, student, tables.
+  num_classes = teacher.spec.num_classes
+  group_size = num_classes * (config.cend.num_sources + 1) if grouped else 1
+  synthesis_batch = config.num_groups * group_size if grouped else config.cmi.synthesis_batch
+  g = config.generator
+  schedule = student_schedule(config.student, nayer.total_kd_steps(config))
+  return dataclasses.replace(
+      base,
+      generator=generator_lib.Generator(num_classes=num_classes,
+                                        img_size=teacher.spec.image_size, ngf=g.ngf, dtype=dtype,
+                                        noisy_input=False),
+      generator_tx=optax.adam(g.lr, b1=g.b1, b2=g.b2),
+      student_tx=student_optimizer(schedule, config.student), student_lr=schedule,
+      group_size=group_size, synthesis_batch=synthesis_batch,
+      # KD batches of batch_groups * K * (N + 1) images with or without groups, so the arms of
+      # the CMI ablation distill on equal batches.
+      kd_batch=config.student.batch_groups * num_classes * (config.cend.num_sources + 1))
+
+
+def init_state(setup: Setup, teacher_vars: PyTree, rng: jax.Array,
+               image_size: int) -> ContrastState:
+  c = setup.config.cmi
+  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+  d = jax.eval_shape(lambda: cmi_contrast.teacher_instance_features(
+      setup.teacher, teacher_vars, x)[1]).shape[-1]
+  _, head_params = cmi_contrast.init_head(rng, d, c.head_dim)
+  capacity = setup.config.bank_capacity or nayer.default_bank_capacity(setup.config,
+                                                                      setup.synthesis_batch)
+  capacity = math.ceil(capacity / setup.group_size) * setup.group_size
+  return ContrastState(head_params, head_optimizer(setup.config).init(head_params),
+                       cmi_contrast.create(c.memory_size, d),
+                       memory_bank.create_bank(capacity, (image_size, image_size, 3)))
+
+
+def check_config(config, num_devices: int, grouped: bool) -> None:
+  c = config.cmi
+  for name in ("nz", "synthesis_batch", "memory_size", "head_dim", "cr_temperature"):
+    if not c[name] > 0:
+      raise ValueError(f"config.cmi.{name}={c[name]!r} must be positive.")
+  for name in ("negatives", "cr"):
+    if not c[name] >= 0:
+      raise ValueError(f"config.cmi.{name}={c[name]!r} must be >= 0.")
+  low, high = tuple(c.local_scale)
+  if not 0 < low <= high <= 1:
+    raise ValueError(f"config.cmi.local_scale={tuple(c.local_scale)!r}: the local view's crop "
+                     "area range (min, max) within (0, 1], e.g. (0.25, 1.0) as CMI.")
+  if not grouped:
+    if config.student.sampler != "uniform":
+      raise ValueError("config.method=cmi banks images without CNCL groups: use "
+                       "--config.student.sampler=uniform (CMI's pool sampling), or "
+                       "--config.method=cae_dfkd_cmi for grouped CEND batches.")
+    if c.synthesis_batch % num_devices:
+      raise ValueError(f"config.cmi.synthesis_batch={c.synthesis_batch} is not divisible by the "
+                       f"{num_devices} devices.")
+
+
+def make_method(name: str, summary: str, inputs: GeneratorInputs, with_cncl: bool,
+                grouped: bool, bundle_fields: Callable[[Any], dict] = lambda config: {},
+                ignores: tuple[str, ...] = ()) -> Method:
+  """A method on the CMI base, given its generator inputs and whether KD adds CNCL."""
+
+  def phases(setup: Setup, mesh: Mesh | None) -> dict[str, Phase]:
+    g_step = functools.partial(generator_step, setup=setup, mesh=mesh)
+    g_finish = functools.partial(finish_round, setup=setup)
+    round_phase = lambda warmup: Phase(
+        start=functools.partial(start_round, setup=setup, inputs=inputs, warmup=warmup,
+                                mesh=mesh),
+        step=g_step, finish=g_finish, num_steps=setup.config.generator.steps)
+    return {"warmup_round": round_phase(True), "round": round_phase(False),
+            "kd": bank_kd.kd_phase(setup, mesh, with_cncl)}
+
+  method = Method(  # create_setup records `method` in the Setup it makes.
+      name=name, summary=summary,
+      create_setup=lambda config, teacher, table: create_setup(
+          config, teacher, table, method=method, grouped=grouped),
+      init_state=init_state, phases=phases, epoch_plan=nayer.epoch_plan,
+      unit_labels={"warmup_round": "generator round", "round": "generator round",
+                   "kd": "KD call"},
+      latest_images=bank_kd.latest_images,
+      epoch_scalars=lambda c: {"bank/size": c.bank.size, "memory/size": c.memory.size},
+      finite_parts=lambda c: {"contrastive head": c.head_params,
+                              "contrastive head optimiser state": c.head_opt_state},
+      bundle_fields=bundle_fields, ignores=ignores,
+      check_config=lambda config, num_devices: check_config(config, num_devices, grouped))
+  return method
+
+
+# Fields the CMI base never reads (NAYER's generator and EMA; CEND and CNCL unless plugged in).
+NAYER_ONLY = ("loss.bn_momentum", "generator.noise_dim", "generator.reinit_noisy_layer",
+              "generator.noisy_chunks", "generator.life_epochs")
+
+METHOD = make_method(
+    "cmi", "CMI (IJCAI 2021): a generator re-initialised every round from learnt z, a "
+    "contrastive head over the teacher's features of two views, a bank; KD by KL.",
+    inputs=random_z_inputs, with_cncl=False, grouped=False,
+    ignores=NAYER_ONLY + ("cend.", "student.cncl_", "num_groups"))
