@@ -149,6 +149,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.grid_images_per_class = 8       # PNG grid of synthetic images per epoch.
 
   # Multi-host (README "Multi-host"): every process runs the same command, its own process_id.
+  config.num_devices = 0                 # Data-parallel over the first N devices (one process);
+                                         # 0: every device.
   config.distributed = False             # Call jax.distributed.initialize() before any JAX work.
   config.coordinator_address = ""        # "HOST:PORT" of process 0; "": $JAX_COORDINATOR_ADDRESS
                                          # or auto-detected (SLURM, Open MPI, Cloud TPU, k8s).

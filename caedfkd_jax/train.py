@@ -51,6 +51,17 @@ def compute_dtype(name: str, platform: str | None = None):
     raise ValueError(f"compute_dtype {name!r}: use auto, float32, bfloat16 or float16") from None
 
 
+def _devices(config) -> list | None:
+  """The devices a run uses: all (None), or the first `config.num_devices` of one process."""
+  n = config.get("num_devices", 0)
+  if not n:
+    return None
+  if jax.process_count() > 1 or n > jax.device_count():
+    raise ValueError(f"config.num_devices={n}: a single process has {jax.device_count()} "
+                     "devices; use 0 (all of them), which is also the only choice multi-host.")
+  return jax.devices()[:n]
+
+
 def enable_compilation_cache(directory: str) -> str | None:
   """Points JAX's persistent compilation cache at `directory` ("auto": the user cache).
 
@@ -263,7 +274,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     raise ValueError(f"The teacher bundle {config.teacher} is a {teacher.spec.arch}, but this config "
                      f"is for a {config.teacher_arch_expected} teacher.")
   table = embeddings.load_table(config.embeddings)
-  mesh = steps.make_mesh()
+  mesh = steps.make_mesh(_devices(config))
   group_size = teacher.spec.num_classes * (config.cend.num_sources + 1)
   for run_cfg in ([config] if runs is None else [runs_lib.run_config(config, r) for r in runs]):
     validate_config(run_cfg, mesh.size, group_size)  # Every swept value too.

@@ -69,7 +69,7 @@ def test_a_method_ignores_what_it_does_not_read_and_refuses_sweeping_it(teacher_
 def test_a_nayer_run_records_its_method_and_cannot_resume_as_another(teacher_dir, table_path,
                                                                       tmp_path):
   config = tiny_config(teacher_dir, table_path)
-  config.method, config.epochs = "nayer", 2
+  config.method, config.epochs, config.num_devices = "nayer", 2, 1
   result = train.train_and_evaluate(config, str(tmp_path))
   extra = bundle_lib.load_bundle(result["student"]).spec.extra
   assert extra["method"] == "nayer" and "cncl_weight" not in extra

@@ -157,6 +157,22 @@ def kd_phase(setup: Setup, mesh: Mesh | None, with_cncl: bool) -> Phase:
                trains_student=True)
 
 
+UNIT_LABELS = {"warmup_round": "generator round", "round": "generator round", "kd": "KD call"}
+
+
+def rounds_then_kd(setup: Setup, mesh: Mesh | None, *, start_round, generator_step,
+                   finish_round, inputs, with_cncl: bool) -> dict[str, Phase]:
+  """The units of a bank-based method: warm-up and regular generator rounds (sharing one step
+  and one finish, so each compiles once) and KD calls (`nayer.epoch_plan` orders them)."""
+  g_step = functools.partial(generator_step, setup=setup, mesh=mesh)
+  g_finish = functools.partial(finish_round, setup=setup)
+  round_phase = lambda warmup: Phase(
+      start=functools.partial(start_round, setup=setup, inputs=inputs, warmup=warmup, mesh=mesh),
+      step=g_step, finish=g_finish, num_steps=setup.config.generator.steps)
+  return {"warmup_round": round_phase(True), "round": round_phase(False),
+          "kd": kd_phase(setup, mesh, with_cncl)}
+
+
 def latest_images(setup: Setup, method_state) -> tuple[jax.Array, jax.Array]:
   """The last round's banked batch in [0, 1] and its labels (the epoch's image grid)."""
   images_u8, labels = memory_bank.latest(method_state.bank, setup.synthesis_batch)

@@ -4,6 +4,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
 PyTree = Any
 
@@ -35,6 +36,18 @@ class Method:
 
   def units_per_epoch(self, config) -> list[int]:
     return [len(self.epoch_plan(config, e)) for e in range(config.epochs)]
+
+
+def teacher_judgement(t_logits: jax.Array, labels_B: jax.Array, num_classes: int,
+                      low_confidence: float) -> tuple[jax.Array, jax.Array]:
+  """How the teacher sees a synthetic batch: per class, the share of its images the teacher is
+  unsure about (max softmax < `low_confidence`; the paper's Figure 2a), and the teacher's
+  accuracy on the labels the images were made for."""
+  probs = jax.nn.softmax(t_logits.astype(jnp.float32))
+  unsure = jnp.max(probs, axis=-1) < low_confidence
+  onehot = jax.nn.one_hot(labels_B, num_classes)
+  low_conf_K = jnp.sum(onehot * unsure[:, None], 0) / jnp.maximum(jnp.sum(onehot, 0), 1)
+  return low_conf_K, jnp.mean(jnp.argmax(probs, -1) == labels_B)
 
 
 def fold(rng: jax.Array, *values) -> jax.Array:

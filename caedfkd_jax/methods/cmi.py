@@ -38,7 +38,7 @@ from caedfkd_jax import memory_bank
 from caedfkd_jax.bundle import Bundle, normalize
 from caedfkd_jax.embeddings import EmbeddingTable
 from caedfkd_jax.methods import bank_kd, nayer
-from caedfkd_jax.methods.base import Method, fold
+from caedfkd_jax.methods.base import Method, fold, teacher_judgement
 from caedfkd_jax.steps import (Phase, Setup, TrainState, constrain_batch, hparam,
                                student_optimizer, student_schedule)
 
@@ -184,10 +184,8 @@ def finish_round(state: TrainState, carry: RoundCarry, ctx: RoundContext, teache
   memory = cmi_contrast.add(c.memory, carry.best_features[:, :d], carry.best_features[:, d:])
   x = normalize(carry.best_images, setup.mean, setup.std)
   t_logits, _ = setup.teacher.apply(teacher_vars, x, train=False)
-  confident = jnp.max(jax.nn.softmax(t_logits), axis=-1) >= setup.config.low_confidence
-  onehot = jax.nn.one_hot(batch.labels_B, setup.num_classes)
-  low_conf_K = jnp.sum(onehot * (~confident)[:, None], 0) / jnp.maximum(jnp.sum(onehot, 0), 1)
-  teacher_acc = jnp.mean(jnp.argmax(t_logits, -1) == batch.labels_B)
+  low_conf_K, teacher_acc = teacher_judgement(t_logits, batch.labels_B, setup.num_classes,
+                                              setup.config.low_confidence)
   state = state.replace(method=ContrastState(carry.head_params, carry.head_opt_state, memory, bank))
   return (state, {"gen/teacher_acc_on_best": teacher_acc},
           {"low_conf": low_conf_K, "images": carry.best_images})
@@ -265,22 +263,16 @@ def make_method(name: str, summary: str, inputs: GeneratorInputs, with_cncl: boo
   """A method on the CMI base, given its generator inputs and whether KD adds CNCL."""
 
   def phases(setup: Setup, mesh: Mesh | None) -> dict[str, Phase]:
-    g_step = functools.partial(generator_step, setup=setup, mesh=mesh)
-    g_finish = functools.partial(finish_round, setup=setup)
-    round_phase = lambda warmup: Phase(
-        start=functools.partial(start_round, setup=setup, inputs=inputs, warmup=warmup,
-                                mesh=mesh),
-        step=g_step, finish=g_finish, num_steps=setup.config.generator.steps)
-    return {"warmup_round": round_phase(True), "round": round_phase(False),
-            "kd": bank_kd.kd_phase(setup, mesh, with_cncl)}
+    return bank_kd.rounds_then_kd(setup, mesh, start_round=start_round,
+                                  generator_step=generator_step, finish_round=finish_round,
+                                  inputs=inputs, with_cncl=with_cncl)
 
   method = Method(  # create_setup records `method` in the Setup it makes.
       name=name, summary=summary,
       create_setup=lambda config, teacher, table: create_setup(
           config, teacher, table, method=method, grouped=grouped),
       init_state=init_state, phases=phases, epoch_plan=nayer.epoch_plan,
-      unit_labels={"warmup_round": "generator round", "round": "generator round",
-                   "kd": "KD call"},
+      unit_labels=bank_kd.UNIT_LABELS,
       latest_images=bank_kd.latest_images,
       epoch_scalars=lambda c: {"bank/size": c.bank.size, "memory/size": c.memory.size},
       finite_parts=lambda c: {"contrastive head": c.head_params,

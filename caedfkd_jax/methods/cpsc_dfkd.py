@@ -41,7 +41,7 @@ from caedfkd_jax import conditional_generator as cgen, losses, models
 from caedfkd_jax.bundle import Bundle
 from caedfkd_jax.embeddings import EmbeddingTable
 from caedfkd_jax.methods import bank_kd
-from caedfkd_jax.methods.base import Method, fold
+from caedfkd_jax.methods.base import Method, fold, teacher_judgement
 from caedfkd_jax.models.adapter import ADAPTER_HEADS, FeatureAdapter
 from caedfkd_jax.steps import Phase, Setup, TrainState, constrain_batch, student_optimizer
 
@@ -191,11 +191,8 @@ def finish_round(state: TrainState, carry: RoundCarry, rng: jax.Array, teacher_v
                  setup: Setup):
   """Writes G (and the student's moved BN averages) back. Returns the teacher's accuracy on
   the last batch and, per class, the share of it the teacher is unsure about ("low_conf")."""
-  probs = jax.nn.softmax(carry.last_t_logits)
-  onehot = jax.nn.one_hot(carry.last_labels, setup.num_classes)
-  unsure = jnp.max(probs, -1) < setup.config.low_confidence
-  low_conf_K = jnp.sum(onehot * unsure[:, None], 0) / jnp.maximum(jnp.sum(onehot, 0), 1)
-  accuracy = jnp.mean(jnp.argmax(probs, -1) == carry.last_labels)
+  low_conf_K, accuracy = teacher_judgement(carry.last_t_logits, carry.last_labels,
+                                           setup.num_classes, setup.config.low_confidence)
   state = state.replace(
       student={**state.student, "batch_stats": carry.student_batch_stats},
       method=state.method.replace(generator_params=carry.params,

@@ -25,7 +25,7 @@ from caedfkd_jax import augment, cend, generator as generator_lib, losses, memor
 from caedfkd_jax.bundle import Bundle, normalize
 from caedfkd_jax.embeddings import EmbeddingTable, check_table_matches_classes
 from caedfkd_jax.methods import bank_kd
-from caedfkd_jax.methods.base import Method, fold
+from caedfkd_jax.methods.base import Method, fold, teacher_judgement
 from caedfkd_jax.steps import (Phase, Setup, TrainState, constrain_batch, hparam,
                                student_optimizer, student_schedule)
 
@@ -153,10 +153,8 @@ def finish_round(state: TrainState, carry: RoundCarry, ctx: RoundContext, teache
                          batch.group_B)
   x = normalize(carry.best_images, setup.mean, setup.std)
   t_logits, _ = setup.teacher.apply(teacher_vars, x, train=False)
-  confident = jnp.max(jax.nn.softmax(t_logits), axis=-1) >= setup.config.low_confidence
-  onehot = jax.nn.one_hot(batch.labels_B, setup.num_classes)
-  low_conf_K = jnp.sum(onehot * (~confident)[:, None], 0) / jnp.maximum(jnp.sum(onehot, 0), 1)
-  teacher_acc = jnp.mean(jnp.argmax(t_logits, -1) == batch.labels_B)
+  low_conf_K, teacher_acc = teacher_judgement(t_logits, batch.labels_B, setup.num_classes,
+                                              setup.config.low_confidence)
   state = state.replace(method=SynthesisState(carry.params, bn_ema, jnp.bool_(True), bank))
   return (state, {"gen/teacher_acc_on_best": teacher_acc},
           {"low_conf": low_conf_K, "images": carry.best_images})
@@ -259,23 +257,16 @@ def make_method(name: str, summary: str, inputs: GeneratorInputs, with_cncl: boo
   """A method on the NAYER base, given its generator inputs and whether it adds CNCL."""
 
   def phases(setup: Setup, mesh: Mesh | None) -> dict[str, Phase]:
-    # One step and one finish for both kinds of round: compiled once (steps.make_step_fns).
-    g_step = functools.partial(generator_step, setup=setup, mesh=mesh)
-    g_finish = functools.partial(finish_round, setup=setup)
-    round_phase = lambda warmup: Phase(
-        start=functools.partial(start_round, setup=setup, inputs=inputs, warmup=warmup,
-                                mesh=mesh),
-        step=g_step, finish=g_finish, num_steps=setup.config.generator.steps)
-    return {"warmup_round": round_phase(True), "round": round_phase(False),
-            "kd": bank_kd.kd_phase(setup, mesh, with_cncl)}
+    return bank_kd.rounds_then_kd(setup, mesh, start_round=start_round,
+                                  generator_step=generator_step, finish_round=finish_round,
+                                  inputs=inputs, with_cncl=with_cncl)
 
   method = Method(  # create_setup records `method` in the Setup it makes.
       name=name, summary=summary,
       create_setup=lambda config, teacher, table: create_setup(config, teacher, table,
                                                                method=method),
       init_state=init_state, phases=phases, epoch_plan=epoch_plan,
-      unit_labels={"warmup_round": "generator round", "round": "generator round",
-                   "kd": "KD call"},
+      unit_labels=bank_kd.UNIT_LABELS,
       latest_images=bank_kd.latest_images,
       epoch_scalars=lambda synth: {"bank/size": synth.bank.size},
       finite_parts=lambda synth: {"generator params": synth.generator_params,
