@@ -39,8 +39,7 @@ from caedfkd_jax.bundle import Bundle, normalize
 from caedfkd_jax.embeddings import EmbeddingTable
 from caedfkd_jax.methods import bank_kd, nayer
 from caedfkd_jax.methods.base import Method, fold, teacher_judgement
-from caedfkd_jax.steps import (Phase, Setup, TrainState, constrain_batch, hparam,
-                               student_optimizer, student_schedule)
+from caedfkd_jax.steps import (Phase, Setup, TrainState, constrain_batch, hparam)
 
 PyTree = Any
 GeneratorInputs = Callable[[Setup, dict, jax.Array], cend.GeneratorBatch]
@@ -205,15 +204,11 @@ def create_setup(config, teacher: Bundle, table: EmbeddingTable, *, method: Meth
   num_classes = teacher.spec.num_classes
   group_size = num_classes * (config.cend.num_sources + 1) if grouped else 1
   synthesis_batch = config.num_groups * group_size if grouped else config.cmi.synthesis_batch
-  g = config.generator
-  schedule = student_schedule(config.student, nayer.total_kd_steps(config))
   return dataclasses.replace(
-      base,
+      base,   # Its optimisers and student schedule are CMI's too (same epoch plan).
       generator=generator_lib.Generator(num_classes=num_classes,
-                                        img_size=teacher.spec.image_size, ngf=g.ngf, dtype=dtype,
-                                        noisy_input=False),
-      generator_tx=optax.adam(g.lr, b1=g.b1, b2=g.b2),
-      student_tx=student_optimizer(schedule, config.student), student_lr=schedule,
+                                        img_size=teacher.spec.image_size,
+                                        ngf=config.generator.ngf, dtype=dtype, noisy_input=False),
       group_size=group_size, synthesis_batch=synthesis_batch,
       # KD batches of batch_groups * K * (N + 1) images with or without groups, so the arms of
       # the CMI ablation distill on equal batches.
