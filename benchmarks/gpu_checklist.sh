@@ -13,6 +13,8 @@
 #   accuracy   a short fused bf16 `caedfkd distill` from the real resnet56 teacher: the :full
 #              config's batches on a short schedule, top-1 per epoch
 #   bench_r34  dfkd_benchmark on configs/paper_cifar.py:cifar10,resnet34,resnet18
+#   diffusion  DiffDFKD synthesis images/s, full-size Stable Diffusion v1.x at 64x64 latents,
+#              random weights, bf16 (benchmarks/diffusion_speed.py)
 #   runs_cost  R = 1, 2, 4, 8 runs in one program against R = 1
 # Every step fits 15 device-minutes only in two calls: see benchmarks/README.md, "GPU checklist".
 # Then benchmarks/gpu_report.py writes gpu_results.md, ready for docs/results.md.
@@ -43,7 +45,7 @@ PY=${PYTHON:-python3}
 OUT_DIR=${OUT_DIR:-${OUT:-runs/gpu_checklist}}
 DEADLINE_S=${DEADLINE_S:-570}
 SIDE_TIMEOUT=${SIDE_TIMEOUT:-150}
-STEPS=${STEPS:-smoke,bench_r56,accuracy,bench_r34,runs_cost}
+STEPS=${STEPS:-smoke,bench_r56,accuracy,bench_r34,diffusion,runs_cost}
 ((DRY)) && STEPS=${STEPS/smoke,/}  # --dry's steps are all CI-sized already
 read -r -a CONFIG_EXTRA <<<"${CONFIG_ARGS:-}"
 read -r -a BENCH_EXTRA <<<"${BENCH_ARGS:-}"
@@ -52,7 +54,7 @@ ACC_EPOCHS=${ACC_EPOCHS:-30}
 ACC_WARMUP=${ACC_WARMUP:-2}
 START=$SECONDS
 mkdir -p "$OUT_DIR"
-(cd "$OUT_DIR" && rm -f env.txt log.txt bench_*.json accuracy_* runs_cost.json gpu_results.md)
+(cd "$OUT_DIR" && rm -f env.txt log.txt bench_*.json accuracy_* runs_cost.json diffusion_speed.json gpu_results.md)
 LOG="$OUT_DIR/log.txt"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
@@ -171,6 +173,11 @@ fi
 bench "$R34"
 wanted bench_r34 && step bench_r34 $((2 * SIDE_TIMEOUT + 60)) "${BENCH[@]}" \
   --out_json "$OUT_DIR/bench_r34_r18.json"
+
+DIFF_SIZE=()
+((DRY)) && DIFF_SIZE=(--dry --repeats 1)
+wanted diffusion && step diffusion 300 "$PY" -m benchmarks.diffusion_speed "${DIFF_SIZE[@]}" \
+  --out_json "$OUT_DIR/diffusion_speed.json"
 
 wanted runs_cost && step runs_cost 240 "$PY" -m benchmarks.runs_cost --config "$R56_CONFIG" \
   "${SIZE[@]}" --runs "$RUNS" --vectorize "$VECTORIZE" "${BENCH_EXTRA[@]}" "${CONFIG_EXTRA[@]}" \

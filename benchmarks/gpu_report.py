@@ -55,6 +55,21 @@ def _runs_cost_section(report: dict[str, Any]) -> list[str]:
           report["table"], ""]
 
 
+def _diffusion_section(r: dict[str, Any]) -> list[str]:
+  memory = (f" Peak memory {r['peak_bytes'] / 2**30:.1f} GiB of {r['bytes_limit'] / 2**30:.1f}; "
+            f"largest batch that fits (linear estimate): {r['max_batch_estimate']}."
+            if "peak_bytes" in r else "")
+  return ["### DiffDFKD synthesis (`diffusion`)", "",
+          f"Device: {r['device']}. {'Tiny networks (--dry). ' if r['dry'] else ''}"
+          f"UNet {r['unet_params']:,} and VAE decoder {r['vae_decoder_params']:,} parameters "
+          f"(random), {r['compute_dtype']}, {r['latent_size']}x{r['latent_size']} latents, "
+          f"batch {r['batch']}, {r['denoising_steps']} guided steps a round.", "",
+          "| images/s | s per round | UNet rows/s | first round (compile) s |",
+          "|---|---|---|---|",
+          f"| {r['images_per_s']:.2f} | {r['round_s']:.2f} | {r['unet_rows_per_s']:.1f} | "
+          f"{r['first_round_s']:.1f} |", "", memory.strip(), ""]
+
+
 def report(folder: str, distill_dir: str | None = None) -> str:
   lines = ["## GPU checklist (benchmarks/gpu_checklist.sh)", ""]
   env = os.path.join(folder, "env.txt")
@@ -66,6 +81,8 @@ def report(folder: str, distill_dir: str | None = None) -> str:
       lines += _bench_section(_read_json(os.path.join(folder, name)), title)
   if os.path.exists(os.path.join(folder, "accuracy_metrics.jsonl")):
     lines += _accuracy_section(folder, distill_dir)
+  if os.path.exists(os.path.join(folder, "diffusion_speed.json")):
+    lines += _diffusion_section(_read_json(os.path.join(folder, "diffusion_speed.json")))
   if os.path.exists(os.path.join(folder, "runs_cost.json")):
     lines += _runs_cost_section(_read_json(os.path.join(folder, "runs_cost.json")))
   log = os.path.join(folder, "log.txt")

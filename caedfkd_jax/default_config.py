@@ -193,4 +193,25 @@ def get_config() -> ml_collections.ConfigDict:
                                          # or "linear"; fixed random, never trained (as the code).
   config.cpsc.lr_warmup_epochs = 10      # Student LR: lr * e / W for epochs e = 1..W, then
                                          # cosine to 0 over `epochs`, stepped per epoch (code).
+
+  # DiffDFKD (methods/diffdfkd.py; METHOD.md b.6): Stable Diffusion v1.x steered by the
+  # teacher. Its loss weights are loss.ce / loss.bn / loss.adv (the code's oh / bn / adv);
+  # KD reads student.* with the batch below; the epoch plan is NAYER's (warm-up rounds
+  # without L_adv, then g_loops synthesis rounds and the KD calls). configs/diffdfkd_cifar.py
+  # sets the paper's CIFAR values.
+  config.diffdfkd = ml_collections.ConfigDict()
+  config.diffdfkd.weights = ""               # Bundle from `caedfkd convert-diffusion SD_DIR`.
+  config.diffdfkd.prompt = "a realistic photo of {class}"
+  config.diffdfkd.steps = 10                 # Denoising steps (CIFAR: 10; DomainNet: 70).
+  config.diffdfkd.guidance_scale = 3.0       # Classifier-free guidance (CIFAR: 3; DomainNet: 7).
+  config.diffdfkd.latent_size = 64           # Latent side: 64 -> 512-px images in SD v1.x.
+  config.diffdfkd.batch = 10                 # Images per synthesis round (the code: 1).
+  config.diffdfkd.one_class_per_round = True # A round is one class, the classes in turn (the
+                                             # code); False: every row its own class in turn.
+  config.diffdfkd.latent_lr = 1.0            # z <- z - latent_lr * dL/dz (the code: 1).
+  config.diffdfkd.grad_through_unet = True   # The paper; False: the UNet's eps held fixed.
+  config.diffdfkd.latent_mix = "cutmix"      # cutmix (the paper), mixup, none (code default).
+  config.diffdfkd.mix_every = 0              # Steps between mixes; 0: steps // 5 (the code).
+  config.diffdfkd.mix_alpha = 1.0            # lam0 ~ Beta(a, a), lam ~ Beta(lam0, lam0) (code).
+  config.diffdfkd.kd_batch = 256             # Bank images per KD step (the code: 256).
   return config

@@ -39,6 +39,8 @@ METHOD_FIELDS = {
                   "cpsc.g_steps": 2, "cpsc.lr_warmup_epochs": 1, "cpsc.generator_ikd": "log_mse",
                   "cpsc.student_ikd": "log_l2"},
 }
+# DiffDFKD needs Stable Diffusion weights, which the offline demo cannot have.
+DEMO_METHODS = [name for name in methods.NAMES if name != "diffdfkd"]
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -164,8 +166,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--arm", choices=list(ladder.ARMS), default=FULL_METHOD,
                       help="an arm of the ablation ladder (README, 'The ablation ladder'); "
                            f"default {FULL_METHOD}, the full method")
-  parser.add_argument("--method", choices=list(methods.NAMES), default=DEFAULT_METHOD,
-                      help=f"the DFKD method (caedfkd_jax/methods/); default {DEFAULT_METHOD}")
+  parser.add_argument("--method", choices=DEMO_METHODS, default=DEFAULT_METHOD,
+                      help=f"the DFKD method (caedfkd_jax/methods/); default {DEFAULT_METHOD}. "
+                           "Not diffdfkd: it needs Stable Diffusion weights (README, DiffDFKD)")
   parser.add_argument("--fresh", action="store_true",
                       help="delete the demo's earlier teacher/, heldout/ and distill/ in --workdir "
                            "and start over (by default a rerun with the same arguments resumes)")

@@ -11,6 +11,8 @@ import sys
 # subcommand -> (module, one-line help)
 COMMANDS = {
     "convert": ("caedfkd_jax.convert", "PyTorch checkpoint -> model bundle"),
+    "convert-diffusion": ("caedfkd_jax.diffusion.weights",
+                          "local diffusers Stable Diffusion folder -> diffusion bundle (DiffDFKD)"),
     "export": ("caedfkd_jax.export", "model bundle -> PyTorch/safetensors state dict"),
     "evaluate": ("caedfkd_jax.evaluate", "top-1 and per-class accuracy of a bundle"),
     "probe": ("caedfkd_jax.probe", "linear, kNN and fine-tuning probes of a bundle's features"),

@@ -307,6 +307,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       runs_lib.over_runs, num_runs=len(runs), vectorize=vectorize)
   per_run = over_runs or (lambda fn, in_axes: fn)
   fns = steps.make_step_fns(setup, mesh, over_runs=over_runs, vmapped_runs=vectorize)
+  # What the units read besides the state: the teacher, and any other frozen network a method
+  # needs (DiffDFKD's Stable Diffusion), put on the devices once for the whole run.
+  unit_vars = (multihost.put(method.frozen_vars(setup, teacher_vars), replicated)
+               if method.frozen_vars else teacher_vars)
   run_dirs = [workdir] if runs is None else [os.path.join(workdir, "runs", r.name) for r in runs]
   # Rows logged after the checkpoint being resumed are logged again: drop them first.
   writers = [MetricsWriter(d, enabled=jax.process_index() == 0,
@@ -382,7 +386,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     while unit < len(plan):
       name = plan[unit]
-      state, metrics, outputs = fns[name](state, teacher_vars)
+      state, metrics, outputs = fns[name](state, unit_vars)
       if "low_conf" in outputs:
         epoch_metrics["low_conf"].append(outputs["low_conf"])
       # "generator round 3": the unit's kind and its index among the epoch's units of that kind.

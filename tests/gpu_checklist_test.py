@@ -13,6 +13,7 @@ import pytest
 from PIL import Image
 
 from benchmarks import dfkd_benchmark, gpu_report, random_bundle
+from xla_test_flags import FAST_COMPILE
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.student_arch=resnet_tiny_a", "--config.generator.ngf=8",
@@ -21,7 +22,7 @@ TINY = ["--config.student_arch=resnet_tiny_a", "--config.generator.ngf=8",
 
 def _env(**extra):
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one CPU device
-  return {**env, **extra}
+  return {**env, "XLA_FLAGS": FAST_COMPILE, **extra}
 
 
 def _image_folder(root, classes=10, per_class=2):
@@ -43,18 +44,18 @@ def test_dry_checklist_runs_every_step_and_writes_the_report(tmp_path):
   # out to keep the suite's time.
   env = _env(OUT_DIR=str(out), TEACHER=str(teacher), CIFAR10=str(_image_folder(tmp_path / "c10")),
              CONFIG_ARGS=" ".join(TINY), BENCH_ARGS="--teacher_arch=resnet8",
-             STEPS="bench_r56,accuracy,runs_cost")
+             STEPS="bench_r56,accuracy,diffusion,runs_cost")
   done = subprocess.run(["bash", "benchmarks/gpu_checklist.sh", "--dry"], cwd=REPO_ROOT, env=env,
                         capture_output=True, text=True, timeout=600)
   log = (out / "log.txt").read_text() if (out / "log.txt").exists() else done.stderr
   assert done.returncode == 0, log[-4000:]
-  for step in ("bench_r56", "accuracy", "runs_cost"):
+  for step in ("bench_r56", "accuracy", "diffusion", "runs_cost"):
     assert f"END {step}: exit 0" in log, log[-4000:]
   assert "smoke" not in log  # --dry's steps are CI-sized already
   # At most 8 files, as the device tool brings back.
   assert sorted(os.listdir(out)) == [
-      "accuracy_metrics.jsonl", "accuracy_samples.png", "bench_r56_r20.json", "env.txt",
-      "gpu_results.md", "log.txt", "runs_cost.json"]
+      "accuracy_metrics.jsonl", "accuracy_samples.png", "bench_r56_r20.json",
+      "diffusion_speed.json", "env.txt", "gpu_results.md", "log.txt", "runs_cost.json"]
 
   for name in ("bench_r56_r20.json",):
     bench = json.loads((out / name).read_text())
@@ -74,8 +75,10 @@ def test_dry_checklist_runs_every_step_and_writes_the_report(tmp_path):
 
   report = (out / "gpu_results.md").read_text()
   assert report in done.stdout
+  diffusion = json.loads((out / "diffusion_speed.json").read_text())
+  assert diffusion["dry"] and diffusion["images_per_s"] > 0 and diffusion["gen_loss_finite"]
   for heading in ("### Speed, resnet56 -> resnet20", "### Accuracy",
-                  "### Many runs in one program"):
+                  "### DiffDFKD synthesis", "### Many runs in one program"):
     assert heading in report
   assert "jax vs PyTorch (equivalent step)" in report
   assert "failed or were skipped" not in report

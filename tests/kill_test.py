@@ -15,6 +15,7 @@ import pytest
 from caedfkd_jax import bundle as bundle_lib
 from caedfkd_jax import default_config, demo, train
 from tiny_run import NUM_CLASSES, tiny_config
+from xla_test_flags import FAST_COMPILE
 
 TIMEOUT_S = 240   # per invocation; a hung one is killed and fails the test
 
@@ -88,7 +89,7 @@ def test_killed_runs_rerun_to_the_uninterrupted_result(teacher_dir, table_path, 
   driver = tmp_path / "driver.py"
   driver.write_text(DRIVER)
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "KILL_AT")}   # 1 device
-  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"),
+  env.update(JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla"), XLA_FLAGS=FAST_COMPILE,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
   logs = []

@@ -36,8 +36,10 @@ def test_every_method_is_complete(pinned):
     method = methods.get(name)
     assert method.name == name and method.summary
     units = {u for e in range(setup.config.epochs) for u in method.epoch_plan(setup.config, e)}
-    phases = method.phases(_setup_of(setup, method=name), None)
-    assert units <= set(phases) and units <= set(method.unit_labels), name
+    assert units <= set(method.unit_labels), name
+    if method.frozen_vars is None:   # DiffDFKD's setup needs Stable Diffusion weights; its
+      phases = method.phases(_setup_of(setup, method=name), None)   # own test builds them.
+      assert units <= set(phases), name
   with pytest.raises(ValueError, match="Unknown method 'cmi2': --config.method takes one of"):
     methods.get("cmi2")
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from caedfkd_jax import cpu_devices
+from xla_test_flags import FAST_COMPILE
 
 
 def test_simulated_device_count_reads_the_last_flag():
@@ -76,7 +77,7 @@ def _one_generator_step(out_path: str) -> None:
 @pytest.mark.slow
 def test_eight_devices_run_a_real_size_step_and_match_one(tmp_path):
   out = tmp_path / "step.npz"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_COMPILE}")
   env.pop("PJRT_NPROC", None)
   proc = subprocess.run([sys.executable, __file__, str(out)], env=env, capture_output=True,
                         text=True, timeout=600)

@@ -20,6 +20,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from caedfkd_jax import bundle as bundle_lib
 from caedfkd_jax import embeddings, multihost, steps, train
+from xla_test_flags import FAST_COMPILE
 
 NUM_CLASSES = 4
 TIMEOUT_S = 600  # Per launch; generous for a loaded 2-core machine, and nothing can hang past it.
@@ -76,7 +77,7 @@ def _free_port() -> int:
 def _launch(config_file: str, workdir, devices: int, processes: int, log_dir) -> list:
   """Starts `caedfkd distill` as `processes` processes of `devices` CPU devices each."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE}")
   command = [sys.executable, "-m", "caedfkd_jax.main", "distill", "--config", config_file,
              "--workdir", str(workdir)]
   if processes > 1:

@@ -12,6 +12,7 @@ import pytest
 from caedfkd_jax import bundle as bundle_lib
 from caedfkd_jax import default_config, embeddings, steps, train
 from tiny_run import NUM_CLASSES, assert_same_round_and_kd, round_and_kd, tiny_config
+from xla_test_flags import FAST_COMPILE
 
 def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
@@ -221,6 +222,7 @@ def test_a_rerun_reuses_the_persistent_compilation_cache(teacher_dir, table_path
   cache = tmp_path / "xla"
   env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"   # tiny test programs compile fast
+  env["XLA_FLAGS"] = FAST_COMPILE                           # one device
   def distill(workdir):
     args = [sys.executable, "-m", "caedfkd_jax.main", "distill",
             "--config", os.path.join(os.path.dirname(__file__), "..", "configs",

@@ -5,6 +5,7 @@
   cmi           CMI (IJCAI 2021): a re-initialised generator on learnt z, a contrastive head.
   cae_dfkd_cmi  CAE-DFKD on the CMI base: CEND in place of z, CNCL on the student.
   cpsc_dfkd     CPSC-DFKD (PR 2023): a class-conditional generator, SupCon, no bank.
+  diffdfkd      DiffDFKD (ICME 2025): teacher-guided Stable Diffusion latents, a bank.
 
 `get(name)` returns the method that `--config.method=NAME` runs.
 """
@@ -13,7 +14,7 @@ import importlib
 
 from caedfkd_jax.methods.base import Method
 
-NAMES = ("cae_dfkd", "nayer", "cmi", "cae_dfkd_cmi", "cpsc_dfkd")
+NAMES = ("cae_dfkd", "nayer", "cmi", "cae_dfkd_cmi", "cpsc_dfkd", "diffdfkd")
 # (module, attribute) of a method defined beside a sibling; the rest are `<name>.METHOD`.
 _DEFINED_IN = {"cae_dfkd_cmi": ("cae_dfkd", "ON_CMI")}
 

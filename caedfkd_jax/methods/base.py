@@ -33,6 +33,9 @@ class Method:
                                         # naming a bad value of the method's own fields.
   renews: Callable[[Any, int], bool] = lambda config, epoch: False  # A new generator at `epoch`?
   renew: Callable | None = None  # (setup, state) -> state with it (jitted by the loop)
+  frozen_vars: Callable | None = None  # (setup, teacher_vars) -> what every unit receives as
+                                       # its frozen networks' variables (DiffDFKD: the teacher's
+                                       # and Stable Diffusion's); None: teacher_vars.
 
   def units_per_epoch(self, config) -> list[int]:
     return [len(self.epoch_plan(config, e)) for e in range(config.epochs)]

@@ -1,0 +1,356 @@
+"""DiffDFKD (ICME 2025): teacher-guided latent diffusion fills the bank (METHOD.md b.6).
+
+A synthesis round denoises one batch of Stable Diffusion latents for
+`diffdfkd.steps` steps, prompted by "a realistic photo of {class}" under
+classifier-free guidance. At each step (read against github.com/xhqi0109/DiffDFKD,
+generate_images.py, a re-creation by the authors of their lost code):
+  1. eps from the UNet, guided; x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t);
+  2. the VAE decodes x0_hat; the image is resized to the teacher's input;
+  3. L = ce * CE(T(x), class) + bn * L_BN + adv * L_adv (-KL against the student,
+     masked on agreement; off in the warm-up, as the code waits for
+     `class_per_num_start` images per class);
+  4. one gradient step on the latents, z <- z - latent_lr * dL/dz, through the UNet,
+     x0_hat and the VAE as the paper says (`diffdfkd.grad_through_unet`; False holds
+     the UNet's eps fixed, the nearest working reading of the code's no-grad cut,
+     which as written leaves the loss without a path to z);
+  5. every k steps (k = steps // 5) the latents of the batch are mixed
+     (`diffdfkd.latent_mix`: cutmix, the paper; mixup; none, the code's default);
+  6. eps again at the updated z (the code's second UNet call), then the DDPM step.
+The final latents are decoded and banked; KD calls then distill from the bank
+(bank_kd.py), as every bank-based method here, with t^2 KL.
+
+Where this differs from the code, deliberately: every timestep of the schedule runs
+steps 1-6 and the image banked is the decoded final latent (the code skips the
+guided update at the last timestep and decodes x0_hat of a stale eps); a round makes
+`diffdfkd.batch` images of one class (the code: batch 1), so that mixing has rows to
+mix; the teacher's input is resized with JAX's antialiased bicubic (the code:
+torchvision's); synthesis and KD alternate inside one run (the code generates its
+images, then distills on all of them every 10 images per class).
+
+The Stable Diffusion weights come from a bundle made by `caedfkd convert-diffusion`
+(diffusion/weights.py) and reach the units beside the teacher's (`frozen_vars`); the
+state holds only the bank and the round count.
+"""
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax.sharding import Mesh
+
+from caedfkd_jax import losses, memory_bank, models
+from caedfkd_jax.bundle import Bundle, normalize
+from caedfkd_jax.diffusion import latent_mix, scheduler
+from caedfkd_jax.embeddings import EmbeddingTable
+from caedfkd_jax.methods import bank_kd, nayer
+from caedfkd_jax.methods.base import Method, fold, teacher_judgement
+from caedfkd_jax.steps import (Phase, Setup, TrainState, constrain_batch, hparam,
+                               student_optimizer, student_schedule)
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentDiffusion:
+  """The synthesizer (`Setup.generator`): the networks, the sampler and the prompts."""
+  unet: Any                     # diffusion.unet.UNet
+  vae: Any                      # diffusion.vae.VAEDecoder
+  schedule: scheduler.DDPMSchedule
+  scaling_factor: float         # The VAE's latent scale (0.18215 in SD v1.x).
+  latent_channels: int
+  latent_size: int
+  image_size: int               # The teacher's input size, what the decoded images become.
+  prompts: tuple[str, ...]      # One per class, from `diffdfkd.prompt`.
+
+
+@struct.dataclass
+class DiffusionState:
+  bank: memory_bank.MemoryBank
+  rounds: jax.Array   # int32: synthesis rounds done; picks the next round's class.
+
+
+def class_prompts(template: str, class_names) -> tuple[str, ...]:
+  if "{class}" not in template:
+    raise ValueError(f"config.diffdfkd.prompt={template!r} has no {{class}} to fill, e.g. "
+                     "'a realistic photo of {class}'.")
+  return tuple(template.replace("{class}", name.replace("_", " ")) for name in class_names)
+
+
+# --------------------------------------------------------------------------- #
+# One guided denoising step
+# --------------------------------------------------------------------------- #
+
+
+def guided_noise(synth: LatentDiffusion, unet_params: PyTree, latents: jax.Array,
+                 timestep: jax.Array, text_BxLxD: jax.Array, uncond_LxD: jax.Array,
+                 scale: float) -> jax.Array:
+  """Classifier-free guided eps: one UNet call on [unconditional; conditional] rows."""
+  b = latents.shape[0]
+  uncond = jnp.broadcast_to(uncond_LxD, (b, *uncond_LxD.shape))
+  eps = synth.unet.apply({"params": unet_params}, jnp.concatenate([latents, latents]),
+                         timestep, jnp.concatenate([uncond, text_BxLxD]))
+  return scheduler.guided_eps(eps[:b], eps[b:], scale)
+
+
+def decode_for_teacher(synth: LatentDiffusion, vae_params: PyTree, latents: jax.Array,
+                       image_size: int) -> jax.Array:
+  """Latents -> images in [0, 1] at the teacher's size (antialiased bicubic, clipped again:
+  bicubic overshoots, and the bank holds [0, 1])."""
+  shift = synth.vae.config.shift_factor or 0.0
+  images = synth.vae.apply({"params": vae_params}, latents / synth.scaling_factor + shift)
+  images01 = jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+  b, _, _, c = images01.shape
+  resized = jax.image.resize(images01, (b, image_size, image_size, c), "bicubic", antialias=True)
+  return jnp.clip(resized, 0.0, 1.0)
+
+
+def x0_loss(x0: jax.Array, setup: Setup, frozen: PyTree, student: PyTree, labels: jax.Array,
+            adv_on: jax.Array, hparams: dict, mesh: Mesh | None = None):
+  """L_inv of a clean latent: ce * CE + bn * L_BN + adv * L_adv on its decoded image."""
+  hp = functools.partial(hparam, setup, hparams)
+  images01 = decode_for_teacher(setup.generator, frozen["vae"], x0, setup.generator.image_size)
+  x = normalize(constrain_batch(images01, mesh), setup.mean, setup.std)
+  teacher_vars = frozen["teacher"]
+  (t_logits, _), t_state = setup.teacher.apply(teacher_vars, x, train=False, mutable=["bn_stats"])
+  l_bn = losses.bn_statistics_loss(t_state["bn_stats"], teacher_vars["batch_stats"],
+                                   setup.config.loss.bn_reduce)
+  l_ce = losses.cross_entropy(t_logits, labels)
+  s_logits, _ = setup.student.apply(student, x, train=False)
+  l_adv = losses.adversarial_loss(t_logits, s_logits)
+  loss = hp("loss.ce") * l_ce + hp("loss.bn") * l_bn + hp("loss.adv") * adv_on * l_adv
+  return loss, {"gen/loss": loss, "gen/ce": l_ce, "gen/bn": l_bn, "gen/adv": l_adv}
+
+
+def teacher_guidance_loss(latents: jax.Array, setup: Setup, frozen: PyTree, student: PyTree,
+                          step: jax.Array, text_BxLxD: jax.Array, labels: jax.Array,
+                          adv_on: jax.Array, hparams: dict, mesh: Mesh | None = None):
+  """`x0_loss` of the step's x0_hat, as a function of the latents x_t. Returns (loss, metrics).
+
+  With `diffdfkd.grad_through_unet` off, eps is a constant: dL/dx_t = dL/dx0 / sqrt(a_t).
+  """
+  synth, c = setup.generator, setup.config.diffdfkd
+  timestep, alpha_bar, _, _ = synth.schedule.at(step)
+  eps = guided_noise(synth, frozen["unet"], latents, timestep, text_BxLxD, frozen["uncond"],
+                     c.guidance_scale)
+  if not c.grad_through_unet:
+    eps = jax.lax.stop_gradient(eps)
+  x0 = scheduler.predict_x0(latents, eps, alpha_bar)
+  return x0_loss(x0, setup, frozen, student, labels, adv_on, hparams, mesh)
+
+
+@struct.dataclass
+class RoundContext:
+  labels: jax.Array   # The round's class, per row.
+  adv_on: jax.Array
+  rng: jax.Array
+
+
+def round_labels(setup: Setup, rounds: jax.Array) -> jax.Array:
+  """One class per round, in turn (the code's generation call), or every class in turn per row."""
+  b = setup.synthesis_batch
+  if setup.config.diffdfkd.one_class_per_round:
+    return jnp.full((b,), rounds % setup.num_classes, jnp.int32)
+  return ((rounds * b + jnp.arange(b)) % setup.num_classes).astype(jnp.int32)
+
+
+def start_round(state: TrainState, *, setup: Setup, warmup: bool, mesh: Mesh | None = None
+                ) -> tuple[jax.Array, RoundContext]:
+  """Fresh latents z_T ~ N(0, I) (DDPM's initial sigma is 1) for this round's class."""
+  synth = setup.generator
+  rng_z, rng_steps = jax.random.split(fold(state.rng, state.epoch, state.unit))
+  shape = (setup.synthesis_batch, synth.latent_size, synth.latent_size, synth.latent_channels)
+  latents = constrain_batch(jax.random.normal(rng_z, shape), mesh)
+  labels = round_labels(setup, state.method.rounds)
+  return latents, RoundContext(labels, jnp.float32(0.0 if warmup else 1.0), rng_steps)
+
+
+def mixes_after(config, step: jax.Array) -> jax.Array:
+  """Whether the latents are mixed after step `step` (0-based): every k-th, not after the last."""
+  c = config.diffdfkd
+  every = c.mix_every or max(c.steps // 5, 1)
+  done = step + 1
+  return (done % every == 0) & (done != c.steps)
+
+
+def denoise_step(latents: jax.Array, ctx: RoundContext, step: jax.Array, state: TrainState,
+                 frozen: PyTree, *, setup: Setup, mesh: Mesh | None = None):
+  """Steps 1-6 of the module docstring at timestep index `step`."""
+  synth, c = setup.generator, setup.config.diffdfkd
+  rng_mix, rng_noise = jax.random.split(jax.random.fold_in(ctx.rng, step))
+  text = frozen["text"][ctx.labels]
+  grad_fn = jax.grad(teacher_guidance_loss, has_aux=True)
+  grads, metrics = grad_fn(latents, setup, frozen, state.student, step, text, ctx.labels,
+                           ctx.adv_on, state.hparams, mesh)
+  latents = latents - c.latent_lr * grads
+  if c.latent_mix != "none":
+    mixed = latent_mix.mix(c.latent_mix, rng_mix, latents, c.mix_alpha)
+    latents = jnp.where(mixes_after(setup.config, step), mixed, latents)
+  timestep = synth.schedule.at(step)[0]
+  eps = guided_noise(synth, frozen["unet"], latents, timestep, text, frozen["uncond"],
+                     c.guidance_scale)
+  noise = jax.random.normal(rng_noise, latents.shape)
+  latents = scheduler.ddpm_step(synth.schedule, step, latents, eps, noise)
+  metrics = {**metrics, "gen/latent_grad_norm": jnp.sqrt(jnp.sum(grads ** 2))}
+  return constrain_batch(latents, mesh), metrics
+
+
+def finish_round(state: TrainState, latents: jax.Array, ctx: RoundContext, frozen: PyTree,
+                 *, setup: Setup):
+  """Decodes the final latents and banks the images with the round's class."""
+  images01 = decode_for_teacher(setup.generator, frozen["vae"], latents,
+                                setup.generator.image_size)
+  zeros = jnp.zeros_like(ctx.labels)
+  bank = memory_bank.add(state.method.bank, images01, ctx.labels, zeros, zeros)
+  t_logits, _ = setup.teacher.apply(frozen["teacher"], normalize(images01, setup.mean, setup.std),
+                                    train=False)
+  low_conf_K, teacher_acc = teacher_judgement(t_logits, ctx.labels, setup.num_classes,
+                                              setup.config.low_confidence)
+  state = state.replace(method=DiffusionState(bank, state.method.rounds + 1))
+  return (state, {"gen/teacher_acc_on_best": teacher_acc},
+          {"low_conf": low_conf_K, "images": images01})
+
+
+def on_teacher(phase: Phase) -> Phase:
+  """A phase written for the teacher's variables, given the frozen dict instead."""
+  return dataclasses.replace(
+      phase,
+      start=phase.start,
+      step=lambda carry, ctx, i, state, frozen: phase.step(carry, ctx, i, state, frozen["teacher"]),
+      finish=lambda state, carry, ctx, frozen: phase.finish(state, carry, ctx, frozen["teacher"]))
+
+
+def phases(setup: Setup, mesh: Mesh | None) -> dict[str, Phase]:
+  step = functools.partial(denoise_step, setup=setup, mesh=mesh)
+  finish = functools.partial(finish_round, setup=setup)
+  round_phase = lambda warmup: Phase(
+      start=functools.partial(start_round, setup=setup, warmup=warmup, mesh=mesh),
+      step=step, finish=finish, num_steps=setup.config.diffdfkd.steps)
+  return {"warmup_round": round_phase(True), "round": round_phase(False),
+          "kd": on_teacher(bank_kd.kd_phase(setup, mesh, with_cncl=False))}
+
+
+# --------------------------------------------------------------------------- #
+# Setup, state, frozen networks
+# --------------------------------------------------------------------------- #
+
+
+def load_weights(config):
+  from caedfkd_jax.diffusion import weights
+  if not config.diffdfkd.weights:
+    raise ValueError(
+        "config.diffdfkd.weights is empty: DiffDFKD needs Stable Diffusion v1.x weights as a "
+        "diffusion bundle. Convert a local diffusers folder with `caedfkd convert-diffusion "
+        "SD_DIR --out BUNDLE` and pass --config.diffdfkd.weights=BUNDLE (README, DiffDFKD).")
+  return weights.load_bundle(config.diffdfkd.weights)
+
+
+def create_setup(config, teacher: Bundle, table: EmbeddingTable) -> Setup:
+  sd = load_weights(config)
+  return make_setup(config, teacher, sd.config("unet"), sd.config("vae"), sd.scheduler_config,
+                    table)
+
+
+def make_setup(config, teacher: Bundle, unet_config, vae_config, scheduler_config: dict,
+               table: EmbeddingTable | None = None) -> Setup:
+  """The setup from the networks' configs (create_setup reads them from the bundle; the
+  speed benchmark passes Stable Diffusion v1.x's own, with random weights)."""
+  from caedfkd_jax.diffusion import unet as unet_lib, vae as vae_lib
+  from caedfkd_jax.train import compute_dtype   # The dtype rule is the launcher's.
+  dtype = compute_dtype(config.compute_dtype)
+  c, spec = config.diffdfkd, teacher.spec
+  if config.student_arch not in models.ARCHS:
+    raise ValueError(f"Unknown student_arch {config.student_arch!r}. Known archs: "
+                     f"{', '.join(sorted(models.ARCHS))}.")
+  if not spec.class_names:
+    raise ValueError(f"The teacher bundle {config.teacher} has no class names, and DiffDFKD "
+                     "prompts with them: convert the teacher again with --class-names FILE.")
+  synth = LatentDiffusion(
+      unet=unet_lib.UNet(unet_config, dtype=dtype), vae=vae_lib.VAEDecoder(vae_config, dtype=dtype),
+      schedule=scheduler.DDPMSchedule.create(scheduler_config, c.steps),
+      scaling_factor=float(vae_config.scaling_factor),
+      latent_channels=int(vae_config.latent_channels), latent_size=c.latent_size,
+      image_size=spec.image_size, prompts=class_prompts(c.prompt, spec.class_names))
+  schedule = student_schedule(config.student, nayer.total_kd_steps(config))
+  table_KxD = None if table is None else jnp.asarray(table.vectors, jnp.float32)
+  return Setup(
+      teacher=models.create_model(spec.arch, spec.num_classes, dtype),
+      student=models.create_model(config.student_arch, spec.num_classes, dtype),
+      generator=synth, table_KxD=table_KxD,   # Unused: DiffDFKD prompts with class names.
+      mean=tuple(spec.mean), std=tuple(spec.std),
+      student_tx=student_optimizer(schedule, config.student), generator_tx=None,
+      config=config, method=METHOD, student_lr=schedule, num_classes=spec.num_classes,
+      synthesis_batch=c.batch, group_size=1, kd_batch=c.kd_batch)
+
+
+def frozen_vars(setup: Setup, teacher_vars: PyTree) -> dict[str, Any]:
+  """The teacher, the UNet and VAE weights, and the prompts' text embeddings (computed once)."""
+  from caedfkd_jax.diffusion import clip_text
+  sd = load_weights(setup.config)
+  encoder = clip_text.CLIPTextEncoder(sd.config("text_encoder"))
+  ids = clip_text.tokenize(sd.tokenizer_dir, ("",) + setup.generator.prompts)
+  hidden = jax.jit(encoder.apply)({"params": sd.params("text_encoder")}, jnp.asarray(ids))
+  hidden = np.asarray(hidden, np.float32)
+  return {"teacher": teacher_vars, "unet": sd.params("unet"), "vae": sd.params("vae"),
+          "uncond": hidden[0], "text": hidden[1:]}
+
+
+def init_state(setup: Setup, teacher_vars: PyTree, rng: jax.Array,
+               image_size: int) -> DiffusionState:
+  capacity = setup.config.bank_capacity or nayer.default_bank_capacity(setup.config,
+                                                                      setup.synthesis_batch)
+  return DiffusionState(memory_bank.create_bank(capacity, (image_size, image_size, 3)),
+                        jnp.int32(0))
+
+
+def check_config(config, num_devices: int) -> None:
+  c = config.diffdfkd
+  for name in ("steps", "batch", "kd_batch", "latent_size", "mix_alpha"):
+    if not c[name] > 0:
+      raise ValueError(f"config.diffdfkd.{name}={c[name]!r} must be positive.")
+  if c.mix_every < 0:
+    raise ValueError(f"config.diffdfkd.mix_every={c.mix_every} must be >= 0 (0: steps // 5).")
+  if c.latent_mix not in latent_mix.MODES:
+    raise ValueError(f"config.diffdfkd.latent_mix={c.latent_mix!r}: use one of "
+                     f"{', '.join(latent_mix.MODES)}.")
+  if config.student.sampler != "uniform":
+    raise ValueError("config.method=diffdfkd banks images without CNCL groups: use "
+                     "--config.student.sampler=uniform.")
+  for name in ("batch", "kd_batch"):
+    if c[name] % num_devices:
+      raise ValueError(f"config.diffdfkd.{name}={c[name]} is not divisible by the "
+                       f"{num_devices} devices.")
+  class_prompts(c.prompt, ["x"])
+
+
+def latest_images(setup: Setup, state: DiffusionState) -> tuple[jax.Array, jax.Array]:
+  """The last K rounds' images (the epoch's grid): with one class a round, every class's latest."""
+  n = min(setup.num_classes * setup.synthesis_batch, state.bank.images.shape[0])
+  images_u8, labels = memory_bank.latest(state.bank, n)
+  return images_u8.astype(jnp.float32) / 255.0, labels
+
+
+def bundle_fields(config) -> dict[str, Any]:
+  c = config.diffdfkd
+  return {"diffusion_weights": c.weights, "prompt": c.prompt, "denoising_steps": c.steps,
+          "guidance_scale": c.guidance_scale}
+
+
+METHOD = Method(
+    name="diffdfkd",
+    summary="DiffDFKD (ICME 2025): Stable Diffusion latents steered by the teacher at every "
+            "denoising step fill a bank; KD by KL.",
+    create_setup=create_setup, init_state=init_state, phases=phases,
+    epoch_plan=nayer.epoch_plan, unit_labels={**bank_kd.UNIT_LABELS,
+                                              "warmup_round": "synthesis round",
+                                              "round": "synthesis round"},
+    latest_images=latest_images,
+    epoch_scalars=lambda s: {"bank/size": s.bank.size},
+    finite_parts=lambda s: {},
+    bundle_fields=bundle_fields,
+    ignores=("cend.", "student.cncl_", "num_groups", "loss.bn_momentum", "generator.", "cmi.",
+             "cpsc."),
+    check_config=check_config, frozen_vars=frozen_vars)

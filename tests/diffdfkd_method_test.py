@@ -1,0 +1,246 @@
+"""DiffDFKD: converted Stable Diffusion weights, the guided denoising step, latent mixing, and a
+tiny run through the launcher that resumes. Offline: the Stable Diffusion folder is a tiny random
+one saved by PyTorch diffusers (tiny_diffusion.py)."""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from caedfkd_jax import bundle as bundle_lib, config_checks, embeddings, steps, train
+from caedfkd_jax.diffusion import clip_text, latent_mix, scheduler, weights
+from caedfkd_jax.main import main
+from caedfkd_jax.methods import diffdfkd, nayer
+from tiny_run import tiny_config
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+import tiny_diffusion  # noqa: E402  (needs diffusers)
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+  """(diffusers folder, converted bundle, the torch modules), converted by the command."""
+  root = tmp_path_factory.mktemp("sd")
+  modules = tiny_diffusion.write_sd_folder(root / "sd")
+  assert main(["convert-diffusion", str(root / "sd"), "--out", str(root / "bundle")]) == 0
+  return root / "sd", str(root / "bundle"), modules
+
+
+def diffdfkd_config(teacher_dir, table_path, bundle_dir):
+  """The tiny run as DiffDFKD: 2 denoising steps on 4 latents of 8x8 a round, data-parallel on 2
+  devices; one warm-up round, then a round and 2 KD calls an epoch. Shared by every test."""
+  config = tiny_config(teacher_dir, table_path)
+  config.method = "diffdfkd"
+  config.num_devices = 2
+  config.student.sampler = "uniform"
+  config.warmup_g_loops = 1
+  config.epochs = 2
+  config.diffdfkd.update({"weights": bundle_dir, "steps": 2, "batch": 4, "kd_batch": 8,
+                          "latent_size": 8, "mix_every": 1})
+  return config
+
+
+def test_the_command_converts_and_refuses_what_it_cannot_read(sd, tmp_path, capsys):
+  src, bundle_dir, _ = sd
+  manifest = json.loads(open(os.path.join(bundle_dir, "diffusion.json")).read())
+  assert manifest["unet"]["config"]["block_out_channels"] == [16, 32]
+  assert len(manifest["vae"]["sha256"]) == 64 and manifest["scheduler"]["beta_schedule"] == "scaled_linear"
+  assert sorted(os.listdir(os.path.join(bundle_dir, "tokenizer"))) == [
+      "merges.txt", "tokenizer_config.json", "vocab.json"]
+  assert main(["convert-diffusion", str(src), "--out", bundle_dir]) == 2
+  assert "exists" in capsys.readouterr().err
+  pickled = tmp_path / "pickled"
+  shutil.copytree(src, pickled)
+  os.remove(pickled / "unet" / "diffusion_pytorch_model.safetensors")
+  (pickled / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"not read")
+  assert main(["convert-diffusion", str(pickled), "--out", str(tmp_path / "b")]) == 2
+  err = capsys.readouterr().err
+  assert "diffusion_pytorch_model.bin" in err and "never loads" in err
+  assert not (tmp_path / "b").exists() and not any(p.name.startswith(".b") for p in tmp_path.iterdir())
+  with pytest.raises(FileNotFoundError, match="convert-diffusion"):
+    weights.load_bundle(str(tmp_path))
+
+
+@pytest.fixture(scope="module")
+def start(sd, teacher_dir, table_path):
+  """(setup, frozen variables, first state) of the tiny DiffDFKD config."""
+  teacher = bundle_lib.load_bundle(teacher_dir)
+  setup = train.create_setup(diffdfkd_config(teacher_dir, table_path, sd[1]), teacher,
+                             embeddings.load_table(table_path))
+  teacher_vars = {k: teacher.variables[k] for k in ("params", "batch_stats")}
+  frozen = diffdfkd.frozen_vars(setup, teacher_vars)
+  return setup, frozen, jax.device_get(train.create_state(setup, teacher_vars, 32))
+
+
+def test_prompts_guidance_and_decoding_match_pytorch(sd, start):
+  """Through the bundle: the prompts' text embeddings, the guided eps and the VAE's image are
+  the PyTorch modules' (< 1e-4)."""
+  src, _, modules = sd
+  setup, frozen, _ = start
+  assert setup.generator.prompts[1] == "a realistic photo of c1"
+  ids = clip_text.tokenize(str(src / "tokenizer"), ("",) + setup.generator.prompts)
+  with torch.no_grad():
+    hidden = modules["text_encoder"](torch.from_numpy(ids).long())[0].numpy()
+  np.testing.assert_allclose(frozen["uncond"], hidden[0], atol=1e-4)
+  np.testing.assert_allclose(frozen["text"], hidden[1:], atol=1e-4)
+
+  latents = np.random.default_rng(0).standard_normal((2, 8, 8, 4)).astype(np.float32)
+  text = frozen["text"][np.array([1, 3])]
+  eps = jax.jit(lambda unet, z, text, uncond: diffdfkd.guided_noise(
+      setup.generator, unet, z, jnp.int32(501), text, uncond, 3.0))(
+          frozen["unet"], latents, text, frozen["uncond"])
+  with torch.no_grad():
+    unet = lambda cond: modules["unet"](torch.from_numpy(latents).permute(0, 3, 1, 2), 501,
+                                        torch.from_numpy(cond)).sample.permute(0, 2, 3, 1).numpy()
+    expected = unet(np.broadcast_to(frozen["uncond"], text.shape).copy())
+    expected = expected + 3.0 * (unet(text) - expected)
+  np.testing.assert_allclose(eps, expected, atol=1e-4)
+
+  scale = setup.generator.scaling_factor
+  ours = jax.jit(setup.generator.vae.apply)({"params": frozen["vae"]}, latents / scale)
+  with torch.no_grad():
+    theirs = modules["vae"].decode(torch.from_numpy(latents / scale).permute(0, 3, 1, 2)).sample
+  np.testing.assert_allclose(ours, theirs.permute(0, 2, 3, 1).numpy(), atol=1e-4)
+  images = jax.jit(lambda vae, z: diffdfkd.decode_for_teacher(setup.generator, vae, z, 32))(
+      frozen["vae"], latents)
+  assert images.shape == (2, 32, 32, 3) and 0 <= float(images.min()) <= float(images.max()) <= 1
+
+
+def test_the_latent_gradient_is_finite_and_the_unet_cut_is_the_chain_rule(start):
+  """dL/dz through the UNet is finite and non-zero; with the cut (eps held fixed) it is exactly
+  dL/dx0 / sqrt(alpha_bar), and the two differ."""
+  setup, frozen, state = start
+  step = jnp.int32(0)
+  labels = jnp.array([0, 1, 2, 3], jnp.int32)
+  latents = jax.random.normal(jax.random.key(1), (4, 8, 8, 4))
+  text = frozen["text"][labels]
+  cut = setup.config.copy_and_resolve_references()
+  cut.diffdfkd.grad_through_unet = False
+  cut_setup = train.create_setup(cut, bundle_lib.load_bundle(setup.config.teacher),
+                                 embeddings.load_table(setup.config.embeddings))
+  _, alpha_bar, _, _ = setup.generator.schedule.at(step)
+
+  @jax.jit
+  def gradients(latents, frozen, student):
+    args = (frozen, student, step, text, labels, jnp.float32(1.0), {})
+    grad = lambda s: jax.grad(diffdfkd.teacher_guidance_loss, has_aux=True)(latents, s, *args)[0]
+    eps = diffdfkd.guided_noise(setup.generator, frozen["unet"], latents,
+                                setup.generator.schedule.timesteps[0], text, frozen["uncond"],
+                                setup.config.diffdfkd.guidance_scale)
+    x0 = scheduler.predict_x0(latents, eps, alpha_bar)
+    g_x0, _ = jax.grad(diffdfkd.x0_loss, has_aux=True)(x0, setup, frozen, student, labels,
+                                                        jnp.float32(1.0), {})
+    return grad(setup), grad(cut_setup), g_x0
+
+  g_full, g_cut, g_x0 = gradients(latents, frozen, state.student)
+  assert np.all(np.isfinite(g_full)) and float(jnp.abs(g_full).max()) > 0
+  np.testing.assert_allclose(g_cut, g_x0 / np.sqrt(alpha_bar), rtol=1e-4, atol=1e-7)
+  assert float(jnp.abs(g_full - g_cut).max()) > 1e-3 * float(jnp.abs(g_cut).max())
+
+
+def test_cutmix_box_permutation_and_schedule():
+  # lam = 0.75: sides 8 * 0.5 = 4 around the centre (4, 4): rows and columns 2..5.
+  assert [float(v) for v in latent_mix.cutmix_box(jnp.float32(0.75), 4.0, 4.0, 8, 8)] == [2, 6, 2, 6]
+  # Clipped at the edge, rounded half to even as np.round: centre (0.5, 7.0) -> x 0..2, y 5..8.
+  assert [float(v) for v in latent_mix.cutmix_box(jnp.float32(0.75), 0.5, 7.0, 8, 8)] == [5, 8, 0, 2]
+  z = jax.random.normal(jax.random.key(0), (6, 8, 8, 4))
+  key = jax.random.key(3)
+  mixed = np.asarray(latent_mix.cutmix(key, z))
+  np.testing.assert_array_equal(mixed, latent_mix.cutmix(key, z))      # Fixed seed, same mix.
+  rng_lam, rng_x, rng_y, rng_perm = jax.random.split(key, 4)
+  y0, y1, x0, x1 = (int(v) for v in latent_mix.cutmix_box(
+      latent_mix.mixing_ratio(rng_lam), jax.random.uniform(rng_x, (), maxval=8.0),
+      jax.random.uniform(rng_y, (), maxval=8.0), 8, 8))
+  perm = np.asarray(jax.random.permutation(rng_perm, 6))
+  expected = np.array(z)
+  expected[:, y0:y1, x0:x1] = np.asarray(z)[perm][:, y0:y1, x0:x1]
+  np.testing.assert_array_equal(mixed, expected)
+  mixup = latent_mix.mixup(key, z)
+  lam = latent_mix.mixing_ratio(jax.random.split(key)[0])
+  perm = jax.random.permutation(jax.random.split(key)[1], 6)
+  np.testing.assert_allclose(mixup, lam * z + (1 - lam) * z[perm], atol=1e-6)
+  config = diffdfkd_config("t", "e", "w")
+  config.diffdfkd.update({"steps": 10, "mix_every": 0})
+  assert [i for i in range(10) if diffdfkd.mixes_after(config, i)] == [1, 3, 5, 7]
+
+
+def test_synthesis_rounds_fill_the_bank_one_class_after_another(start):
+  setup, frozen, state = start
+  mesh = steps.make_mesh(jax.devices("cpu")[:2])
+  replicated = NamedSharding(mesh, P())
+  fns = steps.make_step_fns(setup, mesh, fuse=False)
+  frozen = jax.device_put(frozen, replicated)
+  state = jax.device_put(state, replicated)
+  state, metrics, outputs = fns["warmup_round"](state, frozen)
+  state, _, _ = fns["round"](state, frozen)
+  bank = jax.device_get(state.method.bank)
+  assert int(bank.size) == 8 and int(state.method.rounds) == 2
+  np.testing.assert_array_equal(bank.labels[:8], [0] * 4 + [1] * 4)
+  assert outputs["images"].shape == (4, 32, 32, 3)
+  np.testing.assert_allclose(bank.images[:4] / 255.0, outputs["images"], atol=1 / 255 + 1e-6)
+  assert metrics["gen/latent_grad_norm"].shape == (2,)
+  assert np.all(np.asarray(metrics["gen/latent_grad_norm"]) > 0)
+  np.testing.assert_array_equal(metrics["gen/adv"] * 0, 0)
+
+
+@pytest.fixture(scope="module")
+def full_run(sd, teacher_dir, table_path, tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("diffdfkd_full")
+  config = diffdfkd_config(teacher_dir, table_path, sd[1])
+  return train.train_and_evaluate(config, str(workdir)), workdir
+
+
+def test_a_tiny_run_trains_resumes_and_records_its_method(sd, teacher_dir, table_path, full_run,
+                                                          tmp_path):
+  """Through the launcher: it logs the guidance losses, the bundle records the method and its
+  weights, and a run stopped after its first KD call resumes to the uninterrupted student."""
+  result, workdir = full_run
+  assert result["epoch"] == 2 and result["bank/size"] == 8 and np.isfinite(result["kd/kl"])
+  assert sorted(os.listdir(workdir / "samples")) == ["epoch_0001.png", "epoch_0002.png"]
+  spec = bundle_lib.load_bundle(result["student"]).spec
+  assert spec.extra["method"] == "diffdfkd" and spec.extra["diffusion_weights"] == sd[1]
+  config = diffdfkd_config(teacher_dir, table_path, sd[1])
+  config.max_units = 3      # Warm-up round, round, first KD call.
+  assert train.train_and_evaluate(config, str(tmp_path))["stopped_early"]
+  config.max_units = 0
+  resumed = train.train_and_evaluate(config, str(tmp_path))
+  a = bundle_lib.load_bundle(result["student"]).variables
+  b = bundle_lib.load_bundle(resumed["student"]).variables
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7)
+
+
+def test_the_paper_configs_pass_the_checks():
+  path = os.path.join(os.path.dirname(__file__), "..", "configs", "diffdfkd_cifar.py")
+  spec = importlib.util.spec_from_file_location("diffdfkd_cifar", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for pair in sorted(module.PAIRS):
+    config = module.get_config(",".join(pair))
+    config_checks.validate_config(config, 1, 1)
+    kd_steps = nayer.total_kd_steps(config)
+    rounds = sum(len(nayer.epoch_plan(config, e)) for e in range(config.epochs)) - kd_steps // 10
+    assert rounds * config.diffdfkd.batch == 50_000 and kd_steps == 39_920 - (pair[0] == "cifar100") * 720
+  with pytest.raises(ValueError, match="known pairs"):
+    module.get_config("cifar10,resnet34,vgg8")
+
+
+def test_refusals_name_the_fix(teacher_dir, table_path):
+  config = diffdfkd_config(teacher_dir, table_path, "")
+  teacher, table = bundle_lib.load_bundle(teacher_dir), embeddings.load_table(table_path)
+  with pytest.raises(ValueError, match="convert-diffusion SD_DIR"):
+    train.create_setup(config, teacher, table)
+  for field, value, message in (("latent_mix", "blend", "cutmix, mixup"),
+                                ("prompt", "a photo", "no {class}"),
+                                ("batch", 3, "divisible by the 2 devices")):
+    bad = diffdfkd_config(teacher_dir, table_path, "")
+    bad.diffdfkd[field] = value
+    with pytest.raises(ValueError, match=message):
+      diffdfkd.check_config(bad, 2)
