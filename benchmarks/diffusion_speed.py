@@ -44,14 +44,15 @@ def tree_bytes(tree) -> int:
 
 def measure(batch: int, num_steps: int, latent_size: int, repeats: int, dry: bool,
             compute_dtype: str = "auto", teacher_arch: str = "resnet34",
-            student_arch: str = "resnet18", num_classes: int = 10) -> dict:
+            student_arch: str = "resnet18", num_classes: int = 10, attention: str = "xla") -> dict:
   config = default_config.get_config()
   config.method = "diffdfkd"
   config.compute_dtype = compute_dtype
   config.student_arch = student_arch
   config.student.sampler = "uniform"
   config.num_devices = 1
-  config.diffdfkd.update({"steps": num_steps, "batch": batch, "latent_size": latent_size})
+  config.diffdfkd.update({"steps": num_steps, "batch": batch, "latent_size": latent_size,
+                          "attention": attention})
   spec = bundle_lib.ModelSpec(teacher_arch, num_classes, 32,
                               class_names=[f"class {k}" for k in range(num_classes)])
   teacher = bundle_lib.Bundle(spec, bundle_lib.init_variables(spec, 0))
@@ -91,7 +92,7 @@ def measure(batch: int, num_steps: int, latent_size: int, repeats: int, dry: boo
   weights = tree_bytes(frozen["unet"]) + tree_bytes(frozen["vae"])
   result = {
       "device": device.device_kind, "platform": device.platform, "dry": dry,
-      "compute_dtype": str(jnp.dtype(train.compute_dtype(compute_dtype))),
+      "compute_dtype": str(jnp.dtype(train.compute_dtype(compute_dtype))), "attention": attention,
       "unet_params": int(sum(x.size for x in jax.tree.leaves(frozen["unet"]))),
       "vae_decoder_params": int(sum(x.size for x in jax.tree.leaves(frozen["vae"]))),
       "batch": batch, "denoising_steps": num_steps, "latent_size": latent_size,
@@ -117,13 +118,16 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--compute_dtype", default="auto")
   parser.add_argument("--teacher_arch", default=None, help="default resnet34; dry resnet_tiny_a")
   parser.add_argument("--student_arch", default=None, help="default resnet18; dry resnet_tiny_a")
+  parser.add_argument("--attention", default="xla", choices=("xla", "cudnn"),
+                      help="the UNet's attention (cudnn: fused flash attention, GPU, bf16)")
   parser.add_argument("--out_json", default=None)
   args = parser.parse_args(argv)
   dry = args.dry
   result = measure(args.batch or (2 if dry else 8), args.steps or (2 if dry else 10),
                    args.latent_size or (8 if dry else 64), args.repeats, dry, args.compute_dtype,
                    args.teacher_arch or ("resnet_tiny_a" if dry else "resnet34"),
-                   args.student_arch or ("resnet_tiny_a" if dry else "resnet18"))
+                   args.student_arch or ("resnet_tiny_a" if dry else "resnet18"),
+                   attention=args.attention)
   text = json.dumps(result, indent=1)
   print(text)
   if args.out_json:

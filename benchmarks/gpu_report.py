@@ -62,7 +62,8 @@ def _diffusion_section(r: dict[str, Any]) -> list[str]:
   return ["### DiffDFKD synthesis (`diffusion`)", "",
           f"Device: {r['device']}. {'Tiny networks (--dry). ' if r['dry'] else ''}"
           f"UNet {r['unet_params']:,} and VAE decoder {r['vae_decoder_params']:,} parameters "
-          f"(random), {r['compute_dtype']}, {r['latent_size']}x{r['latent_size']} latents, "
+          f"(random), {r['compute_dtype']}, {r.get('attention', 'xla')} attention, "
+          f"{r['latent_size']}x{r['latent_size']} latents, "
           f"batch {r['batch']}, {r['denoising_steps']} guided steps a round.", "",
           "| images/s | s per round | UNet rows/s | first round (compile) s |",
           "|---|---|---|---|",

@@ -214,4 +214,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.diffdfkd.mix_every = 0              # Steps between mixes; 0: steps // 5 (the code).
   config.diffdfkd.mix_alpha = 1.0            # lam0 ~ Beta(a, a), lam ~ Beta(lam0, lam0) (code).
   config.diffdfkd.kd_batch = 256             # Bank images per KD step (the code: 256).
+  config.diffdfkd.attention = "xla"          # UNet attention: xla (T x T logits per head) or
+                                             # cudnn (fused flash attention; GPU, bf16; not yet
+                                             # run on a GPU here).
   return config

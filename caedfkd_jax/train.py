@@ -418,7 +418,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       break
 
     # End of epoch: logs, images, evaluation, checkpoint; one row per run.
-    shared = {"student/lr": float(setup.student_lr(_position(state.kd_step))),
+    # student/lr: the rate of the epoch's last student step (kd_step counts the steps taken).
+    shared = {"student/lr": float(setup.student_lr(max(_position(state.kd_step) - 1, 0))),
               **{k: _position(v) for k, v in method.epoch_scalars(state.method).items()},
               "time/minutes": run_seconds() / 60, "time/train_minutes": train_seconds() / 60}
     summaries = [{**_epoch_summary(epoch_metrics, None if runs is None else r), **shared}

@@ -77,6 +77,8 @@ def test_a_tiny_run_logs_its_losses_and_records_its_method(full_run):
               "gen/low_confidence_share"):
     assert np.isfinite(rows[-1][key]), key
   assert os.listdir(workdir / "samples") == ["epoch_0001.png"]
+  # The epoch's own LR: the one-epoch warm-up's lr * 1/1 (the next epoch's would be the cosine's 0).
+  assert rows[-1]["student/lr"] == pytest.approx(0.1)
   extra = bundle_lib.load_bundle(result["student"]).spec.extra
   assert extra["method"] == "cpsc_dfkd" and extra["cpsc"]["adapter"] == "mlp"
 

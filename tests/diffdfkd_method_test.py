@@ -172,22 +172,40 @@ def test_cutmix_box_permutation_and_schedule():
 
 
 def test_synthesis_rounds_fill_the_bank_one_class_after_another(start):
-  setup, frozen, state = start
+  """Two rounds, per-step calls (CPUs): the bank fills with one class a round; L_adv is off in
+  the warm-up only; a fused lax.scan round (the accelerators' path) computes the same."""
+  setup, frozen, _ = start
   mesh = steps.make_mesh(jax.devices("cpu")[:2])
   replicated = NamedSharding(mesh, P())
-  fns = steps.make_step_fns(setup, mesh, fuse=False)
   frozen = jax.device_put(frozen, replicated)
-  state = jax.device_put(state, replicated)
-  state, metrics, outputs = fns["warmup_round"](state, frozen)
-  state, _, _ = fns["round"](state, frozen)
-  bank = jax.device_get(state.method.bank)
-  assert int(bank.size) == 8 and int(state.method.rounds) == 2
+  outputs = {}
+  for fuse in (False, True):
+    fns = steps.make_step_fns(setup, mesh, fuse=fuse)
+    state = jax.device_put(jax.tree.map(jnp.copy, start[2]), replicated)   # The units donate it.
+    state, warm_metrics, warm_out = fns["warmup_round"](state, frozen)
+    outputs[fuse] = jax.device_get((state.method.bank, warm_metrics, warm_out))
+    if not fuse:
+      state, metrics, _ = fns["round"](state, frozen)
+      bank = jax.device_get(state.method.bank)
+  assert int(bank.size) == 8 and int(state.method.rounds) == 1   # The fused run's state.
   np.testing.assert_array_equal(bank.labels[:8], [0] * 4 + [1] * 4)
-  assert outputs["images"].shape == (4, 32, 32, 3)
-  np.testing.assert_allclose(bank.images[:4] / 255.0, outputs["images"], atol=1 / 255 + 1e-6)
-  assert metrics["gen/latent_grad_norm"].shape == (2,)
-  assert np.all(np.asarray(metrics["gen/latent_grad_norm"]) > 0)
-  np.testing.assert_array_equal(metrics["gen/adv"] * 0, 0)
+  _, warm_metrics, warm_out = outputs[False]
+  assert warm_out["images"].shape == (4, 32, 32, 3)
+  np.testing.assert_allclose(bank.images[:4] / 255.0, warm_out["images"], atol=1 / 255 + 1e-6)
+  for m in (warm_metrics, metrics):
+    assert m["gen/latent_grad_norm"].shape == (2,)
+    assert np.all(np.asarray(m["gen/latent_grad_norm"]) > 0)
+  weights = setup.config.loss
+  base = lambda m: weights.ce * m["gen/ce"] + weights.bn * m["gen/bn"]
+  np.testing.assert_allclose(warm_metrics["gen/loss"], base(warm_metrics), rtol=1e-5)
+  np.testing.assert_allclose(metrics["gen/loss"], base(metrics) + weights.adv * metrics["gen/adv"],
+                             rtol=1e-5)
+  assert np.all(np.asarray(metrics["gen/adv"]) != 0)
+  (bank_f, metrics_f, out_f), (bank_s, metrics_s, out_s) = outputs[True], outputs[False]
+  for name in metrics_s:
+    np.testing.assert_allclose(metrics_f[name], metrics_s[name], rtol=1e-4, atol=1e-5, err_msg=name)
+  np.testing.assert_allclose(out_f["images"], out_s["images"], atol=1e-4)
+  np.testing.assert_allclose(bank_f.images.astype(int), bank_s.images.astype(int), atol=1)
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +257,9 @@ def test_refusals_name_the_fix(teacher_dir, table_path):
     train.create_setup(config, teacher, table)
   for field, value, message in (("latent_mix", "blend", "cutmix, mixup"),
                                 ("prompt", "a photo", "no {class}"),
-                                ("batch", 3, "divisible by the 2 devices")):
+                                ("batch", 3, "divisible by the 2 devices"),
+                                ("attention", "flash", "xla .* or cudnn"),
+                                ("attention", "cudnn", "needs a GPU")):
     bad = diffdfkd_config(teacher_dir, table_path, "")
     bad.diffdfkd[field] = value
     with pytest.raises(ValueError, match=message):

@@ -119,7 +119,7 @@ class Upsample2D(nn.Module):
 
 
 def _attend(x_BxTxC: jax.Array, context_BxSxD: jax.Array, heads: int, head_dim: int,
-            qkv_bias: bool, dtype: Any) -> jax.Array:
+            qkv_bias: bool, dtype: Any, implementation: str | None = None) -> jax.Array:
   """to_q/to_k/to_v, scaled dot-product attention per head (softmax in float32), to_out.0.
 
   Creates its Dense layers in the calling module, so the keys sit where diffusers' are."""
@@ -130,22 +130,28 @@ def _attend(x_BxTxC: jax.Array, context_BxSxD: jax.Array, heads: int, head_dim: 
     return projected.reshape(projected.shape[:2] + (heads, head_dim))
 
   out = jax.nn.dot_product_attention(heads_of(x_BxTxC, "to_q"), heads_of(context_BxSxD, "to_k"),
-                                     heads_of(context_BxSxD, "to_v"), scale=head_dim ** -0.5)
+                                     heads_of(context_BxSxD, "to_v"), scale=head_dim ** -0.5,
+                                     implementation=implementation)
   out = out.reshape(out.shape[:2] + (inner,))
   return nn.Dense(x_BxTxC.shape[-1], dtype=dtype, name="to_out_0")(out)
 
 
 class Attention(nn.Module):
   """diffusers' `Attention` as the UNet's transformers use it: multi-head, q/k/v without
-  bias, self-attention when `context` is None, else cross-attention to it."""
+  bias, self-attention when `context` is None, else cross-attention to it.
+
+  `attention`: `jax.nn.dot_product_attention`'s implementation. None (XLA) builds the
+  T x T logits per head; "cudnn" is cuDNN's fused (flash) attention, GPUs and 16-bit only."""
   heads: int
   head_dim: int
   dtype: Any = jnp.float32
+  attention: str | None = None
 
   @nn.compact
   def __call__(self, x_BxTxC: jax.Array, context_BxSxD: jax.Array | None = None) -> jax.Array:
     context = x_BxTxC if context_BxSxD is None else context_BxSxD.astype(self.dtype)
-    return _attend(x_BxTxC, context, self.heads, self.head_dim, False, self.dtype)
+    return _attend(x_BxTxC, context, self.heads, self.head_dim, False, self.dtype,
+                   self.attention)
 
 
 class VAEAttention(nn.Module):
@@ -193,14 +199,15 @@ class BasicTransformerBlock(nn.Module):
   head_dim: int
   norm_eps: float = 1e-5
   dtype: Any = jnp.float32
+  attention: str | None = None   # See `Attention`.
 
   @nn.compact
   def __call__(self, x_BxTxC: jax.Array, context_BxSxD: jax.Array) -> jax.Array:
     def norm(h: jax.Array, name: str) -> jax.Array:
       return layer_norm(h, self.norm_eps, self.dtype, name)
 
-    attn1 = Attention(self.heads, self.head_dim, self.dtype, name="attn1")
-    attn2 = Attention(self.heads, self.head_dim, self.dtype, name="attn2")
+    attn1 = Attention(self.heads, self.head_dim, self.dtype, self.attention, name="attn1")
+    attn2 = Attention(self.heads, self.head_dim, self.dtype, self.attention, name="attn2")
     x = x_BxTxC + attn1(norm(x_BxTxC, "norm1"))
     x = x + attn2(norm(x, "norm2"), context_BxSxD)
     return x + FeedForward(dtype=self.dtype, name="ff")(norm(x, "norm3"))
@@ -217,6 +224,7 @@ class Transformer2DModel(nn.Module):
   num_groups: int = 32
   use_linear_projection: bool = False
   dtype: Any = jnp.float32
+  attention: str | None = None   # See `Attention`.
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array, context_BxSxD: jax.Array) -> jax.Array:
@@ -232,6 +240,7 @@ class Transformer2DModel(nn.Module):
     y = proj(inner, "proj_in")(y).reshape(b, h * w, inner)
     for i in range(self.num_layers):
       y = BasicTransformerBlock(self.heads, self.head_dim, dtype=self.dtype,
+                                attention=self.attention,
                                 name=f"transformer_blocks_{i}")(y, context_BxSxD)
     y = proj(c, "proj_out")(y.reshape(b, h, w, inner))
     return x_BxHxWxC.astype(self.dtype) + y

@@ -142,6 +142,7 @@ class _Blocks(nn.Module):
   heads: int | None  # None: no transformers (DownBlock2D / UpBlock2D).
   config: UNetConfig
   dtype: Any = jnp.float32
+  attention: str | None = None   # layers.Attention's implementation.
 
   def resnet(self, name: str) -> layers.ResnetBlock2D:
     c = self.config
@@ -152,7 +153,8 @@ class _Blocks(nn.Module):
     c = self.config
     return layers.Transformer2DModel(self.heads, self.out_channels // self.heads,
                                      c.transformer_layers_per_block, c.norm_num_groups,
-                                     c.use_linear_projection, self.dtype, name=name)
+                                     c.use_linear_projection, self.dtype, self.attention,
+                                     name=name)
 
 
 class DownBlock(_Blocks):
@@ -207,10 +209,12 @@ class UNet(nn.Module):
 
   sample [B, h, w, C_in] (NHWC); timesteps a scalar or [B], int or float; encoder_hidden_states
   [B, L, cross_attention_dim]. Returns [B, h, w, C_out] in float32 whatever `dtype` computes in.
-  Any h, w work (odd sizes upsample to the skip's size, as diffusers does).
+  Any h, w work (odd sizes upsample to the skip's size, as diffusers does). `attention`:
+  None (XLA's, any platform) or "cudnn" (fused flash attention: GPUs, 16-bit `dtype`).
   """
   config: UNetConfig
   dtype: Any = jnp.float32
+  attention: str | None = None
 
   @nn.compact
   def __call__(self, sample: jax.Array, timesteps: jax.Array | int | float,
@@ -227,10 +231,10 @@ class UNet(nn.Module):
     skips = [x]
     for i, kind in enumerate(c.down_block_types):
       heads = c.num_attention_heads[i] if kind == CROSS_ATTN_DOWN else None
-      x, outputs = DownBlock(channels[i], heads, c, self.dtype, add_downsample=i < n - 1,
-                             name=f"down_blocks_{i}")(x, temb, context)
+      x, outputs = DownBlock(channels[i], heads, c, self.dtype, self.attention,
+                             add_downsample=i < n - 1, name=f"down_blocks_{i}")(x, temb, context)
       skips += outputs
-    x = MidBlock(channels[-1], c.num_attention_heads[-1], c, self.dtype,
+    x = MidBlock(channels[-1], c.num_attention_heads[-1], c, self.dtype, self.attention,
                  name="mid_block")(x, temb, context)
     heads_up = c.num_attention_heads[::-1]
     for i, kind in enumerate(c.up_block_types):
@@ -238,7 +242,8 @@ class UNet(nn.Module):
       skips, block_skips = skips[:-k], skips[-k:]
       size = tuple(skips[-1].shape[1:3]) if i < n - 1 else None
       x = UpBlock(channels[::-1][i], heads_up[i] if kind == CROSS_ATTN_UP else None, c,
-                  self.dtype, name=f"up_blocks_{i}")(x, block_skips, temb, context, size)
+                  self.dtype, self.attention, name=f"up_blocks_{i}")(x, block_skips, temb,
+                                                                    context, size)
 
     x = nn.silu(group_norm(x, c.norm_num_groups, c.norm_eps, self.dtype, "conv_norm_out"))
     return conv(c.out_channels, 3, self.dtype, "conv_out")(x).astype(jnp.float32)

@@ -269,7 +269,9 @@ def make_setup(config, teacher: Bundle, unet_config, vae_config, scheduler_confi
     raise ValueError(f"The teacher bundle {config.teacher} has no class names, and DiffDFKD "
                      "prompts with them: convert the teacher again with --class-names FILE.")
   synth = LatentDiffusion(
-      unet=unet_lib.UNet(unet_config, dtype=dtype), vae=vae_lib.VAEDecoder(vae_config, dtype=dtype),
+      unet=unet_lib.UNet(unet_config, dtype=dtype,
+                         attention=None if c.attention == "xla" else c.attention),
+      vae=vae_lib.VAEDecoder(vae_config, dtype=dtype),
       schedule=scheduler.DDPMSchedule.create(scheduler_config, c.steps),
       scaling_factor=float(vae_config.scaling_factor),
       latent_channels=int(vae_config.latent_channels), latent_size=c.latent_size,
@@ -316,6 +318,14 @@ def check_config(config, num_devices: int) -> None:
   if c.latent_mix not in latent_mix.MODES:
     raise ValueError(f"config.diffdfkd.latent_mix={c.latent_mix!r}: use one of "
                      f"{', '.join(latent_mix.MODES)}.")
+  if c.attention not in ("xla", "cudnn"):
+    raise ValueError(f"config.diffdfkd.attention={c.attention!r}: use xla (any platform) or "
+                     "cudnn (GPUs, bfloat16).")
+  if c.attention == "cudnn":
+    from caedfkd_jax.train import compute_dtype
+    if jax.default_backend() != "gpu" or compute_dtype(config.compute_dtype) == jnp.float32:
+      raise ValueError("config.diffdfkd.attention=cudnn (fused flash attention) needs a GPU and "
+                       "16-bit compute (--config.compute_dtype=auto or bfloat16); use xla here.")
   if config.student.sampler != "uniform":
     raise ValueError("config.method=diffdfkd banks images without CNCL groups: use "
                      "--config.student.sampler=uniform.")
