@@ -71,8 +71,10 @@ def _check_cend(config) -> None:
 def validate_config(config, num_devices: int, group_size: int) -> None:
   """One clear line for every value that would otherwise fail mid-run or with a traceback."""
   method = methods.get(config.method)   # Names the known methods when the name is not one.
+  reads = lambda name: not any(name == f or (f.endswith(("_", ".")) and name.startswith(f))
+                               for f in method.ignores)
   for name in runs.parse_sweep(config.sweep):
-    if any(name == f or (f.endswith(("_", ".")) and name.startswith(f)) for f in method.ignores):
+    if not reads(name):
       raise ValueError(f"config.sweep varies {name}, which method {method.name} does not read: "
                        "every run would be the same. Sweep another field, or pick a method "
                        "that reads it (e.g. --config.method=cae_dfkd).")
@@ -110,11 +112,14 @@ def validate_config(config, num_devices: int, group_size: int) -> None:
     raise ValueError(f"config.student.eta_min={config.student.eta_min} exceeds "
                      f"config.student.lr={config.student.lr}: the cosine floor must not be above its start.")
   s = config.student
-  if config.warmup_epochs * config.warmup_g_loops + config.g_loops == 0:
+  # The NAYER-shaped sizes below are checked only for methods that read them; the others
+  # check their own (`method.check_config`).
+  if reads("g_loops") and config.warmup_epochs * config.warmup_g_loops + config.g_loops == 0:
     raise ValueError("No generator round runs before the first KD step (warmup_epochs * "
                      "warmup_g_loops + g_loops = 0), so the student would learn from an empty "
                      "memory bank; raise warmup_g_loops or g_loops.")
-  if config.bank_capacity and config.bank_capacity < config.num_groups * group_size:
+  if (reads("num_groups") and config.bank_capacity
+      and config.bank_capacity < config.num_groups * group_size):
     raise ValueError(f"config.bank_capacity={config.bank_capacity} is smaller than one synthesis "
                      f"batch (num_groups*K*(N+1) = {config.num_groups * group_size} images); raise "
                      "it to at least that, or set 0 to keep every image the schedule makes.")
@@ -124,10 +129,10 @@ def validate_config(config, num_devices: int, group_size: int) -> None:
   syn, kd = config.num_groups * group_size, s.batch_groups * group_size
   with_cncl = "student.cncl_" not in method.ignores
   cncl = with_cncl * bank_kd.cncl_subbatch_groups(config, runs.parse_sweep(config.sweep)) * group_size
-  for name, size in (("synthesis batch (num_groups*K*(N+1))", syn),
-                     ("KD batch (student.batch_groups*K*(N+1))", kd),
-                     ("CNCL sub-batch (student.cncl_groups*K*(N+1))", cncl)):
-    if size % num_devices:
+  for name, size, field in (("synthesis batch (num_groups*K*(N+1))", syn, "num_groups"),
+                            ("KD batch (student.batch_groups*K*(N+1))", kd, "student.batch_groups"),
+                            ("CNCL sub-batch (student.cncl_groups*K*(N+1))", cncl, "student.cncl_groups")):
+    if reads(field) and size % num_devices:
       raise ValueError(f"The {name} = {size} is not divisible by the {num_devices} devices; "
                        "change num_groups / student.batch_groups / student.cncl_groups.")
   if method.check_config is not None:

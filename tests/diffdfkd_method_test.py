@@ -248,6 +248,14 @@ def test_the_paper_configs_pass_the_checks():
     assert rounds * config.diffdfkd.batch == 50_000 and kd_steps == 39_920 - (pair[0] == "cifar100") * 720
   with pytest.raises(ValueError, match="known pairs"):
     module.get_config("cifar10,resnet34,vgg8")
+  # NAYER's group sizes are not DiffDFKD's: 8 devices take batches of 8 and 256 whatever
+  # num_groups * K * (N + 1) = 10 * 50 would be.
+  config = module.get_config("cifar10,resnet34,resnet18")
+  config.diffdfkd.batch, config.num_groups = 8, 10
+  config_checks.validate_config(config, 8, 50)
+  config.bank_capacity = 4
+  with pytest.raises(ValueError, match="smaller than one synthesis round"):
+    config_checks.validate_config(config, 8, 50)
 
 
 def test_refusals_name_the_fix(teacher_dir, table_path):

@@ -329,6 +329,9 @@ def check_config(config, num_devices: int) -> None:
   if config.student.sampler != "uniform":
     raise ValueError("config.method=diffdfkd banks images without CNCL groups: use "
                      "--config.student.sampler=uniform.")
+  if config.bank_capacity and config.bank_capacity < c.batch:
+    raise ValueError(f"config.bank_capacity={config.bank_capacity} is smaller than one synthesis "
+                     f"round (diffdfkd.batch={c.batch}); raise it, or set 0 to keep every image.")
   for name in ("batch", "kd_batch"):
     if c[name] % num_devices:
       raise ValueError(f"config.diffdfkd.{name}={c[name]} is not divisible by the "
@@ -361,6 +364,6 @@ METHOD = Method(
     epoch_scalars=lambda s: {"bank/size": s.bank.size},
     finite_parts=lambda s: {},
     bundle_fields=bundle_fields,
-    ignores=("cend.", "student.cncl_", "num_groups", "loss.bn_momentum", "generator.", "cmi.",
-             "cpsc."),
+    ignores=("cend.", "student.cncl_", "student.batch_groups", "num_groups", "loss.bn_momentum",
+             "generator.", "cmi.", "cpsc."),
     check_config=check_config, frozen_vars=frozen_vars)
