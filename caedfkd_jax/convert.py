@@ -162,7 +162,7 @@ def load_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   if not arrays:
     raise ValueError(
         f"{path} holds no tensors: expected a state dict, or a dict with one under "
-        f"'state_dict' or 'model'; its top-level entries are {_listed(map(str, obj))}.")
+        f"'state_dict' or 'model'; its top-level entries are {listed(map(str, obj))}.")
   return arrays
 
 
@@ -317,7 +317,8 @@ def _leaf_paths(tree: Mapping[str, Any], path: tuple[str, ...] = ()) -> Iterator
       yield path + (name,)
 
 
-def _listed(items, limit: int = MAX_LISTED) -> str:
+def listed(items, limit: int = MAX_LISTED) -> str:
+  """The first `limit` items, comma-separated, and how many more (converters' key lists)."""
   items = list(items)
   shown = ", ".join(items[:limit])
   return shown + (f" ... and {len(items) - limit} more" if len(items) > limit else "")
@@ -382,11 +383,11 @@ def _mismatch_report(entries: Sequence[_Entry], shapes: Mapping[str, tuple],
     if fitting:
       parts.append(f"the checkpoint fits --arch {' or '.join(fitting)}")
   if missing:
-    parts.append(f"missing from the checkpoint ({len(missing)}): {_listed(missing)}")
+    parts.append(f"missing from the checkpoint ({len(missing)}): {listed(missing)}")
   if unexpected:
-    parts.append(f"not in the model ({len(unexpected)}): {_listed(unexpected)}")
+    parts.append(f"not in the model ({len(unexpected)}): {listed(unexpected)}")
   if differ and other:  # shapes that only differ in the class count are said above
-    parts.append(f"shapes differ ({len(differ)}; checkpoint vs model): " + _listed(
+    parts.append(f"shapes differ ({len(differ)}; checkpoint vs model): " + listed(
         f"{k} {shapes[k]} vs {expected[k]}" for k in differ))
   return (f"the checkpoint does not fit --arch {arch} with --num-classes {num_classes}: "
           + "; ".join(parts) + ".")
@@ -415,7 +416,7 @@ def state_dict_to_variables(state_dict: Mapping[str, np.ndarray], arch: str,
                and not np.issubdtype(state_dict[e.torch_key].dtype, np.floating)]
   if not_float:
     raise ValueError(f"the checkpoint holds non-float tensors where the model has "
-                     f"weights: {_listed(not_float)}")
+                     f"weights: {listed(not_float)}")
   variables: dict[str, Any] = {c: {} for c in _COLLECTIONS}
   for e in entries:
     if e.collection is None:
@@ -453,7 +454,7 @@ def variables_to_state_dict(variables: Mapping[str, Any], arch: str, num_classes
                        f"but {arch} with {num_classes} classes needs {e.flax_shape}.")
     state_dict[prefix + e.torch_key] = e.to_torch(value)
   if missing:
-    raise ValueError(f"the variables are not those of {arch}: missing {_listed(missing)}")
+    raise ValueError(f"the variables are not those of {arch}: missing {listed(missing)}")
   return state_dict
 
 

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from caedfkd_jax.convert import listed
+
 MAX_LISTED = 5  # keys named per kind of mismatch in a converter's error.
 
 
@@ -279,12 +281,6 @@ def to_flax(array: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(array.T) if array.ndim == 2 else array
 
 
-def _listed(items) -> str:
-  items = list(items)
-  shown = ", ".join(items[:MAX_LISTED])
-  return shown + (f" ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else "")
-
-
 def params_from_torch(state_dict: Mapping[str, np.ndarray], param_shapes: Mapping[str, Any],
                       source: str, ignored_prefixes: tuple[str, ...] = (),
                       hint: str | None = None) -> dict[str, Any]:
@@ -306,13 +302,13 @@ def params_from_torch(state_dict: Mapping[str, np.ndarray], param_shapes: Mappin
   if missing or unexpected or differ or not_float:
     parts = []
     if missing:
-      parts.append(f"missing ({len(missing)}): {_listed(missing)}")
+      parts.append(f"missing ({len(missing)}): {listed(missing, MAX_LISTED)}")
     if unexpected:
-      parts.append(f"unexpected ({len(unexpected)}): {_listed(unexpected)}")
+      parts.append(f"unexpected ({len(unexpected)}): {listed(unexpected, MAX_LISTED)}")
     if differ:
-      parts.append(f"wrong shape ({len(differ)}; file vs model): {_listed(differ)}")
+      parts.append(f"wrong shape ({len(differ)}; file vs model): {listed(differ, MAX_LISTED)}")
     if not_float:
-      parts.append(f"not floating point ({len(not_float)}): {_listed(not_float)}")
+      parts.append(f"not floating point ({len(not_float)}): {listed(not_float, MAX_LISTED)}")
     raise ValueError(f"the state dict does not fit the model; it should be {source}: "
                      + "; ".join(parts) + (f". {hint}" if hint else "."))
   params: dict[str, Any] = {}

@@ -155,12 +155,13 @@ def convert_diffusers(src: str, out: str, variant: str | None = None, log=print)
       files = weight_files(os.path.join(src, folder), stem, variant)
       config = make_config(config_json)
       params = to_params(read_state_dict(files), config)
+      flat = flatten(params)
       target = os.path.join(tmp, f"{network}.safetensors")
-      save_file(flatten(params), target)
+      save_file(flat, target)
       os.chmod(target, 0o666 & ~_umask())   # safetensors writes 0600; a bundle is shared.
       manifest[network] = {"config": config_json, "files": [os.path.relpath(f, src) for f in files],
                            "sha256": file_sha256(files)}
-      log(f"{network}: {sum(v.size for v in flatten(params).values()):,} parameters "
+      log(f"{network}: {sum(v.size for v in flat.values()):,} parameters "
           f"from {', '.join(manifest[network]['files'])}")
     os.makedirs(os.path.join(tmp, "tokenizer"))
     for name in TOKENIZER_FILES:
