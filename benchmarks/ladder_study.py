@@ -12,6 +12,12 @@ seeds, and each arm's per-seed difference from `base`.
 
   python -m benchmarks.ladder_study --workdir runs/ladder_digits --seeds 5 --epochs 10
 
+The CEND switches (`SWITCHES`: one field on top of the full method) run the same way, with the
+per-seed differences taken from the full method:
+
+  python -m benchmarks.ladder_study --workdir runs/switches_digits --seeds 5 --epochs 8 \
+      --arms cend_cncl,per_group,relative,bn_mean --reference cend_cncl
+
 Every arm is an ordinary `caedfkd distill` run directory (resumable: rerun the same
 command after a kill). Writes study.json and study.md in --workdir.
 """
@@ -29,6 +35,14 @@ from caedfkd_jax import demo, ladder, runs as runs_lib, train
 
 LEVELS = (80.0, 90.0)
 
+# Issue 11's CEND switches, each one field on top of a ladder arm (the full method, the default),
+# so a switch and its arm differ in exactly that field: name -> (arm, {"section.field": value}).
+SWITCHES: dict[str, tuple[str, dict[str, Any]]] = {
+    "per_group": ("cend_cncl", {"generator.noisy_chunks": "per_group"}),
+    "relative": ("cend_cncl", {"cend.magnitude_scale": "relative"}),
+    "bn_mean": ("cend_cncl", {"loss.bn_reduce": "mean"}),
+}
+
 
 def prepare_teacher(workdir: str, teacher_epochs: int) -> tuple[str, str]:
   """(teacher bundle, held-out image folder), made once; seed 0 as `caedfkd demo`."""
@@ -44,7 +58,12 @@ def prepare_teacher(workdir: str, teacher_epochs: int) -> tuple[str, str]:
 
 
 def arm_config(arm: str, teacher_dir: str, eval_dir: str, seeds: int, epochs: int):
-  config = ladder.apply_arm(demo.demo_config(teacher_dir, eval_dir, minutes=0.0), arm)
+  """The demo's config with a ladder arm, or a switch (its arm, then its fields), applied."""
+  base_arm, fields = SWITCHES.get(arm, (arm, {}))
+  config = ladder.apply_arm(demo.demo_config(teacher_dir, eval_dir, minutes=0.0), base_arm)
+  for name, value in fields.items():
+    section, field = name.split(".")
+    config[section][field] = value
   config.seed = 0
   config.num_runs = seeds
   config.epochs = epochs
@@ -58,8 +77,10 @@ def arm_rows(workdir: str, arm: str, seeds: int) -> list[list[dict[str, Any]]]:
           for i in range(seeds)]
 
 
-def summarize(rows_by_arm: dict[str, list[list[dict[str, Any]]]]) -> dict[str, Any]:
-  """Per arm: final top-1 and epochs to each level over seeds; per-seed differences from base."""
+def summarize(rows_by_arm: dict[str, list[list[dict[str, Any]]]],
+              reference: str = "base") -> dict[str, Any]:
+  """Per arm: final top-1 and epochs to each level over seeds; per-seed differences from
+  `reference` (seed s against seed s: both start from the same initialisation)."""
   finals = {arm: [[r["eval/top1"] for r in rows if "eval/top1" in r][-1] for rows in seeds]
             for arm, seeds in rows_by_arm.items()}
   out = {}
@@ -71,22 +92,22 @@ def summarize(rows_by_arm: dict[str, list[list[dict[str, Any]]]]) -> dict[str, A
                                 "epochs": runs_lib.interval95([h["epoch"] for h in hits if h])}
     out[arm] = {"final_top1": runs_lib.interval95(finals[arm]), "per_seed": finals[arm],
                 "epochs_to": to_level}
-    if arm != "base" and "base" in finals:
-      diff = np.subtract(finals[arm], finals["base"]).tolist()
-      out[arm]["minus_base"] = {"per_seed": diff, **runs_lib.interval95(diff)}
+    if arm != reference and reference in finals:
+      diff = np.subtract(finals[arm], finals[reference]).tolist()
+      out[arm]["minus_reference"] = {"per_seed": diff, **runs_lib.interval95(diff)}
   return out
 
 
-def format_table(summary: dict[str, Any]) -> str:
+def format_table(summary: dict[str, Any], reference: str = "base") -> str:
   fmt = lambda s: (f"{s['mean']:.2f} ± {s['std']:.2f} [{s['ci95_low']:.2f}, {s['ci95_high']:.2f}]"
                    if s.get("std") is not None else
                    "n/a" if s.get("mean") is None else f"{s['mean']:.2f}")
-  lines = ["| arm | final top-1 %: mean ± std [95% CI] | per seed | minus base: mean ± std "
+  lines = [f"| arm | final top-1 %: mean ± std [95% CI] | per seed | minus {reference}: mean ± std "
            "[95% CI] | " + " | ".join(f"epochs to {lv:g}%" for lv in LEVELS) + " |",
            "|---|---|---|---|" + "---|" * len(LEVELS)]
   for arm, s in summary.items():
     per_seed = ", ".join(f"{v:.1f}" for v in s["per_seed"])
-    diff = fmt(s["minus_base"]) if "minus_base" in s else "-"
+    diff = fmt(s["minus_reference"]) if "minus_reference" in s else "-"
     levels = " | ".join(f"{fmt(t['epochs'])} ({t['reached']}/{t['of']})"
                         for t in s["epochs_to"].values())
     lines.append(f"| {arm} | {fmt(s['final_top1'])} | {per_seed} | {diff} | {levels} |")
@@ -96,26 +117,33 @@ def format_table(summary: dict[str, Any]) -> str:
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", default="runs/ladder_digits")
+  choices = [*ladder.ARMS, *SWITCHES]
   parser.add_argument("--arms", default=",".join(ladder.ARMS),
-                      help=f"comma-separated arms of {', '.join(ladder.ARMS)}")
+                      help=f"comma-separated arms or switches of {', '.join(choices)}")
+  parser.add_argument("--reference", default="base",
+                      help="the arm each per-seed difference is taken from (one of --arms)")
   parser.add_argument("--seeds", type=int, default=5)
   parser.add_argument("--epochs", type=int, default=10)
   parser.add_argument("--teacher-epochs", type=int, default=30)
   args = parser.parse_args(argv)
   arms = args.arms.split(",")
-  unknown = [a for a in arms if a not in ladder.ARMS]
+  unknown = [a for a in arms if a not in choices]
   if unknown:
-    parser.error(f"--arms: unknown {unknown}; the arms are {', '.join(ladder.ARMS)}")
+    parser.error(f"--arms: unknown {unknown}; choose from {', '.join(choices)}")
+  if args.reference not in arms:
+    parser.error(f"--reference {args.reference!r} is not among --arms {args.arms!r}; add it, or "
+                 "name one of them")
   os.makedirs(args.workdir, exist_ok=True)
   teacher_dir, eval_dir = prepare_teacher(args.workdir, args.teacher_epochs)
   for arm in arms:
     print(f"== arm {arm}: {args.seeds} seeds, {args.epochs} epochs", flush=True)
     train.train_and_evaluate(arm_config(arm, teacher_dir, eval_dir, args.seeds, args.epochs),
                              os.path.join(args.workdir, arm))
-  summary = summarize({arm: arm_rows(args.workdir, arm, args.seeds) for arm in arms})
-  table = format_table(summary)
+  summary = summarize({arm: arm_rows(args.workdir, arm, args.seeds) for arm in arms},
+                      args.reference)
+  table = format_table(summary, args.reference)
   record = {"command": " ".join(["python -m benchmarks.ladder_study"] + sys.argv[1:]),
-            "arms": arms, "seeds": args.seeds, "epochs": args.epochs, "summary": summary}
+            "arms": arms, "reference": args.reference, "seeds": args.seeds, "epochs": args.epochs, "summary": summary}
   atomic_files.write_text(os.path.join(args.workdir, "study.json"), json.dumps(record, indent=2))
   atomic_files.write_text(os.path.join(args.workdir, "study.md"), table + "\n")
   print(table)

@@ -162,13 +162,34 @@ def test_ladder_study_summarizes_arms_against_base():
                                     "cend": rows([85.0, 86.0, 90.0])})
   assert summary["base"]["final_top1"]["mean"] == pytest.approx(82.0)
   assert summary["base"]["final_top1"]["std"] == pytest.approx(2.0)
-  assert summary["cend"]["minus_base"]["per_seed"] == [5.0, 2.0, 8.0]
-  assert summary["cend"]["minus_base"]["mean"] == pytest.approx(5.0)
+  assert summary["cend"]["minus_reference"]["per_seed"] == [5.0, 2.0, 8.0]
+  assert summary["cend"]["minus_reference"]["mean"] == pytest.approx(5.0)
   reached_80 = summary["cend"]["epochs_to"]["80"]      # seed 2 (90%) got past 80% at epoch 2
   assert (reached_80["reached"], reached_80["epochs"]["mean"]) == (3, pytest.approx(8 / 3))
   assert summary["base"]["epochs_to"]["90"]["reached"] == 0
   table = ladder_study.format_table(summary)
   assert "| cend | 87.00 ± 2.65" in table and "5.00 ± 3.00" in table
+  against_cend = ladder_study.summarize({"base": rows([80.0, 84.0, 82.0]),
+                                         "cend": rows([85.0, 86.0, 90.0])}, reference="cend")
+  assert against_cend["base"]["minus_reference"]["per_seed"] == [-5.0, -2.0, -8.0]
+  assert "minus_reference" not in against_cend["cend"]
+  assert "minus cend" in ladder_study.format_table(against_cend, "cend")
+
+
+def test_ladder_switches_set_one_field_on_top_of_their_arm():
+  """A switch's config differs from its arm's in exactly the switch's field."""
+  from benchmarks import ladder_study
+  def flat(config):
+    return {f"{k}.{f}": v for k, section in config.items() if hasattr(section, "items")
+            for f, v in section.items()}
+  arm = flat(ladder_study.arm_config("cend_cncl", "T", "E", 2, 3))
+  for name, (base_arm, fields) in ladder_study.SWITCHES.items():
+    assert base_arm == "cend_cncl"
+    switched = flat(ladder_study.arm_config(name, "T", "E", 2, 3))
+    assert {k for k in arm if arm[k] != switched[k]} == set(fields), name
+    assert all(switched[k] == v for k, v in fields.items())
+  with pytest.raises(SystemExit):
+    ladder_study.main(["--arms", "per_group", "--reference", "base"])
 
 
 def test_conv_layers_and_network_breakdown_print_both_kernel_choices(capsys, monkeypatch):
