@@ -114,6 +114,47 @@ def format_table(summary: dict[str, Any], reference: str = "base") -> str:
   return "\n".join(lines)
 
 
+def probe_reports(probe_dir: str, arm: str, seeds: int) -> list[dict[str, Any]]:
+  """Each seed's `caedfkd probe --out` report of an arm: PROBE_DIR/ARM_S.json."""
+  reports = []
+  for seed in range(seeds):
+    with open(os.path.join(probe_dir, f"{arm}_{seed}.json")) as f:
+      reports.append(json.load(f))
+  return reports
+
+
+def summarize_probes(reports_by_arm: dict[str, list[dict[str, Any]]],
+                     reference: str = "base") -> dict[str, dict[str, Any]]:
+  """Per "protocol/shots" and arm: the seeds' probe top-1 (each the mean of its draws), with
+  mean, std and 95% interval over seeds, and the per-seed difference from `reference`."""
+  def top1(report, key):
+    return next(r["mean"] for r in report["results"] if f"{r['protocol']}/{r['shots']}" == key)
+  first = next(iter(reports_by_arm.values()))[0]
+  keys = [f"{r['protocol']}/{r['shots']}" for r in first["results"]]
+  out = {}
+  for key in keys:
+    values = {arm: [top1(rep, key) for rep in reps] for arm, reps in reports_by_arm.items()}
+    out[key] = {}
+    for arm, vals in values.items():
+      out[key][arm] = {"per_seed": vals, **runs_lib.interval95(vals)}
+      if arm != reference and reference in values:
+        diff = np.subtract(vals, values[reference]).tolist()
+        out[key][arm]["minus_reference"] = {"per_seed": diff, **runs_lib.interval95(diff)}
+  return out
+
+
+def format_probe_table(summary: dict[str, dict[str, Any]], reference: str = "base") -> str:
+  fmt = lambda s: f"{s['mean']:.2f} ± {s['std']:.2f} [{s['ci95_low']:.2f}, {s['ci95_high']:.2f}]"
+  lines = [f"| probe | arm | top-1 %: mean ± std [95% CI] | per seed | minus {reference}: "
+           "mean ± std [95% CI] |", "|---|---|---|---|---|"]
+  for key, arms in summary.items():
+    for arm, s in arms.items():
+      diff = fmt(s["minus_reference"]) if "minus_reference" in s else "-"
+      per_seed = ", ".join(f"{v:.1f}" for v in s["per_seed"])
+      lines.append(f"| {key} | {arm} | {fmt(s)} | {per_seed} | {diff} |")
+  return "\n".join(lines)
+
+
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", default="runs/ladder_digits")

@@ -176,6 +176,25 @@ def test_ladder_study_summarizes_arms_against_base():
   assert "minus cend" in ladder_study.format_table(against_cend, "cend")
 
 
+def test_ladder_probes_summarize_seeds_and_differences(tmp_path):
+  """Each seed's probe value is the mean of its draws; arms are compared seed by seed."""
+  from benchmarks import ladder_study
+  def report(full, shots10):
+    return {"results": [{"protocol": "linear", "shots": "all", "mean": full},
+                        {"protocol": "knn", "shots": 10, "mean": float(np.mean(shots10))}]}
+  for arm, fulls in (("base", (40.0, 44.0, 42.0)), ("cend", (41.0, 47.0, 45.0))):
+    for seed, full in enumerate(fulls):
+      (tmp_path / f"{arm}_{seed}.json").write_text(json.dumps(report(full, [full - 10, full - 12])))
+  reports = {arm: ladder_study.probe_reports(str(tmp_path), arm, 3) for arm in ("base", "cend")}
+  summary = ladder_study.summarize_probes(reports)
+  assert list(summary) == ["linear/all", "knn/10"]
+  assert summary["linear/all"]["base"]["mean"] == pytest.approx(42.0)
+  assert summary["knn/10"]["cend"]["per_seed"] == [30.0, 36.0, 34.0]
+  assert summary["linear/all"]["cend"]["minus_reference"]["per_seed"] == [1.0, 3.0, 3.0]
+  assert "minus_reference" not in summary["linear/all"]["base"]
+  assert "| linear/all | cend | 44.33 ± 3.06" in ladder_study.format_probe_table(summary)
+
+
 def test_ladder_switches_set_one_field_on_top_of_their_arm():
   """A switch's config differs from its arm's in exactly the switch's field."""
   from benchmarks import ladder_study
