@@ -60,10 +60,8 @@ def prepare_teacher(workdir: str, teacher_epochs: int) -> tuple[str, str]:
 def arm_config(arm: str, teacher_dir: str, eval_dir: str, seeds: int, epochs: int):
   """The demo's config with a ladder arm, or a switch (its arm, then its fields), applied."""
   base_arm, fields = SWITCHES.get(arm, (arm, {}))
-  config = ladder.apply_arm(demo.demo_config(teacher_dir, eval_dir, minutes=0.0), base_arm)
-  for name, value in fields.items():
-    section, field = name.split(".")
-    config[section][field] = value
+  config = ladder.set_fields(
+      ladder.apply_arm(demo.demo_config(teacher_dir, eval_dir, minutes=0.0), base_arm), fields)
   config.seed = 0
   config.num_runs = seeds
   config.epochs = epochs
@@ -184,7 +182,8 @@ def main(argv=None) -> int:
                       args.reference)
   table = format_table(summary, args.reference)
   record = {"command": " ".join(["python -m benchmarks.ladder_study"] + sys.argv[1:]),
-            "arms": arms, "reference": args.reference, "seeds": args.seeds, "epochs": args.epochs, "summary": summary}
+            "arms": arms, "reference": args.reference, "seeds": args.seeds, "epochs": args.epochs,
+            "summary": summary}
   atomic_files.write_text(os.path.join(args.workdir, "study.json"), json.dumps(record, indent=2))
   atomic_files.write_text(os.path.join(args.workdir, "study.md"), table + "\n")
   print(table)
