@@ -18,7 +18,7 @@ _POSITIVE = ("num_groups", "epochs", "generator.steps", "generator.life_epochs",
 _NON_NEGATIVE = ("seed", "cend.num_sources", "warmup_epochs", "g_loops", "warmup_g_loops", "bank_capacity",
                  "cend.magnitude", "loss.ce", "loss.bn", "loss.adv", "student.eta_min",
                  "student.weight_decay", "student.cncl_weight", "time_budget_minutes",
-                 "max_units", "checkpoint_every_minutes", "grid_images_per_class")
+                 "max_units", "stop_after_epochs", "checkpoint_every_minutes", "grid_images_per_class")
 _FRACTIONS = ("generator.b1", "generator.b2", "student.momentum", "loss.bn_momentum",
               "low_confidence")   # in [0, 1]
 

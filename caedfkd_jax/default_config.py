@@ -130,6 +130,10 @@ def get_config() -> ml_collections.ConfigDict:
                                          # together) has taken this many minutes (0: no limit).
   config.max_units = 0                   # Stop cleanly after this many units (rounds or KD calls)
                                          # in this invocation (0: no limit); for smoke tests.
+  config.stop_after_epochs = 0           # Stop cleanly, evaluated, once this many epochs are done
+                                         # (0: run to `epochs`). The schedule still spans `epochs`:
+                                         # accuracy at epoch k of a long run costs k epochs, and
+                                         # rerunning with 0 continues the same run.
   config.allow_config_change = False     # Resume a workdir with changed hyper-parameters (the
                                          # changes go into the student bundle). Shapes and the
                                          # teacher can never change on a resume.

@@ -19,7 +19,7 @@ from caedfkd_jax import default_config
 # Fields that steer one invocation, not what the run computes: free to change on a resume.
 # (The teacher's path may change too; the teacher itself is compared by its weights.)
 INVOCATION_FIELDS = frozenset({
-    "teacher", "teacher_arch_expected", "time_budget_minutes", "max_units",
+    "teacher", "teacher_arch_expected", "time_budget_minutes", "max_units", "stop_after_epochs",
     "checkpoint_every_minutes", "max_checkpoints", "eval_data", "eval_split", "eval_every_epochs",
     "eval_batch_size", "grid_images_per_class", "compilation_cache_dir", "allow_config_change",
     "distributed", "coordinator_address", "num_processes", "process_id", "runs_vectorized",

@@ -366,7 +366,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   partial = saved.get("partial_epoch") or {}
   epoch_metrics: dict[str, list] = (partial["metrics"] if unit and partial.get("epoch") == epoch
                                     else {"low_conf": []})
-  while epoch < config.epochs and not stopped_early:
+  last_epoch = min(config.epochs, config.stop_after_epochs or config.epochs)
+  while epoch < last_epoch and not stopped_early:
     plan = method.epoch_plan(config, epoch)
     if unit == 0 and method.renews(config, epoch):
       state = renew_fn(state)
@@ -425,7 +426,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     summaries = [{**_epoch_summary(epoch_metrics, None if runs is None else r), **shared}
                  for r in range(len(run_dirs))]
     if eval_data is not None and epoch >= config.warmup_epochs and (
-        (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == config.epochs):
+        (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 in (last_epoch, config.epochs)):
       eval_start = time.time()
       students = multihost.to_host(state.student)
       for r, summary in enumerate(summaries):
@@ -455,6 +456,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   students = multihost.to_host(state.student)  # On every process: may be a collective.
   for writer in writers:
     writer.close()
+  stopped_early = stopped_early or epoch < config.epochs  # Also at stop_after_epochs.
   done = {"epoch": _position(state.epoch), "stopped_early": stopped_early,
           "minutes": run_seconds() / 60, "train_minutes": train_seconds() / 60}
   student_dir = os.path.join(workdir, STUDENT_DIR)

@@ -52,6 +52,17 @@ def test_interrupted_run_resumes_identically(teacher_dir, table_path, tmp_path):
   b = bundle_lib.load_bundle(resumed["student"]).variables
   for x, y in zip(_leaves(a), _leaves(b)):
     np.testing.assert_array_equal(x, y)
+  # stop_after_epochs ends at an epoch's end under the full schedule; 0 then continues the run.
+  for stop_epoch in (1, 2):
+    config.stop_after_epochs = stop_epoch
+    partial = train.train_and_evaluate(config, str(tmp_path / "by_epoch"))
+    assert partial["stopped_early"] and partial["epoch"] == stop_epoch
+  config.stop_after_epochs = 0
+  staged = train.train_and_evaluate(config, str(tmp_path / "by_epoch"))
+  assert staged["epoch"] == config.epochs and not staged["stopped_early"]
+  c = bundle_lib.load_bundle(staged["student"]).variables
+  for x, y in zip(_leaves(a), _leaves(c)):
+    np.testing.assert_array_equal(x, y)
 
 
 def _same_start(teacher_dir, table_path):
