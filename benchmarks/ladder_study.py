@@ -75,6 +75,19 @@ def arm_rows(workdir: str, arm: str, seeds: int) -> list[list[dict[str, Any]]]:
           for i in range(seeds)]
 
 
+def _paired_difference(values, reference_values) -> dict[str, Any]:
+  """Seed s minus seed s of the reference, with mean, std and 95% interval over seeds."""
+  diff = np.subtract(values, reference_values).tolist()
+  return {"per_seed": diff, **runs_lib.interval95(diff)}
+
+
+def _fmt_interval(s: dict[str, Any]) -> str:
+  """"mean ± std [low, high]"; just the mean from one seed; n/a from none."""
+  if s.get("std") is not None:
+    return f"{s['mean']:.2f} ± {s['std']:.2f} [{s['ci95_low']:.2f}, {s['ci95_high']:.2f}]"
+  return "n/a" if s.get("mean") is None else f"{s['mean']:.2f}"
+
+
 def summarize(rows_by_arm: dict[str, list[list[dict[str, Any]]]],
               reference: str = "base") -> dict[str, Any]:
   """Per arm: final top-1 and epochs to each level over seeds; per-seed differences from
@@ -91,15 +104,12 @@ def summarize(rows_by_arm: dict[str, list[list[dict[str, Any]]]],
     out[arm] = {"final_top1": runs_lib.interval95(finals[arm]), "per_seed": finals[arm],
                 "epochs_to": to_level}
     if arm != reference and reference in finals:
-      diff = np.subtract(finals[arm], finals[reference]).tolist()
-      out[arm]["minus_reference"] = {"per_seed": diff, **runs_lib.interval95(diff)}
+      out[arm]["minus_reference"] = _paired_difference(finals[arm], finals[reference])
   return out
 
 
 def format_table(summary: dict[str, Any], reference: str = "base") -> str:
-  fmt = lambda s: (f"{s['mean']:.2f} ± {s['std']:.2f} [{s['ci95_low']:.2f}, {s['ci95_high']:.2f}]"
-                   if s.get("std") is not None else
-                   "n/a" if s.get("mean") is None else f"{s['mean']:.2f}")
+  fmt = _fmt_interval
   lines = [f"| arm | final top-1 %: mean ± std [95% CI] | per seed | minus {reference}: mean ± std "
            "[95% CI] | " + " | ".join(f"epochs to {lv:g}%" for lv in LEVELS) + " |",
            "|---|---|---|---|" + "---|" * len(LEVELS)]
@@ -136,13 +146,12 @@ def summarize_probes(reports_by_arm: dict[str, list[dict[str, Any]]],
     for arm, vals in values.items():
       out[key][arm] = {"per_seed": vals, **runs_lib.interval95(vals)}
       if arm != reference and reference in values:
-        diff = np.subtract(vals, values[reference]).tolist()
-        out[key][arm]["minus_reference"] = {"per_seed": diff, **runs_lib.interval95(diff)}
+        out[key][arm]["minus_reference"] = _paired_difference(vals, values[reference])
   return out
 
 
 def format_probe_table(summary: dict[str, dict[str, Any]], reference: str = "base") -> str:
-  fmt = lambda s: f"{s['mean']:.2f} ± {s['std']:.2f} [{s['ci95_low']:.2f}, {s['ci95_high']:.2f}]"
+  fmt = _fmt_interval
   lines = [f"| probe | arm | top-1 %: mean ± std [95% CI] | per seed | minus {reference}: "
            "mean ± std [95% CI] |", "|---|---|---|---|---|"]
   for key, arms in summary.items():

@@ -322,8 +322,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # dispatched, so the device always has work queued while the host logs.
   epoch, unit = _position(state.epoch), _position(state.unit)
   units_per_epoch = method.units_per_epoch(config)
-  bar = tqdm(total=sum(units_per_epoch), initial=sum(units_per_epoch[:epoch]) + unit, unit="unit",
-             dynamic_ncols=True, desc=method.name if runs is None else f"{method.name} x{len(runs)} runs",
+  last_epoch = min(config.epochs, config.stop_after_epochs or config.epochs)
+  bar = tqdm(total=sum(units_per_epoch[:last_epoch]), initial=sum(units_per_epoch[:epoch]) + unit,
+             unit="unit", dynamic_ncols=True,
+             desc=method.name if runs is None else f"{method.name} x{len(runs)} runs",
              disable=jax.process_index() != 0)
   if not multihost.is_primary():
     bar.write = lambda *args, **kwargs: None  # tqdm.write ignores `disable`: one process speaks.
@@ -366,7 +368,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   partial = saved.get("partial_epoch") or {}
   epoch_metrics: dict[str, list] = (partial["metrics"] if unit and partial.get("epoch") == epoch
                                     else {"low_conf": []})
-  last_epoch = min(config.epochs, config.stop_after_epochs or config.epochs)
   while epoch < last_epoch and not stopped_early:
     plan = method.epoch_plan(config, epoch)
     if unit == 0 and method.renews(config, epoch):
