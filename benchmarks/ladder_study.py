@@ -111,14 +111,14 @@ def summarize(rows_by_arm: dict[str, list[list[dict[str, Any]]]],
 def format_table(summary: dict[str, Any], reference: str = "base") -> str:
   fmt = _fmt_interval
   lines = [f"| arm | final top-1 %: mean ± std [95% CI] | per seed | minus {reference}: mean ± std "
-           "[95% CI] | " + " | ".join(f"epochs to {lv:g}%" for lv in LEVELS) + " |",
+           "[95% CI] |" + "".join(f" epochs to {lv:g}% |" for lv in LEVELS),
            "|---|---|---|---|" + "---|" * len(LEVELS)]
   for arm, s in summary.items():
     per_seed = ", ".join(f"{v:.1f}" for v in s["per_seed"])
     diff = fmt(s["minus_reference"]) if "minus_reference" in s else "-"
-    levels = " | ".join(f"{fmt(t['epochs'])} ({t['reached']}/{t['of']})"
-                        for t in s["epochs_to"].values())
-    lines.append(f"| {arm} | {fmt(s['final_top1'])} | {per_seed} | {diff} | {levels} |")
+    levels = "".join(f" {fmt(t['epochs'])} ({t['reached']}/{t['of']}) |"
+                     for t in s["epochs_to"].values())
+    lines.append(f"| {arm} | {fmt(s['final_top1'])} | {per_seed} | {diff} |{levels}")
   return "\n".join(lines)
 
 
