@@ -34,18 +34,26 @@ def median_ms(fn, repeats: int) -> float:
   return 1e3 * statistics.median(times)
 
 
-def jax_times(arch: str, x_BxHxWxC: np.ndarray, dtype, repeats: int,
-              cpu_kernels: str = "tuned") -> dict[str, float]:
+def model_and_logits_sum(arch: str, x_BxHxWxC: np.ndarray, dtype):
+  """(`arch`'s model, its variables at seed 0, logits_sum(params, x, train)): the scalar each
+  timed gradient differentiates."""
   model = models.create_model(arch, 10, dtype)
   variables = model.init(jax.random.key(0), jnp.asarray(x_BxHxWxC[:1]))
-  params, batch_stats = variables["params"], variables["batch_stats"]
-  x = jnp.asarray(x_BxHxWxC)
+  batch_stats = variables["batch_stats"]
 
   def logits_sum(params, x, train):
     out = model.apply({"params": params, "batch_stats": batch_stats}, x, train=train,
                       mutable=["batch_stats"] if train else False)
     return (out[0][0] if train else out[0]).sum()
 
+  return model, variables, logits_sum
+
+
+def jax_times(arch: str, x_BxHxWxC: np.ndarray, dtype, repeats: int,
+              cpu_kernels: str = "tuned") -> dict[str, float]:
+  model, variables, logits_sum = model_and_logits_sum(arch, x_BxHxWxC, dtype)
+  params, batch_stats = variables["params"], variables["batch_stats"]
+  x = jnp.asarray(x_BxHxWxC)
   jit = functools.partial(xla_cpu.jit, choice=cpu_kernels, platform=jax.default_backend())
   forward = jit(lambda p, x: model.apply({"params": p, "batch_stats": batch_stats}, x)[0])
   input_grad = jit(jax.grad(lambda x: logits_sum(params, x, False)))

@@ -18,32 +18,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caedfkd_jax import models, xla_cpu
+from benchmarks import network_breakdown
+from caedfkd_jax import xla_cpu
 
 _YNN, _ONEDNN = "xla_cpu_experimental_ynn_fusion_type", "xla_cpu_experimental_onednn_fusion_type"
+_TUNED = xla_cpu.compiler_options("tuned", "cpu") or {}
 OPTION_SETS: dict[str, dict] = {
-    "tuned": xla_cpu.compiler_options("tuned", "cpu") or {},
+    "tuned": _TUNED,
     "xla_default": {},
     "onednn_convolutions": {_YNN: "LIBRARY_FUSION_TYPE_REDUCE",
                             _ONEDNN: "LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION"},
-    "onednn_custom_call": {**(xla_cpu.compiler_options("tuned", "cpu") or {}),
-                           "xla_cpu_use_onednn": True,
+    "onednn_custom_call": {**_TUNED, "xla_cpu_use_onednn": True,
                            "xla_cpu_experimental_onednn_custom_call": True},
 }
 
 
 def weight_grad_fns(arch: str, x_BxHxWxC: np.ndarray) -> tuple[dict, object]:
   """Per option set, a compiled train-mode weight gradient of `arch`; and its params."""
-  model = models.create_model(arch, 10, jnp.float32)
-  variables = model.init(jax.random.key(0), jnp.asarray(x_BxHxWxC[:1]))
+  _, variables, logits_sum = network_breakdown.model_and_logits_sum(arch, x_BxHxWxC, jnp.float32)
   x = jnp.asarray(x_BxHxWxC)
-
-  def logits_sum(params):
-    outputs, _ = model.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
-                             train=True, mutable=["batch_stats"])
-    return outputs[0].sum()  # The logits (the model also returns its features).
-
-  return ({name: jax.jit(jax.grad(logits_sum), compiler_options=options or None)
+  weight_grad = jax.grad(lambda params: logits_sum(params, x, True))
+  return ({name: jax.jit(weight_grad, compiler_options=options or None)
            for name, options in OPTION_SETS.items()}, variables["params"])
 
 

@@ -282,8 +282,9 @@ def main(argv: list[str]) -> int:
     print(f"{PROG}: stopped: {e}", file=sys.stderr)
     return 3
   print(f"Student bundle: {result['student']}"
-        + (f" (stopped with {result['epoch']} of {config.value.epochs} epochs done, by the time budget, "
-           "max_units or stop_after_epochs; rerun to continue)" if result["stopped_early"] else ""))
+        + (f" (stopped with {result['epoch']} of {config.value.epochs} epochs done, by the time "
+           "budget, max_units or stop_after_epochs; rerun to continue)"
+           if result["stopped_early"] else ""))
   return 0
 
 

@@ -427,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     summaries = [{**_epoch_summary(epoch_metrics, None if runs is None else r), **shared}
                  for r in range(len(run_dirs))]
     if eval_data is not None and epoch >= config.warmup_epochs and (
-        (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 in (last_epoch, config.epochs)):
+        (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == last_epoch):
       eval_start = time.time()
       students = multihost.to_host(state.student)
       for r, summary in enumerate(summaries):
@@ -457,8 +457,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   students = multihost.to_host(state.student)  # On every process: may be a collective.
   for writer in writers:
     writer.close()
-  stopped_early = stopped_early or epoch < config.epochs  # Also at stop_after_epochs.
-  done = {"epoch": _position(state.epoch), "stopped_early": stopped_early,
+  # Short of the schedule's end: the time budget, max_units or stop_after_epochs stopped it.
+  done = {"epoch": _position(state.epoch), "stopped_early": epoch < config.epochs,
           "minutes": run_seconds() / 60, "train_minutes": train_seconds() / 60}
   student_dir = os.path.join(workdir, STUDENT_DIR)
   if runs is None:

@@ -224,7 +224,6 @@ def test_conv_layers_and_network_breakdown_print_both_kernel_choices(capsys, mon
   assert len([line for line in out.splitlines() if line.startswith("| resnet8 |")]) == 3
 
 
-
 def test_onednn_ab_times_every_option_set_and_their_gradients_agree(capsys):
   """Each of XLA's oneDNN option sets compiles, and gives tuned's gradient to float rounding."""
   from benchmarks import onednn_ab
@@ -233,6 +232,7 @@ def test_onednn_ab_times_every_option_set_and_their_gradients_agree(capsys):
           if line.startswith("| resnet8 |")]
   assert [row[1] for row in rows] == list(onednn_ab.OPTION_SETS)
   assert all(float(row[4].rstrip(" |")) < 1e-4 for row in rows)
+
 
 @pytest.mark.parametrize("cncl_weight", [0.0, 0.5])
 def test_torch_side_samples_uniform_kd_batches_as_the_jax_side_does(cncl_weight):
