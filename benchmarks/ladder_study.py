@@ -18,6 +18,12 @@ per-seed differences taken from the full method:
   python -m benchmarks.ladder_study --workdir runs/switches_digits --seeds 5 --epochs 8 \
       --arms cend_cncl,per_group,relative,bn_mean --reference cend_cncl
 
+The loss-weight mirror of the resnet56 pair's weight study (docs/results.md) is two more switches
+on `base`:
+
+  python -m benchmarks.ladder_study --workdir runs/loss_weights_digits --seeds 5 --epochs 8 \
+      --arms base,nayer_weights,mean_r56 --reference base
+
 Every arm is an ordinary `caedfkd distill` run directory (resumable: rerun the same
 command after a kill). Writes study.json and study.md in --workdir.
 """
@@ -41,6 +47,10 @@ SWITCHES: dict[str, tuple[str, dict[str, Any]]] = {
     "per_group": ("cend_cncl", {"generator.noisy_chunks": "per_group"}),
     "relative": ("cend_cncl", {"cend.magnitude_scale": "relative"}),
     "bn_mean": ("cend_cncl", {"loss.bn_reduce": "mean"}),
+    # The loss-weight mirror of resnet56 -> resnet20 on NAYER's base (docs/results.md): the
+    # resnet56 pair's weights per layer (summed) and in total (averaged, 550 = 10 x 55 layers).
+    "nayer_weights": ("base", {"loss.ce": 0.5, "loss.bn": 10.0}),
+    "mean_r56": ("base", {"loss.ce": 0.5, "loss.bn": 550.0, "loss.bn_reduce": "mean"}),
 }
 
 
@@ -119,6 +129,36 @@ def format_table(summary: dict[str, Any], reference: str = "base") -> str:
     levels = "".join(f" {fmt(t['epochs'])} ({t['reached']}/{t['of']}) |"
                      for t in s["epochs_to"].values())
     lines.append(f"| {arm} | {fmt(s['final_top1'])} | {per_seed} | {diff} |{levels}")
+  return "\n".join(lines)
+
+
+def summarize_metric(rows_by_arm: dict[str, list[list[dict[str, Any]]]], key: str,
+                     first_epoch: int, last_epoch: int,
+                     reference: str = "base") -> dict[str, dict[str, Any]]:
+  """Per arm: each seed's mean of `key` over its rows of epochs first..last (inclusive), then
+  mean, std and 95% interval over seeds, and the per-seed difference from `reference`."""
+  def seed_mean(rows):
+    values = [r[key] for r in rows if key in r and first_epoch <= r["epoch"] <= last_epoch]
+    if not values:
+      raise ValueError(f"no {key!r} in epochs {first_epoch}-{last_epoch} of a run")
+    return float(np.mean(values))
+  values = {arm: [seed_mean(rows) for rows in seeds] for arm, seeds in rows_by_arm.items()}
+  out = {}
+  for arm, vals in values.items():
+    out[arm] = {"per_seed": vals, **runs_lib.interval95(vals)}
+    if arm != reference and reference in values:
+      out[arm]["minus_reference"] = _paired_difference(vals, values[reference])
+  return out
+
+
+def format_metric_table(summary: dict[str, dict[str, Any]], name: str,
+                        reference: str = "base") -> str:
+  fmt = _fmt_interval
+  lines = [f"| arm | {name}: mean ± std [95% CI] | per seed | minus {reference}: mean ± std "
+           "[95% CI] |", "|---|---|---|---|"]
+  for arm, s in summary.items():
+    diff = fmt(s["minus_reference"]) if "minus_reference" in s else "-"
+    lines.append(f"| {arm} | {fmt(s)} | {', '.join(f'{v:.3g}' for v in s['per_seed'])} | {diff} |")
   return "\n".join(lines)
 
 

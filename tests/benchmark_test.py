@@ -176,6 +176,21 @@ def test_ladder_study_summarizes_arms_against_base():
   assert "minus cend" in ladder_study.format_table(against_cend, "cend")
 
 
+def test_ladder_metric_is_averaged_over_an_epoch_window_per_seed():
+  """A diagnostic such as gen/teacher_acc_on_best: per seed over epochs 2-3 only, then paired."""
+  from benchmarks import ladder_study
+  rows = lambda accs: [[{"epoch": 1, "gen/x": 0.0}, {"epoch": 2, "gen/x": a},
+                        {"epoch": 3, "gen/x": a + 0.2}, {"epoch": 4}] for a in accs]
+  summary = ladder_study.summarize_metric({"nayer": rows([0.1, 0.3, 0.2]),
+                                           "ce1": rows([0.5, 0.4, 0.6])}, "gen/x", 2, 3, "nayer")
+  assert summary["nayer"]["per_seed"] == pytest.approx([0.2, 0.4, 0.3])
+  assert summary["ce1"]["minus_reference"]["per_seed"] == pytest.approx([0.4, 0.1, 0.4])
+  assert "minus_reference" not in summary["nayer"]
+  assert "| ce1 | 0.60 ± 0.10" in ladder_study.format_metric_table(summary, "x", "nayer")
+  with pytest.raises(ValueError, match="epochs 5-6"):
+    ladder_study.summarize_metric({"nayer": rows([0.1])}, "gen/x", 5, 6, "nayer")
+
+
 def test_ladder_probes_summarize_seeds_and_differences(tmp_path):
   """Each seed's probe value is the mean of its draws; arms are compared seed by seed."""
   from benchmarks import ladder_study
@@ -195,15 +210,15 @@ def test_ladder_probes_summarize_seeds_and_differences(tmp_path):
   assert "| linear/all | cend | 44.33 ± 3.06" in ladder_study.format_probe_table(summary)
 
 
-def test_ladder_switches_set_one_field_on_top_of_their_arm():
-  """A switch's config differs from its arm's in exactly the switch's field."""
+def test_ladder_switches_set_their_fields_on_top_of_their_arm():
+  """A switch's config differs from its arm's in exactly the switch's fields."""
   from benchmarks import ladder_study
   def flat(config):
     return {f"{k}.{f}": v for k, section in config.items() if hasattr(section, "items")
             for f, v in section.items()}
-  arm = flat(ladder_study.arm_config("cend_cncl", "T", "E", 2, 3))
+  assert {arm for arm, _ in ladder_study.SWITCHES.values()} == {"cend_cncl", "base"}
   for name, (base_arm, fields) in ladder_study.SWITCHES.items():
-    assert base_arm == "cend_cncl"
+    arm = flat(ladder_study.arm_config(base_arm, "T", "E", 2, 3))
     switched = flat(ladder_study.arm_config(name, "T", "E", 2, 3))
     assert {k for k in arm if arm[k] != switched[k]} == set(fields), name
     assert all(switched[k] == v for k, v in fields.items())
