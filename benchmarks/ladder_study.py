@@ -91,6 +91,17 @@ def _paired_difference(values, reference_values) -> dict[str, Any]:
   return {"per_seed": diff, **runs_lib.interval95(diff)}
 
 
+def _per_arm(values: dict[str, list[float]], reference: str) -> dict[str, dict[str, Any]]:
+  """Per arm: its seeds' values with mean, std and 95% interval, and the per-seed difference
+  from `reference`."""
+  out = {}
+  for arm, vals in values.items():
+    out[arm] = {"per_seed": vals, **runs_lib.interval95(vals)}
+    if arm != reference and reference in values:
+      out[arm]["minus_reference"] = _paired_difference(vals, values[reference])
+  return out
+
+
 def _fmt_interval(s: dict[str, Any]) -> str:
   """"mean ± std [low, high]"; just the mean from one seed; n/a from none."""
   if s.get("std") is not None:
@@ -142,13 +153,8 @@ def summarize_metric(rows_by_arm: dict[str, list[list[dict[str, Any]]]], key: st
     if not values:
       raise ValueError(f"no {key!r} in epochs {first_epoch}-{last_epoch} of a run")
     return float(np.mean(values))
-  values = {arm: [seed_mean(rows) for rows in seeds] for arm, seeds in rows_by_arm.items()}
-  out = {}
-  for arm, vals in values.items():
-    out[arm] = {"per_seed": vals, **runs_lib.interval95(vals)}
-    if arm != reference and reference in values:
-      out[arm]["minus_reference"] = _paired_difference(vals, values[reference])
-  return out
+  return _per_arm({arm: [seed_mean(rows) for rows in seeds] for arm, seeds in rows_by_arm.items()},
+                  reference)
 
 
 def format_metric_table(summary: dict[str, dict[str, Any]], name: str,
@@ -179,15 +185,8 @@ def summarize_probes(reports_by_arm: dict[str, list[dict[str, Any]]],
     return next(r["mean"] for r in report["results"] if f"{r['protocol']}/{r['shots']}" == key)
   first = next(iter(reports_by_arm.values()))[0]
   keys = [f"{r['protocol']}/{r['shots']}" for r in first["results"]]
-  out = {}
-  for key in keys:
-    values = {arm: [top1(rep, key) for rep in reps] for arm, reps in reports_by_arm.items()}
-    out[key] = {}
-    for arm, vals in values.items():
-      out[key][arm] = {"per_seed": vals, **runs_lib.interval95(vals)}
-      if arm != reference and reference in values:
-        out[key][arm]["minus_reference"] = _paired_difference(vals, values[reference])
-  return out
+  return {key: _per_arm({arm: [top1(rep, key) for rep in reps]
+                         for arm, reps in reports_by_arm.items()}, reference) for key in keys}
 
 
 def format_probe_table(summary: dict[str, dict[str, Any]], reference: str = "base") -> str:
