@@ -109,6 +109,13 @@ def _fmt_interval(s: dict[str, Any]) -> str:
   return "n/a" if s.get("mean") is None else f"{s['mean']:.2f}"
 
 
+def _arm_cells(arm: str, s: dict[str, Any], per_seed_format: str) -> str:
+  """One `_per_arm` entry as "| arm | mean ± std [CI] | per seed | minus reference |"."""
+  diff = _fmt_interval(s["minus_reference"]) if "minus_reference" in s else "-"
+  per_seed = ", ".join(format(v, per_seed_format) for v in s["per_seed"])
+  return f"| {arm} | {_fmt_interval(s)} | {per_seed} | {diff} |"
+
+
 def summarize(rows_by_arm: dict[str, list[list[dict[str, Any]]]],
               reference: str = "base") -> dict[str, Any]:
   """Per arm: final top-1 and epochs to each level over seeds; per-seed differences from
@@ -159,12 +166,9 @@ def summarize_metric(rows_by_arm: dict[str, list[list[dict[str, Any]]]], key: st
 
 def format_metric_table(summary: dict[str, dict[str, Any]], name: str,
                         reference: str = "base") -> str:
-  fmt = _fmt_interval
   lines = [f"| arm | {name}: mean ± std [95% CI] | per seed | minus {reference}: mean ± std "
            "[95% CI] |", "|---|---|---|---|"]
-  for arm, s in summary.items():
-    diff = fmt(s["minus_reference"]) if "minus_reference" in s else "-"
-    lines.append(f"| {arm} | {fmt(s)} | {', '.join(f'{v:.3g}' for v in s['per_seed'])} | {diff} |")
+  lines += [_arm_cells(arm, s, ".3g") for arm, s in summary.items()]
   return "\n".join(lines)
 
 
@@ -190,14 +194,10 @@ def summarize_probes(reports_by_arm: dict[str, list[dict[str, Any]]],
 
 
 def format_probe_table(summary: dict[str, dict[str, Any]], reference: str = "base") -> str:
-  fmt = _fmt_interval
   lines = [f"| probe | arm | top-1 %: mean ± std [95% CI] | per seed | minus {reference}: "
            "mean ± std [95% CI] |", "|---|---|---|---|---|"]
-  for key, arms in summary.items():
-    for arm, s in arms.items():
-      diff = fmt(s["minus_reference"]) if "minus_reference" in s else "-"
-      per_seed = ", ".join(f"{v:.1f}" for v in s["per_seed"])
-      lines.append(f"| {key} | {arm} | {fmt(s)} | {per_seed} | {diff} |")
+  lines += [f"| {key} " + _arm_cells(arm, s, ".1f")
+            for key, arms in summary.items() for arm, s in arms.items()]
   return "\n".join(lines)
 
 
