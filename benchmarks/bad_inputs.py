@@ -2,7 +2,7 @@ r"""Bad inputs fed to the real `caedfkd` command, and what each one gets.
 
 The reliability goal: every bad file, path, config value or data spec ends in exit code 2 and
 one line on stderr that names the bad value and the fix, never a traceback. Each case here is
-one such input, run as a user runs it: `python -m caedfkd_jax.main ...` in a fresh process
+one such input, run as a user runs it: `python -m caedfkd_jax.cli.main ...` in a fresh process
 with a timeout, so a traceback or a crash shows exactly as the user would see it. The files a
 case needs (tiny teacher bundles, embedding tables, PyTorch checkpoints, corrupt files, image
 folders, a checkpointed distill workdir) are made in a temp dir as they are needed.
@@ -161,7 +161,7 @@ class Workspace:
   # Builders: each writes `path` (and what it needs) and returns it.
 
   def _make_teacher(self, path: str, seed: int = 1) -> str:
-    from caedfkd_jax import bundle
+    from caedfkd_jax.io import bundle
     spec = bundle.ModelSpec("resnet_tiny_a", NUM_CLASSES, 32, class_names=CLASSES)
     return bundle.save_bundle(path, spec, bundle.init_variables(spec, seed))
 
@@ -174,7 +174,7 @@ class Workspace:
 
   def _make_table(self, path: str, classes: list[str] = CLASSES) -> str:
     import numpy as np
-    from caedfkd_jax import embeddings
+    from caedfkd_jax.io import embeddings
     vectors = np.random.default_rng(0).normal(size=(len(classes), 16))
     return embeddings.EmbeddingTable(vectors, classes, {"encoder": "random"}).save(path + ".npy")
 
@@ -183,7 +183,7 @@ class Workspace:
 
   def _make_ckpt(self, path: str) -> str:
     import torch
-    from caedfkd_jax import export
+    from caedfkd_jax.io import export
     state_dict, _ = export.bundle_state_dict(self.path("teacher"))
     torch.save({k: torch.from_numpy(v) for k, v in state_dict.items()}, path + ".pt")
     return path + ".pt"
@@ -274,8 +274,8 @@ class Workspace:
 
   def _make_raising_config(self, path: str) -> str:
     with open(path + ".py", "w") as f:
-      f.write("from caedfkd_jax import default_config\n\n\ndef get_config():\n"
-              "  config = default_config.get_config()\n  config.epochs = epochs_typo\n"
+      f.write("from caedfkd_jax.config import defaults\n\n\ndef get_config():\n"
+              "  config = defaults.get_config()\n  config.epochs = epochs_typo\n"
               "  return config\n")
     return path + ".py"
 
@@ -468,8 +468,8 @@ def _env() -> dict[str, str]:
 
 
 def _run_cli(argv: list[str], timeout_s: float) -> tuple[int | None, str, str]:
-  """(exit code or None at the timeout, stdout, stderr) of `python -m caedfkd_jax.main argv`."""
-  cmd = [sys.executable, "-m", "caedfkd_jax.main", *argv]
+  """(exit code or None at the timeout, stdout, stderr) of `python -m caedfkd_jax.cli.main argv`."""
+  cmd = [sys.executable, "-m", "caedfkd_jax.cli.main", *argv]
   # Own process group: a timeout stops everything the command started.
   proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -483,10 +483,10 @@ def _run_cli(argv: list[str], timeout_s: float) -> tuple[int | None, str, str]:
 
 
 def run_in_process(argv: list[str]) -> tuple[int | None, str, str]:
-  """`caedfkd_jax.main.main(argv)` here, stdout/stderr captured; an escaping exception is
+  """`caedfkd_jax.cli.main.main(argv)` here, stdout/stderr captured; an escaping exception is
   reported as the traceback a user would see. Cheaper than a process (no JAX start-up)."""
   import traceback
-  from caedfkd_jax import main
+  from caedfkd_jax.cli import main
   out, err = io.StringIO(), io.StringIO()
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     try:

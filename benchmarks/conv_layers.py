@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from benchmarks.network_breakdown import median_ms
-from caedfkd_jax import xla_cpu
+from caedfkd_jax.runtime import xla_cpu
 
 # (height = width, in channels, out channels, the network it is from)
 LAYERS = ((32, 16, 16, "student"), (16, 32, 32, "student"), (8, 64, 64, "student"),

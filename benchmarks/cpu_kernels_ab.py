@@ -18,7 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from benchmarks import jax_side
-from caedfkd_jax import steps, train
+from caedfkd_jax.engine import steps, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, as for `caedfkd distill`.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds and KD calls per choice.")

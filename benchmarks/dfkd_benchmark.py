@@ -30,7 +30,7 @@ from typing import Any
 from absl import app, flags
 from ml_collections import config_flags
 
-from caedfkd_jax import atomic_files
+from caedfkd_jax.io import atomic_files
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, as for `caedfkd distill`.")
 _SIDES = flags.DEFINE_list("sides", None, "Sides to run: jax, torch, nayer. Default: jax, torch, "

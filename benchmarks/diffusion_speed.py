@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from caedfkd_jax import bundle as bundle_lib, default_config, steps, train
+from caedfkd_jax.io import bundle as bundle_lib
+from caedfkd_jax.config import defaults
+from caedfkd_jax.engine import steps, train
 from caedfkd_jax.diffusion import scheduler, unet as unet_lib, vae as vae_lib
 from caedfkd_jax.methods import diffdfkd
 
@@ -45,7 +47,7 @@ def tree_bytes(tree) -> int:
 def measure(batch: int, num_steps: int, latent_size: int, repeats: int, dry: bool,
             compute_dtype: str = "auto", teacher_arch: str = "resnet34",
             student_arch: str = "resnet18", num_classes: int = 10, attention: str = "xla") -> dict:
-  config = default_config.get_config()
+  config = defaults.get_config()
   config.method = "diffdfkd"
   config.compute_dtype = compute_dtype
   config.student_arch = student_arch

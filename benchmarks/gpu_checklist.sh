@@ -88,7 +88,7 @@ install_wheels() {  # install_wheels DIR: into $WORK/site, first on PYTHONPATH
 
 import_check() {
   "$PY" -c "import jax, flax, optax, orbax.checkpoint, chex, ml_collections
-from caedfkd_jax import train, steps
+from caedfkd_jax.engine import train, steps
 print('jax', jax.__version__, jax.devices(), 'flax', flax.__version__, 'optax', optax.__version__)"
 }
 
@@ -154,12 +154,12 @@ wanted bench_r56 && step bench_r56 $((2 * SIDE_TIMEOUT + 60)) "${BENCH[@]}" \
 if wanted accuracy; then
   if [[ -z "${TEACHER:-}" && -n "${TEACHER_TH:-}" ]]; then
     TEACHER=$WORK/teacher_resnet56
-    step convert 60 "$PY" -m caedfkd_jax.main convert "$TEACHER_TH" --arch resnet56 \
+    step convert 60 "$PY" -m caedfkd_jax.cli.main convert "$TEACHER_TH" --arch resnet56 \
       --num-classes 10 --preset akamaster --out "$TEACHER"
   fi
   if [[ -n "${TEACHER:-}" && -n "${CIFAR10:-}" ]]; then
     step accuracy "$(awk "BEGIN {print int($ACC_MINUTES * 60 + 90)}")" \
-      "$PY" -m caedfkd_jax.main distill --config "$R56_CONFIG" --workdir "$WORK/distill" \
+      "$PY" -m caedfkd_jax.cli.main distill --config "$R56_CONFIG" --workdir "$WORK/distill" \
       --config.teacher="$TEACHER" --config.eval_data="$CIFAR10" \
       --config.time_budget_minutes="$ACC_MINUTES" "${DISTILL_SIZE[@]}" "${CONFIG_EXTRA[@]}"
     cp "$WORK/distill/metrics.jsonl" "$OUT_DIR/accuracy_metrics.jsonl" 2>/dev/null

@@ -16,8 +16,9 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks import flops as flops_lib
-from caedfkd_jax import bundle as bundle_lib
-from caedfkd_jax import config_checks, steps, train
+from caedfkd_jax.io import bundle as bundle_lib
+from caedfkd_jax.config import checks
+from caedfkd_jax.engine import steps, train
 from caedfkd_jax.methods import bank_kd
 
 
@@ -70,7 +71,7 @@ def load_teacher(config, teacher_arch: str | None = None):
   Without a teacher path the arch is `teacher_arch`, else config.teacher_arch_expected, else
   resnet56: speed does not depend on the weights.
   """
-  from caedfkd_jax import embeddings
+  from caedfkd_jax.io import embeddings
   table = embeddings.load_table(config.embeddings)
   if config.teacher:
     return bundle_lib.load_bundle(config.teacher), table
@@ -83,7 +84,7 @@ def prepare(config, teacher: bundle_lib.Bundle, table):
   """(setup, mesh over every device, replicated sharding, teacher variables on the mesh)."""
   setup = train.create_setup(config, teacher, table)
   mesh = steps.make_mesh()
-  config_checks.validate_config(config, mesh.size, setup.group_size)
+  checks.validate_config(config, mesh.size, setup.group_size)
   replicated = NamedSharding(mesh, P())
   teacher_vars = jax.device_put({"params": teacher.variables["params"],
                                  "batch_stats": teacher.variables["batch_stats"]}, replicated)

@@ -2,7 +2,7 @@ r"""The ablation ladder on the digits demo pair, several seeds per arm, one fixe
 
 Protocol (fixed before any run; see docs/results.md): one teacher (the demo's ResNet-20
 trained on 80% of scikit-learn's digits, seed 0) for every arm and seed; each arm of
-`caedfkd_jax.ladder` (base, cend, cend_cncl, gaussian) trains `--seeds` students in one
+`caedfkd_jax.config.ladder` (base, cend, cend_cncl, gaussian) trains `--seeds` students in one
 program (`config.num_runs`, seeds 0..n-1, so seed s of one arm starts from the same
 student and generator initialisation as seed s of another) on the demo's config for
 exactly `--epochs` epochs, with no time budget: the result does not depend on how busy
@@ -36,8 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from caedfkd_jax import atomic_files, bundle as bundle_lib
-from caedfkd_jax import demo, ladder, runs as runs_lib, train
+from caedfkd_jax.io import atomic_files, bundle as bundle_lib
+from caedfkd_jax.cli import demo
+from caedfkd_jax.config import ladder
+from caedfkd_jax.engine import runs as runs_lib, train
 
 LEVELS = (80.0, 90.0)
 

@@ -6,7 +6,7 @@ steps on one synthesis batch, with the config's batch, loss weights, learning ra
 and BN-statistics momentum, the BN EMA carried from round to round as both codes do.
 NAYER's side is its own `datafree.synthesis.NAYER` and `NLGenerator`, imported from a
 checkout (never copied here), driven one `synthesize()` per round; its teacher is the
-config's teacher bundle converted back to PyTorch (`caedfkd_jax.torch_zoo`).
+config's teacher bundle converted back to PyTorch (`caedfkd_jax.io.torch_zoo`).
 
 One judge (`synthesis_judge.py`) scores every round's kept (best) batch of both sides alike: the
 PyTorch teacher on the unaugmented images gives the cross-entropy against the
@@ -62,7 +62,8 @@ def jax_rounds(config, bundle, table, rounds: int, seed: int):
   """caedfkd-jax's warm-up rounds, step by step as `caedfkd distill` runs them on a CPU."""
   import jax
   from benchmarks import jax_side
-  from caedfkd_jax import memory_bank, steps, train
+  from caedfkd_jax.synthesis import memory_bank
+  from caedfkd_jax.engine import steps, train
   config = config.copy_and_resolve_references()
   config.seed = seed
   setup, mesh, replicated, teacher_vars = jax_side.prepare(config, bundle, table)
@@ -147,8 +148,9 @@ def summary_table(results: dict[str, Any], rounds: int) -> str:
 
 def main(argv):
   del argv
-  from caedfkd_jax import bundle as bundle_lib
-  from caedfkd_jax import embeddings, metrics_writer
+  from caedfkd_jax.io import bundle as bundle_lib
+  from caedfkd_jax.io import embeddings
+  from caedfkd_jax.engine import metrics_writer
   config = _CONFIG.value
   if not config.teacher:
     raise app.UsageError("--config.teacher: a teacher bundle is needed (the parity is about a "

@@ -2,7 +2,7 @@ r"""Where a framework gap comes from: one zoo network's forward and training ste
 
   python -m benchmarks.network_breakdown --archs resnet56,resnet20 --batch 100
 
-JAX runs once per `--cpu_kernels` choice (caedfkd_jax/xla_cpu.py), so the table shows
+JAX runs once per `--cpu_kernels` choice (caedfkd_jax/runtime/xla_cpu.py), so the table shows
 XLA's default CPU kernels beside the tuned ones the train steps use.
 
 For each arch: the eval-mode forward (what the teacher does in a KD step), the input gradient
@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from caedfkd_jax import models, torch_zoo, xla_cpu
+from caedfkd_jax import models
+from caedfkd_jax.io import torch_zoo
+from caedfkd_jax.runtime import xla_cpu
 
 
 def median_ms(fn, repeats: int) -> float:

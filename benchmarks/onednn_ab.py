@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import network_breakdown
-from caedfkd_jax import xla_cpu
+from caedfkd_jax.runtime import xla_cpu
 
 _YNN, _ONEDNN = "xla_cpu_experimental_ynn_fusion_type", "xla_cpu_experimental_onednn_fusion_type"
 _TUNED = xla_cpu.compiler_options("tuned", "cpu") or {}

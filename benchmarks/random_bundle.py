@@ -9,7 +9,7 @@ the floor sees the same pixels as the converted teachers and the students distil
 
 import argparse
 
-from caedfkd_jax import bundle as bundle_lib
+from caedfkd_jax.io import bundle as bundle_lib
 
 
 def make_random_bundle(arch: str, num_classes: int, out: str, seed: int = 0,

@@ -23,7 +23,7 @@ import jax
 from absl import app, flags
 
 from benchmarks import dfkd_benchmark, jax_side
-from caedfkd_jax import runs as runs_lib, steps, train
+from caedfkd_jax.engine import runs as runs_lib, steps, train
 
 _RUNS = flags.DEFINE_list("runs", ["1", "2", "4"], "Run counts R to measure.")
 _VECTORIZE = flags.DEFINE_enum("vectorize", "auto", ["auto", "true", "false", "both"],

@@ -10,7 +10,7 @@ import numpy as np
 def torch_teacher(bundle):
   """The bundle's network as a PyTorch module in eval mode, weights loaded strictly."""
   import torch
-  from caedfkd_jax import convert, torch_zoo
+  from caedfkd_jax.io import convert, torch_zoo
   spec = bundle.spec
   module = torch_zoo.build(spec.arch, spec.num_classes)
   state = convert.variables_to_state_dict(bundle.variables, spec.arch, spec.num_classes,

@@ -1,6 +1,6 @@
 """An equivalent CAE-DFKD step in plain PyTorch, written for the side-by-side benchmark.
 
-The anchor where NAYER's own code cannot run. Same networks (`caedfkd_jax.torch_zoo`),
+The anchor where NAYER's own code cannot run. Same networks (`caedfkd_jax.io.torch_zoo`),
 same generator (NAYER's NLGenerator layout, fed CEND embeddings), same losses
 (CE + BN statistics with momentum + masked adversarial KL; KL at T + CNCL), same
 batch layout and optimisers, and the same algorithmic shortcuts the JAX version
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from caedfkd_jax import torch_zoo
+from caedfkd_jax.io import torch_zoo
 
 
 class Generator(nn.Module):

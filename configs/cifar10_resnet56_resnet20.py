@@ -19,12 +19,12 @@ Full schedule on a GPU (NAYER's CIFAR-10 settings and the paper's batch sizes,
   caedfkd distill --config configs/cifar10_resnet56_resnet20.py:full --workdir runs/r56_r20_full \
       --config.teacher=teachers/resnet56 --config.eval_data=../shared/data/cifar10
 
-An arm of the ablation ladder (caedfkd_jax/ladder.py: base, cend, cend_cncl,
+An arm of the ablation ladder (caedfkd_jax/config/ladder.py: base, cend, cend_cncl,
 gaussian) follows the schedule after a comma, e.g. `:cpu,base` or `:full,cend`;
 `:base` alone is `:cpu,base`.
 """
 
-from caedfkd_jax import default_config, ladder
+from caedfkd_jax.config import defaults as default_config, ladder
 
 
 def get_config(arg: str = "cpu"):

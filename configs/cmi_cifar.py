@@ -21,7 +21,7 @@ negatives, 400 KD steps of 256 images an epoch, 200 epochs, lr 0.1. CMI reports
 docs/results.md.
 """
 
-from caedfkd_jax import default_config
+from caedfkd_jax.config import defaults
 
 ARMS = {
     "base": {"method": "cmi", "student.sampler": "uniform", "student.cncl_weight": 0.0},
@@ -38,7 +38,7 @@ def get_config(arg: str = "cpu,base"):
   if schedule not in ("cpu", "full") or arm not in ARMS:
     raise ValueError(f"{arg!r}: use SCHEDULE,ARM with SCHEDULE cpu (20 minutes on 2 cores) or full "
                      f"(CMI's cmi_cifar10.sh) and ARM one of {', '.join(ARMS)}, e.g. cpu,base")
-  config = default_config.get_config()
+  config = defaults.get_config()
   config.teacher_arch_expected = "resnet56"
   config.student_arch = "resnet20"
   config.embeddings = "cifar10"

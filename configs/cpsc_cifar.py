@@ -36,7 +36,7 @@ step and 0.45 s a student step, so about 42 s an epoch, plus an evaluation every
 epochs: about 18 minutes in all.
 """
 
-from caedfkd_jax import default_config
+from caedfkd_jax.config import defaults
 
 ADAPTED_STUDENTS = ("wrn16_1", "wrn40_1")   # 64-d features under a 128-d WRN-40-2 teacher.
 
@@ -64,7 +64,7 @@ def _cpsc(config, dataset: str):
 
 
 def get_config(arg: str = "cifar10,resnet34,resnet18"):
-  config = default_config.get_config()
+  config = defaults.get_config()
   if arg == "cpu":
     _cpsc(config, "cifar10")
     config.teacher_arch_expected = "resnet56"

@@ -28,7 +28,7 @@ fills. Each round is 10 steps of two UNet calls (one under a gradient) on 10 lat
 plus VAE decodes: GPU-hours (docs/results.md has the measured images/s).
 """
 
-from caedfkd_jax import default_config
+from caedfkd_jax.config import defaults as default_config
 
 PAIRS = {("cifar10", "resnet34", "resnet18"), ("cifar10", "wrn40_2", "wrn16_2"),
          ("cifar10", "vgg11", "resnet18"), ("cifar100", "resnet34", "resnet18"),

@@ -17,11 +17,11 @@ Run time: NAYER reports hours on one GPU for 120 epochs. The paper's CLIP table
 (`--config.embeddings=PATH/cifar10_clip_vitb32.npy`) is its best language model;
 the default is the shipped all-MiniLM-L6-v2 (SBERT) table.
 
-A fourth item picks an arm of the ablation ladder (caedfkd_jax/ladder.py: base,
+A fourth item picks an arm of the ablation ladder (caedfkd_jax/config/ladder.py: base,
 cend, cend_cncl, gaussian), e.g. `paper_cifar.py:cifar10,resnet34,resnet18,base`.
 """
 
-from caedfkd_jax import default_config, ladder
+from caedfkd_jax.config import defaults, ladder
 
 
 def get_config(arg: str = "cifar10,resnet34,resnet18"):
@@ -32,7 +32,7 @@ def get_config(arg: str = "cifar10,resnet34,resnet18"):
   dataset, teacher_arch, student_arch = parts[:3]
   if dataset not in ("cifar10", "cifar100"):
     raise ValueError(f"dataset {dataset!r}: use cifar10 or cifar100")
-  config = default_config.get_config()
+  config = defaults.get_config()
   config.teacher_arch_expected = teacher_arch   # Checked against the teacher bundle.
   config.student_arch = student_arch
   config.embeddings = dataset

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from caedfkd_jax.augment import (crop_flip, random_crop_flip, random_resized_crop_flip,
+from caedfkd_jax.synthesis.augment import (crop_flip, random_crop_flip, random_resized_crop_flip,
                                  resized_crop_flip, sample_crop_flip, sample_resized_crop_flip)
 
 

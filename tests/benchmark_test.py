@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from benchmarks import flops, time_to_accuracy, torch_side
-from caedfkd_jax import augment, convert, generator as generator_lib, losses, models, torch_zoo
+from caedfkd_jax.synthesis import augment, generator as generator_lib, losses
+from caedfkd_jax.io import convert, torch_zoo
+from caedfkd_jax import models
 from caedfkd_jax.methods import bank_kd
 from caedfkd_jax.models.layers import BN_STATS
 
@@ -132,7 +134,7 @@ def test_time_to_accuracy_names_a_run_without_evaluations(tmp_path, capsys):
 def test_parity_judge_scores_a_batch_as_our_losses_do(tmp_path):
   """The NAYER-parity judge: its BN term is our summed BN loss, its CE and top-1 are by hand."""
   from benchmarks import synthesis_judge
-  from caedfkd_jax import bundle as bundle_lib
+  from caedfkd_jax.io import bundle as bundle_lib
   spec = bundle_lib.ModelSpec("resnet_tiny_a", 4, 16, mean=(0.5,) * 3, std=(0.25,) * 3)
   variables = bundle_lib.init_variables(spec, 0)
   variables["batch_stats"] = jax.tree.map(lambda x: x + 0.3, variables["batch_stats"])
@@ -252,8 +254,8 @@ def test_onednn_ab_times_every_option_set_and_their_gradients_agree(capsys):
 @pytest.mark.parametrize("cncl_weight", [0.0, 0.5])
 def test_torch_side_samples_uniform_kd_batches_as_the_jax_side_does(cncl_weight):
   """sampler=uniform: KL rows from the whole bank, CNCL groups appended only with CNCL on."""
-  from caedfkd_jax import default_config
-  config = default_config.get_config()
+  from caedfkd_jax.config import defaults
+  config = defaults.get_config()
   config.student_arch, config.cend.num_sources, config.num_groups = "resnet8", 1, 1
   config.generator.ngf, config.generator.noise_dim = 4, 8
   config.student.sampler, config.student.batch_groups = "uniform", 2

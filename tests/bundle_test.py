@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from caedfkd_jax import bundle as bundle_lib
+from caedfkd_jax.io import bundle as bundle_lib
 
 SPEC = bundle_lib.ModelSpec("resnet_tiny_a", 4, class_names=["a", "b", "c", "d"])
 

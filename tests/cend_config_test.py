@@ -6,16 +6,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caedfkd_jax import bundle as bundle_lib
-from caedfkd_jax import class_names, config_checks, default_config, embeddings, launch, main
-from caedfkd_jax import memory_bank, runs, steps, train
-from caedfkd_jax.generator import NOISY_LAYER
+from caedfkd_jax.io import bundle as bundle_lib
+from caedfkd_jax.io import class_names, embeddings
+from caedfkd_jax.config import checks, defaults
+from caedfkd_jax.cli import distill as launch, main
+from caedfkd_jax.synthesis import memory_bank
+from caedfkd_jax.engine import runs, steps, train
+from caedfkd_jax.synthesis.generator import NOISY_LAYER
 from caedfkd_jax.methods import nayer
 from tiny_run import NUM_CLASSES, tiny_config
 
 
 def _validate(config):
-  config_checks.validate_config(config, 1, 10 * (config.cend.num_sources + 1))
+  checks.validate_config(config, 1, 10 * (config.cend.num_sources + 1))
 
 
 @pytest.mark.parametrize("field, value, message", [
@@ -32,7 +35,7 @@ def _validate(config):
     ("cend.sources", ("gaussian", "uniform", "laplace", "cauchy"), r"unknown \['cauchy'\]"),
 ])
 def test_bad_cend_switches_are_refused_naming_them(field, value, message):
-  config = default_config.get_config()
+  config = defaults.get_config()
   section, name = field.split(".")
   config[section][name] = value
   with pytest.raises(ValueError, match=message):
@@ -40,7 +43,7 @@ def test_bad_cend_switches_are_refused_naming_them(field, value, message):
 
 
 def test_per_group_refuses_clean_embeddings_and_takes_the_rest():
-  config = default_config.get_config()
+  config = defaults.get_config()
   config.generator.noisy_chunks = "per_group"
   for mode in ("cend", "gaussian"):
     config.cend.mode = mode
@@ -71,7 +74,7 @@ def test_switches_from_the_command_line(tmp_path, monkeypatch):
 
 
 def test_magnitudes_and_a_magnitude_sweep_are_refused_together():
-  config = default_config.get_config()
+  config = defaults.get_config()
   config.sweep = "cend.magnitude=0.05,0.2"
   assert len(runs.plan_runs(config)) == 2
   config.cend.magnitudes = (0.1,)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caedfkd_jax import cend
+from caedfkd_jax.synthesis import cend
 
 
 @pytest.mark.parametrize("source", cend.NOISE_SOURCES)

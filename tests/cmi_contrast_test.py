@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from caedfkd_jax import cmi_contrast, convert, models, torch_zoo
+from caedfkd_jax.synthesis import cmi_contrast
+from caedfkd_jax.io import convert, torch_zoo
+from caedfkd_jax import models
 from caedfkd_jax.models.layers import BN_INSTANCE_MEANS, BN_STATS
 
 D = 6

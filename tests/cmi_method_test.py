@@ -8,9 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caedfkd_jax import augment, bundle as bundle_lib, cmi_contrast, config_checks, embeddings
-from caedfkd_jax import losses, steps, train
-from caedfkd_jax.bundle import normalize
+from caedfkd_jax.synthesis import augment, cmi_contrast
+from caedfkd_jax.io import bundle as bundle_lib, embeddings
+from caedfkd_jax.config import checks
+from caedfkd_jax.synthesis import losses
+from caedfkd_jax.engine import steps, train
+from caedfkd_jax.io.bundle import normalize
 from tiny_run import tiny_config
 
 BATCH = 16
@@ -94,12 +97,12 @@ def test_cmi_refuses_grouped_kd_batches_it_cannot_make(teacher_dir, table_path):
   config = cmi_config(teacher_dir, table_path)
   config.student.sampler = "groups"
   with pytest.raises(ValueError, match="cmi banks images without CNCL groups: use"):
-    config_checks.validate_config(config, 1, 8)
+    checks.validate_config(config, 1, 8)
   config.method = "cae_dfkd_cmi"      # CEND's batches come in whole groups.
-  config_checks.validate_config(config, 1, 8)
+  checks.validate_config(config, 1, 8)
   config.cmi.local_scale = (0.5, 0.25)
   with pytest.raises(ValueError, match="config.cmi.local_scale"):
-    config_checks.validate_config(config, 1, 8)
+    checks.validate_config(config, 1, 8)
 
 
 def test_cae_dfkd_over_cmi_resumes_to_the_uninterrupted_run(teacher_dir, table_path, tmp_path):

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caedfkd_jax.conditional_generator import (
+from caedfkd_jax.synthesis.conditional_generator import (
   ConditionalGenerator,
   init_conditional_generator,
   sample_inputs,

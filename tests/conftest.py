@@ -58,7 +58,7 @@ def embeddings_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory) -> str:
   """A tiny random teacher (see tiny_run.py): the mechanics do not need a good one."""
-  from caedfkd_jax import bundle
+  from caedfkd_jax.io import bundle
   directory = tmp_path_factory.mktemp("teacher")
   spec = bundle.ModelSpec("resnet_tiny_a", NUM_CLASSES, 32,
                           class_names=[f"c{k}" for k in range(NUM_CLASSES)])
@@ -69,7 +69,7 @@ def teacher_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def table_path(tmp_path_factory) -> str:
   """A random embedding table for the tiny teacher's classes c0..c3."""
-  from caedfkd_jax import embeddings
+  from caedfkd_jax.io import embeddings
   vectors = np.random.default_rng(0).normal(size=(NUM_CLASSES, 16)).astype(np.float32)
   table = embeddings.EmbeddingTable(vectors, [f"c{k}" for k in range(NUM_CLASSES)], {"encoder": "test"})
   path = str(tmp_path_factory.mktemp("table") / "table.npy")

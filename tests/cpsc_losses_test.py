@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caedfkd_jax import losses
+from caedfkd_jax.synthesis import losses
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

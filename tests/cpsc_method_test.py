@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from caedfkd_jax import bundle as bundle_lib, config_checks, embeddings, losses, steps, train
-from caedfkd_jax.conditional_generator import sample_inputs
+from caedfkd_jax.io import bundle as bundle_lib, embeddings
+from caedfkd_jax.config import checks
+from caedfkd_jax.synthesis import losses
+from caedfkd_jax.engine import steps, train
+from caedfkd_jax.synthesis.conditional_generator import sample_inputs
 from caedfkd_jax.methods import cpsc_dfkd
 from tiny_run import tiny_config
 
@@ -231,7 +234,7 @@ def test_configs_and_refusals(teacher_dir, table_path):
   cpu = module.get_config("cpu")
   assert cpu.student_arch == "resnet20" and cpu.teacher_arch_expected == "resnet56"
   for config in (c10, c100, cpu):
-    config_checks.validate_config(config, 1, 50)
+    checks.validate_config(config, 1, 50)
   schedule = cpsc_dfkd.student_lr_schedule(c10)   # 250 student steps an epoch.
   assert [round(float(schedule(e * 250)), 6) for e in (0, 9)] == [0.01, 0.1]
   assert float(schedule(10 * 250)) == pytest.approx(0.05 * (1 + np.cos(np.pi / 600)))
@@ -246,4 +249,4 @@ def test_configs_and_refusals(teacher_dir, table_path):
     *section, name = field.split(".")
     (bad[section[0]] if section else bad)[name] = value
     with pytest.raises(ValueError, match=match):
-      config_checks.validate_config(bad, 4, 8)
+      checks.validate_config(bad, 4, 8)

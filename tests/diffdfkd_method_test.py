@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from caedfkd_jax import bundle as bundle_lib, config_checks, embeddings, steps, train
+from caedfkd_jax.io import bundle as bundle_lib, embeddings
+from caedfkd_jax.config import checks
+from caedfkd_jax.engine import steps, train
 from caedfkd_jax.diffusion import clip_text, latent_mix, scheduler, weights
-from caedfkd_jax.main import main
+from caedfkd_jax.cli.main import main
 from caedfkd_jax.methods import diffdfkd, nayer
 from tiny_run import tiny_config
 
@@ -242,7 +244,7 @@ def test_the_paper_configs_pass_the_checks():
   spec.loader.exec_module(module)
   for pair in sorted(module.PAIRS):
     config = module.get_config(",".join(pair))
-    config_checks.validate_config(config, 1, 1)
+    checks.validate_config(config, 1, 1)
     kd_steps = nayer.total_kd_steps(config)
     rounds = sum(len(nayer.epoch_plan(config, e)) for e in range(config.epochs)) - kd_steps // 10
     assert rounds * config.diffdfkd.batch == 50_000 and kd_steps == 39_920 - (pair[0] == "cifar100") * 720
@@ -252,10 +254,10 @@ def test_the_paper_configs_pass_the_checks():
   # num_groups * K * (N + 1) = 10 * 50 would be.
   config = module.get_config("cifar10,resnet34,resnet18")
   config.diffdfkd.batch, config.num_groups = 8, 10
-  config_checks.validate_config(config, 8, 50)
+  checks.validate_config(config, 8, 50)
   config.bank_capacity = 4
   with pytest.raises(ValueError, match="smaller than one synthesis round"):
-    config_checks.validate_config(config, 8, 50)
+    checks.validate_config(config, 8, 50)
 
 
 def test_refusals_name_the_fix(teacher_dir, table_path):

@@ -9,7 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from caedfkd_jax import class_names, embeddings, main
+from caedfkd_jax.io import class_names, embeddings
+from caedfkd_jax.cli import main
 
 HAS_TEXT = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 needs_text = pytest.mark.skipif(
@@ -150,7 +151,7 @@ def test_shipped_tables(name, classes):
 
 
 def test_load_table_imports_no_torch(tmp_path):
-  code = ("import sys\nfrom caedfkd_jax import embeddings\n"
+  code = ("import sys\nfrom caedfkd_jax.io import embeddings\n"
           "t = embeddings.load_table('cifar10')\n"
           "assert t.vectors.shape == (10, 384)\n"
           "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
@@ -315,7 +316,8 @@ def _table(classes):
 
 
 def test_every_pairing_in_the_repo_matches():
-  from caedfkd_jax import convert, demo
+  from caedfkd_jax.io import convert
+  from caedfkd_jax.cli import demo
   pairs = [("digits", demo.DIGIT_NAMES)]
   for preset in convert.PRESETS.values():
     for num_classes, names in preset.default_class_names.items():
@@ -353,9 +355,10 @@ def test_mismatching_classes_are_named():
 
 
 def test_training_refuses_a_table_for_other_classes():
-  from caedfkd_jax import bundle as bundle_lib
-  from caedfkd_jax import default_config, train
-  config = default_config.get_config()
+  from caedfkd_jax.io import bundle as bundle_lib
+  from caedfkd_jax.config import defaults
+  from caedfkd_jax.engine import train
+  config = defaults.get_config()
   config.embeddings = "digits"
   table = embeddings.load_table("digits")
   spec = bundle_lib.ModelSpec("resnet_tiny_a", 10, class_names=class_names.CIFAR10)

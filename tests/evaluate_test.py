@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caedfkd_jax import bundle as bundle_lib
-from caedfkd_jax import convert, evaluate, main
+from caedfkd_jax.io import bundle as bundle_lib
+from caedfkd_jax.io import convert
+from caedfkd_jax.eval import evaluate
+from caedfkd_jax.cli import main
 
 
 def _folder(root, n_per_class=3, classes=("a", "b")):
@@ -48,7 +50,7 @@ def test_class_count_mismatch_is_one_clear_error(tmp_path, capsys):
 def test_converted_resnet56_scores_8320_on_the_cifar10_jpegs(teachers_dir, cifar10_dir, tmp_path):
   src = next(teachers_dir.glob("resnet56-*.th"))
   out = convert.convert_checkpoint(str(src), "resnet56", 10, "akamaster", str(tmp_path / "t"))
-  from caedfkd_jax import data
+  from caedfkd_jax.io import data
   result = evaluate.evaluate_bundle(bundle_lib.load_bundle(str(out)), data.load_dataset(str(cifar10_dir)),
                                     progress=False)
   assert abs(result["correct"] - 8320) <= 2, result["top1"]

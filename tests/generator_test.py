@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caedfkd_jax import generator as generator_lib
-from caedfkd_jax.generator import NOISY_LAYER, Generator, init_generator, reinit_noisy_layer
+from caedfkd_jax.synthesis import generator as generator_lib
+from caedfkd_jax.synthesis.generator import NOISY_LAYER, Generator, init_generator, reinit_noisy_layer
 
 K, D = 3, 5
 
@@ -233,7 +233,7 @@ def _noisy_and_images(gen, params, emb):
 
 
 def test_per_group_chunks_share_one_linear_per_cncl_group():
-  from caedfkd_jax import cend
+  from caedfkd_jax.synthesis import cend
   groups, sources = 2, 2
   views = sources + 1
   rows = generator_lib.noisy_chunk_rows("per_group", K, views)

@@ -20,7 +20,8 @@ import jax
 import numpy as np
 import optax
 
-from caedfkd_jax import bundle as bundle_lib, embeddings, steps, train
+from caedfkd_jax.io import bundle as bundle_lib, embeddings
+from caedfkd_jax.engine import steps, train
 from tiny_run import NUM_CLASSES, round_and_kd, tiny_config
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "cae_dfkd_tiny.msgpack.gz"

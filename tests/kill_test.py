@@ -12,8 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from caedfkd_jax import bundle as bundle_lib
-from caedfkd_jax import default_config, demo, train
+from caedfkd_jax.io import bundle as bundle_lib
+from caedfkd_jax.config import defaults as default_config
+from caedfkd_jax.cli import demo
+from caedfkd_jax.engine import train
 from tiny_run import NUM_CLASSES, tiny_config
 from xla_test_flags import FAST_COMPILE
 
@@ -26,7 +28,7 @@ TIMEOUT_S = 240   # per invocation; a hung one is killed and fails the test
 DRIVER = '''
 import os, signal, sys
 import orbax.checkpoint as ocp
-from caedfkd_jax import bundle
+from caedfkd_jax.io import bundle
 
 kill_at = os.environ.get("KILL_AT", "")
 die = lambda *args, **kwargs: os.kill(os.getpid(), signal.SIGKILL)
@@ -43,7 +45,7 @@ if kill_at.startswith("save:"):
 elif kill_at == "bundle":
   bundle.save_bundle = die
 
-from caedfkd_jax import main
+from caedfkd_jax.cli import main
 sys.exit(main.main(sys.argv[1:]))
 '''
 
@@ -59,8 +61,8 @@ def _write_config(path, config):
   """A config file: the defaults updated with `config`'s differing fields."""
   defaults, fields = _flat(default_config.get_config().to_dict()), _flat(config.to_dict())
   changed = {k: v for k, v in fields.items() if defaults.get(k) != v}
-  path.write_text("from caedfkd_jax import default_config\n\n\ndef get_config():\n"
-                  "  config = default_config.get_config()\n"
+  path.write_text("from caedfkd_jax.config import defaults\n\n\ndef get_config():\n"
+                  "  config = defaults.get_config()\n"
                   f"  config.update_from_flattened_dict({changed!r})\n  return config\n")
   return str(path)
 

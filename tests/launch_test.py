@@ -7,9 +7,9 @@ import tomllib
 
 import pytest
 
-from caedfkd_jax import default_config
-from caedfkd_jax import launch
-from caedfkd_jax import main
+from caedfkd_jax.config import defaults
+from caedfkd_jax.cli import distill as launch
+from caedfkd_jax.cli import main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO_ROOT, "configs")
@@ -34,7 +34,7 @@ def test_help_lists_every_config_field_with_its_default_and_comment(capsys, flag
   out, lines = _help(capsys, flag)
   assert out.startswith("usage: caedfkd distill --config")
   assert "example:\n  caedfkd distill --config cifar10_resnet56_resnet20 --workdir" in out
-  for name, value in _fields(default_config.get_config()):
+  for name, value in _fields(defaults.get_config()):
     assert name in lines, f"--help does not list {name}"
     assert f"{name} = {value!r}" in lines[name]
   assert "Path of the teacher bundle (`caedfkd convert`). Required." in lines["teacher"]
@@ -45,7 +45,7 @@ def test_help_lists_every_config_field_with_its_default_and_comment(capsys, flag
 
 
 def test_help_imports_no_jax_and_works_from_any_directory(tmp_path):
-  code = ("import sys; from caedfkd_jax import main; rc = main.main(['distill', '--help']); "
+  code = ("import sys; from caedfkd_jax.cli import main; rc = main.main(['distill', '--help']); "
           "print('JAX IMPORTED' if 'jax' in sys.modules else 'NO JAX'); sys.exit(rc)")
   done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
                         text=True, timeout=60)
@@ -69,9 +69,9 @@ def test_help_with_a_config_shows_that_configs_values_and_overrides(capsys, tmp_
 
 def test_help_shows_fields_a_config_file_adds_with_its_comment(capsys, tmp_path):
   path = tmp_path / "extra.py"
-  path.write_text("from caedfkd_jax import default_config\n\n"
+  path.write_text("from caedfkd_jax.config import defaults\n\n"
                   "def get_config():\n"
-                  "  config = default_config.get_config()\n"
+                  "  config = defaults.get_config()\n"
                   "  config.my_knob = 7   # Only this file knows the knob.\n"
                   "  return config\n")
   _, lines = _help(capsys, "--config", str(path), "--help")
@@ -136,7 +136,7 @@ def test_distill_without_config_or_workdir_prints_usage(tmp_path, capsys):
 
 
 def test_distill_trains_the_config_it_resolved_from_another_directory(tmp_path, monkeypatch):
-  from caedfkd_jax import train
+  from caedfkd_jax.engine import train
   seen = {}
   def fake_train(config, workdir):
     seen.update(config=config, workdir=workdir)
@@ -150,19 +150,24 @@ def test_distill_trains_the_config_it_resolved_from_another_directory(tmp_path, 
 
 
 def test_pyproject_installs_every_package_and_the_configs():
-  """configs/ is installed as caedfkd_jax.configs; a new subpackage must join the explicit list."""
+  """Every subpackage is found (no list to keep), configs/ is installed as caedfkd_jax.configs
+  (through the symlink caedfkd_jax/configs), and the shipped embedding tables travel as package
+  data."""
+  import setuptools as setuptools_lib
   with open(os.path.join(REPO_ROOT, "pyproject.toml"), "rb") as f:
     setuptools = tomllib.load(f)["tool"]["setuptools"]
-  assert setuptools["package-dir"] == {"caedfkd_jax.configs": "configs"}
-  on_disk = {"caedfkd_jax.configs"} | {
-      os.path.relpath(folder, REPO_ROOT).replace(os.sep, ".")
-      for folder, _, files in os.walk(os.path.join(REPO_ROOT, "caedfkd_jax"))
-      if "__init__.py" in files}
-  assert on_disk <= set(setuptools["packages"])
-  for package in setuptools["packages"]:  # Every listed package exists (data-only ones too).
-    folder = setuptools["package-dir"].get(package, package.replace(".", os.sep))
-    assert os.path.isdir(os.path.join(REPO_ROOT, folder)), package
-  assert {"*.npy", "*.json"} <= set(setuptools["package-data"]["caedfkd_jax.embedding_tables"])
+  link = os.path.join(REPO_ROOT, "caedfkd_jax", "configs")
+  assert os.path.islink(link) and os.path.samefile(link, CONFIGS)
+  find = setuptools["packages"]["find"]
+  found = set(setuptools_lib.find_packages(REPO_ROOT, include=find["include"]))
+  on_disk = {os.path.relpath(folder, REPO_ROOT).replace(os.sep, ".")
+             for folder, _, files in os.walk(os.path.join(REPO_ROOT, "caedfkd_jax"), followlinks=True)
+             if "__init__.py" in files}
+  assert found == on_disk and {"caedfkd_jax.configs", "caedfkd_jax.engine"} <= found
+  tables = setuptools["package-data"]["caedfkd_jax.io"]
+  assert {"embedding_tables/*.npy", "embedding_tables/*.json"} <= set(tables)
+  assert any(name.endswith(".npy") for name in
+             os.listdir(os.path.join(REPO_ROOT, "caedfkd_jax", "io", "embedding_tables")))
   assert os.path.isfile(os.path.join(CONFIGS, "__init__.py"))
   shipped = {name[:-3] for name in os.listdir(CONFIGS) if name.endswith(".py") and name[0] != "_"}
   assert set(launch.installed_configs()) == shipped

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caedfkd_jax import losses
+from caedfkd_jax.synthesis import losses
 
 
 def _softmax(z):
@@ -126,12 +126,12 @@ def test_cncl_gradient_is_finite_and_matches_finite_differences():
 
 
 def test_config_takes_the_bn_reductions_and_names_a_bad_one():
-  from caedfkd_jax import config_checks, default_config
-  config = default_config.get_config()
+  from caedfkd_jax.config import checks, defaults
+  config = defaults.get_config()
   group = 10 * (config.cend.num_sources + 1)
   for reduce in ("sum", "mean"):
     config.loss.bn_reduce = reduce
-    config_checks.validate_config(config, 1, group)
+    checks.validate_config(config, 1, group)
   config.loss.bn_reduce = "max"
   with pytest.raises(ValueError, match="config.loss.bn_reduce='max'"):
-    config_checks.validate_config(config, 1, group)
+    checks.validate_config(config, 1, group)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caedfkd_jax import memory_bank as mb
+from caedfkd_jax.synthesis import memory_bank as mb
 
 SHAPE = (2, 2, 1)
 

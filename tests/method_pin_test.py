@@ -8,7 +8,7 @@ stays inside the path-comparison tolerances.
 import pytest
 
 import golden_pin
-from caedfkd_jax import train
+from caedfkd_jax.engine import train
 from tiny_run import assert_same_round_and_kd, round_and_kd
 
 

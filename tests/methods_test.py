@@ -6,7 +6,10 @@ import json
 import pytest
 
 import golden_pin
-from caedfkd_jax import bundle as bundle_lib, config_checks, methods, train
+from caedfkd_jax.io import bundle as bundle_lib
+from caedfkd_jax.config import checks
+from caedfkd_jax import methods
+from caedfkd_jax.engine import train
 from tiny_run import assert_same_round_and_kd, round_and_kd, tiny_config
 
 
@@ -63,9 +66,9 @@ def test_a_method_ignores_what_it_does_not_read_and_refuses_sweeping_it(teacher_
   config.method = "nayer"
   config.sweep = "student.cncl_weight=0,0.5"
   with pytest.raises(ValueError, match="varies student.cncl_weight, which method nayer does not"):
-    config_checks.validate_config(config, 1, 8)
+    checks.validate_config(config, 1, 8)
   config.sweep = "loss.bn=5,10"
-  config_checks.validate_config(config, 1, 8)
+  checks.validate_config(config, 1, 8)
 
 
 def test_a_nayer_run_records_its_method_and_cannot_resume_as_another(teacher_dir, table_path,

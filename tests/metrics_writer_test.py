@@ -3,7 +3,7 @@
 import numpy as np
 from PIL import Image
 
-from caedfkd_jax import metrics_writer as mw
+from caedfkd_jax.engine import metrics_writer as mw
 
 NAMES = ["airplane", "automobile", "bird"]
 

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from caedfkd_jax import cpu_devices
+from caedfkd_jax.runtime import cpu_devices
 from xla_test_flags import FAST_COMPILE
 
 
@@ -42,9 +42,11 @@ def _one_generator_step(out_path: str) -> None:
   import jax.numpy as jnp
   import optax
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from caedfkd_jax import bundle as bundle_lib, default_config, embeddings, steps, train
+  from caedfkd_jax.io import bundle as bundle_lib, embeddings
+  from caedfkd_jax.config import defaults
+  from caedfkd_jax.engine import steps, train
 
-  config = default_config.get_config()
+  config = defaults.get_config()
   config.student_arch = "resnet20"
   config.num_groups = 4                  # 4 groups x 10 classes x 5 views = 200 images, the size
   config.student.batch_groups = 4

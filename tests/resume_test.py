@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from caedfkd_jax import bundle as bundle_lib
-from caedfkd_jax import resume, steps, train
+from caedfkd_jax.io import bundle as bundle_lib
+from caedfkd_jax.engine import checkpoint as resume, steps, train
 from tiny_run import tiny_config
 
 
@@ -32,8 +32,8 @@ def test_resume_with_changed_hyper_parameters_is_refused_listing_them(teacher_di
 
 
 def test_a_field_added_after_the_run_was_saved_counts_unchanged_at_its_default():
-  from caedfkd_jax import default_config
-  config = default_config.get_config()
+  from caedfkd_jax.config import defaults
+  config = defaults.get_config()
   saved = json.loads(json.dumps(config.to_dict()))
   del saved["loss"]["bn_reduce"]               # a run saved before the field existed
   assert resume.config_changes(saved, config) == {}
@@ -139,7 +139,7 @@ def _poison_student_params_at(monkeypatch, kd_step: int):
 def _latest_checkpoint_is_finite(config, workdir) -> int:
   """Restores the kept checkpoint as a resume would; returns its epoch."""
   teacher = bundle_lib.load_bundle(config.teacher)
-  from caedfkd_jax import embeddings
+  from caedfkd_jax.io import embeddings
   setup = train.create_setup(config, teacher, embeddings.load_table(config.embeddings))
   abstract = jax.eval_shape(lambda: train.create_state(setup, teacher.variables, 32))
   mngr = train._checkpoint_manager(str(workdir), config)
@@ -162,7 +162,7 @@ def test_non_finite_params_stop_the_run_and_the_kept_checkpoint_is_finite(
 
 
 def test_non_finite_loss_names_epoch_step_and_term(teacher_dir, table_path, tmp_path, monkeypatch):
-  from caedfkd_jax import losses
+  from caedfkd_jax.synthesis import losses
   real = losses.cncl_loss
   monkeypatch.setattr(losses, "cncl_loss", lambda *a, **k: real(*a, **k) / 0.0)
   config = tiny_config(teacher_dir, table_path)
@@ -196,7 +196,7 @@ def test_bad_values_are_refused_in_one_line_before_any_work(teacher_dir, table_p
 
 
 def test_bad_values_reach_the_cli_as_one_line(teacher_dir, table_path, tmp_path, capsys):
-  from caedfkd_jax import main
+  from caedfkd_jax.cli import main
   code = main.main(["distill", "--config", "cifar10_resnet56_resnet20.py", "--workdir", str(tmp_path),
                     f"--config.teacher={teacher_dir}", "--config.teacher_arch_expected=",
                     f"--config.embeddings={table_path}", "--config.student.steps_per_call=0"])

@@ -11,7 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from caedfkd_jax import bundle as bundle_lib, demo, embeddings, runs, steps, train
+from caedfkd_jax.io import bundle as bundle_lib, embeddings
+from caedfkd_jax.cli import demo
+from caedfkd_jax.engine import runs, steps, train
 from tiny_run import NUM_CLASSES, assert_same_round_and_kd, step_outputs, tiny_config
 
 

@@ -15,10 +15,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caedfkd_jax import augment, bundle as bundle_lib, config_checks, default_config, demo
-from caedfkd_jax import embeddings, ladder, losses, memory_bank, steps, train
+from caedfkd_jax.synthesis import augment
+from caedfkd_jax.io import bundle as bundle_lib
+from caedfkd_jax.config import checks, defaults as default_config
+from caedfkd_jax.cli import demo
+from caedfkd_jax.io import embeddings
+from caedfkd_jax.config import ladder
+from caedfkd_jax.synthesis import losses, memory_bank
+from caedfkd_jax.engine import steps, train
 from caedfkd_jax.methods import bank_kd, nayer
-from caedfkd_jax.bundle import normalize
+from caedfkd_jax.io.bundle import normalize
 from tiny_run import NUM_CLASSES, tiny_config
 
 GROUP = NUM_CLASSES * 2        # tiny_config: 4 classes x (1 source + anchor)
@@ -155,22 +161,22 @@ def test_config_checks_name_a_bad_sampler_and_an_indivisible_cncl_sub_batch():
   group = 10 * (config.cend.num_sources + 1)   # 50
   config.student.sampler = "random"
   with pytest.raises(ValueError, match=r"config\.student\.sampler='random': use groups .* uniform"):
-    config_checks.validate_config(config, 1, group)
+    checks.validate_config(config, 1, group)
   config.student.sampler = "uniform"
   config.student.cncl_groups = 0
   with pytest.raises(ValueError, match=r"config\.student\.cncl_groups=0 must be positive"):
-    config_checks.validate_config(config, 1, group)
+    checks.validate_config(config, 1, group)
   # 100 devices: the synthesis and KD batches (2 groups, 100) divide, a sub-batch of 1 group
   # (50) does not...
   config.num_groups, config.student.batch_groups, config.student.cncl_groups = 2, 2, 1
   with pytest.raises(ValueError, match=r"CNCL sub-batch .* = 50 is not divisible by the 100"):
-    config_checks.validate_config(config, 100, group)
+    checks.validate_config(config, 100, group)
   # ... unless none is drawn (CNCL off and not swept); a swept weight draws it again.
   config.student.cncl_weight = 0.0
-  config_checks.validate_config(config, 100, group)
+  checks.validate_config(config, 100, group)
   config.sweep = "student.cncl_weight=0,0.5"
   with pytest.raises(ValueError, match="CNCL sub-batch"):
-    config_checks.validate_config(config, 100, group)
+    checks.validate_config(config, 100, group)
 
 
 def _flat(config) -> dict:

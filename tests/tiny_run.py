@@ -8,13 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caedfkd_jax import default_config
+from caedfkd_jax.config import defaults
 
 NUM_CLASSES = 4
 
 
 def tiny_config(teacher_dir, table_path):
-  config = default_config.get_config()
+  config = defaults.get_config()
   config.teacher = teacher_dir
   config.embeddings = table_path
   config.student_arch = "resnet_tiny_a"
@@ -55,7 +55,7 @@ def step_outputs(fns, state, teacher_vars) -> dict:
 def round_and_kd(setup, teacher_vars, state, devices=None, fuse: bool = False) -> dict:
   """`step_outputs` of a setup's steps on `devices` (default: one CPU), state replicated."""
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from caedfkd_jax import steps
+  from caedfkd_jax.engine import steps
   mesh = steps.make_mesh(devices or jax.devices("cpu")[:1])
   replicated = NamedSharding(mesh, P())
   return step_outputs(steps.make_step_fns(setup, mesh, fuse=fuse),

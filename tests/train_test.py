@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caedfkd_jax import bundle as bundle_lib
-from caedfkd_jax import default_config, embeddings, steps, train
+from caedfkd_jax.io import bundle as bundle_lib
+from caedfkd_jax.config import defaults as default_config
+from caedfkd_jax.io import embeddings
+from caedfkd_jax.engine import steps, train
 from tiny_run import NUM_CLASSES, assert_same_round_and_kd, round_and_kd, tiny_config
 from xla_test_flags import FAST_COMPILE
 
@@ -126,7 +128,7 @@ def test_clear_errors_for_bad_inputs(teacher_dir, table_path, tmp_path):
 
 
 def test_distill_cli_runs_and_resumes(teacher_dir, table_path, tmp_path):
-  from caedfkd_jax import main
+  from caedfkd_jax.cli import main
   args = ["distill", "--config", os.path.join(os.path.dirname(__file__), "..", "configs",
                                               "cifar10_resnet56_resnet20.py"),
           "--workdir", str(tmp_path), f"--config.teacher={teacher_dir}",
@@ -235,7 +237,7 @@ def test_a_rerun_reuses_the_persistent_compilation_cache(teacher_dir, table_path
   env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"   # tiny test programs compile fast
   env["XLA_FLAGS"] = FAST_COMPILE                           # one device
   def distill(workdir):
-    args = [sys.executable, "-m", "caedfkd_jax.main", "distill",
+    args = [sys.executable, "-m", "caedfkd_jax.cli.main", "distill",
             "--config", os.path.join(os.path.dirname(__file__), "..", "configs",
                                      "cifar10_resnet56_resnet20.py"),
             "--workdir", str(workdir), f"--config.teacher={teacher_dir}",
@@ -256,7 +258,7 @@ def test_a_rerun_reuses_the_persistent_compilation_cache(teacher_dir, table_path
 
 
 def test_generator_is_renewed_on_nayers_g_life_schedule():
-  from caedfkd_jax import default_config
+  from caedfkd_jax.config import defaults as default_config
   from caedfkd_jax.methods import nayer
   config = default_config.get_config()
   renewed = lambda: [e for e in range(45) if nayer.renews_generator(config, e)]

@@ -11,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caedfkd_jax import config_checks, default_config, models, xla_cpu
+from caedfkd_jax.config import checks, defaults
+from caedfkd_jax import models
+from caedfkd_jax.runtime import xla_cpu
 
 needs_switch = pytest.mark.skipif(
     xla_cpu.compiler_options("tuned", "cpu") is None,
@@ -23,10 +25,10 @@ def test_choices_are_checked_and_accelerators_untouched():
     xla_cpu.compiler_options("fast", "cpu")
   assert xla_cpu.compiler_options("tuned", "gpu") is None
   assert xla_cpu.compiler_options("xla_default", "cpu") is None
-  config = default_config.get_config()
+  config = defaults.get_config()
   config.cpu_kernels = "fast"
   with pytest.raises(ValueError, match="config.cpu_kernels='fast'"):
-    config_checks.validate_config(config, 1, 20)
+    checks.validate_config(config, 1, 20)
 
 
 def _grads(arch: str, dtype, choice: str | None, batch: int = 6):

@@ -5,7 +5,7 @@ Stable Diffusion conditions its UNet on the encoder's `last_hidden_state`
 all this module computes. The layout follows transformers' PyTorch model, and
 Flax module paths mirror its state-dict keys with numbered segments merged
 (`encoder.layers.0.self_attn.q_proj` <-> `layers_0/self_attn/q_proj`), the
-naming rule of `caedfkd_jax/convert.py`.
+naming rule of `caedfkd_jax/io/convert.py`.
 
 Weights come from a transformers state dict read as numpy arrays
 (`safetensors.numpy.load_file(".../text_encoder/model.safetensors")`): neither

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caedfkd_jax.convert import listed
+from caedfkd_jax.io.convert import listed
 
 MAX_LISTED = 5  # keys named per kind of mismatch in a converter's error.
 

@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from caedfkd_jax import atomic_files
+from caedfkd_jax.io import atomic_files
 
 FORMAT = "caedfkd-diffusion/1"
 MANIFEST = "diffusion.json"

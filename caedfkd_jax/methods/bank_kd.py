@@ -15,10 +15,10 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from caedfkd_jax import augment, losses, memory_bank
-from caedfkd_jax.bundle import normalize
+from caedfkd_jax.synthesis import augment, losses, memory_bank
+from caedfkd_jax.io.bundle import normalize
 from caedfkd_jax.methods.base import fold
-from caedfkd_jax.steps import Phase, Setup, TrainState, constrain_batch, hparam
+from caedfkd_jax.engine.steps import Phase, Setup, TrainState, constrain_batch, hparam
 
 PyTree = Any
 

@@ -8,9 +8,9 @@ ablation (Base (CMI), +CEND, +CEND+CNCL). The CEND layer is cend.py, CNCL
 the ablation arms ("clean" and 0 give the base's maths on the NAYER base).
 """
 
-from caedfkd_jax import cend
+from caedfkd_jax.synthesis import cend
 from caedfkd_jax.methods import cmi, nayer
-from caedfkd_jax.steps import Setup, hparam
+from caedfkd_jax.engine.steps import Setup, hparam
 
 
 def cend_inputs(setup: Setup, hparams: dict, rng) -> cend.GeneratorBatch:

@@ -33,13 +33,13 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from caedfkd_jax import augment, cend, cmi_contrast, generator as generator_lib, losses
-from caedfkd_jax import memory_bank
-from caedfkd_jax.bundle import Bundle, normalize
-from caedfkd_jax.embeddings import EmbeddingTable
+from caedfkd_jax.synthesis import augment, cend, cmi_contrast, generator as generator_lib, losses
+from caedfkd_jax.synthesis import memory_bank
+from caedfkd_jax.io.bundle import Bundle, normalize
+from caedfkd_jax.io.embeddings import EmbeddingTable
 from caedfkd_jax.methods import bank_kd, nayer
 from caedfkd_jax.methods.base import Method, fold, teacher_judgement
-from caedfkd_jax.steps import (Phase, Setup, TrainState, constrain_batch, hparam)
+from caedfkd_jax.engine.steps import (Phase, Setup, TrainState, constrain_batch, hparam)
 
 PyTree = Any
 GeneratorInputs = Callable[[Setup, dict, jax.Array], cend.GeneratorBatch]
@@ -198,7 +198,7 @@ def finish_round(state: TrainState, carry: RoundCarry, ctx: RoundContext, teache
 def create_setup(config, teacher: Bundle, table: EmbeddingTable, *, method: Method,
                  grouped: bool) -> Setup:
   """CMI's generator (no noisy layer; inputs straight to the projection) and its batch size."""
-  from caedfkd_jax.train import compute_dtype
+  from caedfkd_jax.engine.train import compute_dtype
   dtype = compute_dtype(config.compute_dtype)
   base = nayer.create_setup(config, teacher, table, method=method)   # Checks, student, tables.
   num_classes = teacher.spec.num_classes

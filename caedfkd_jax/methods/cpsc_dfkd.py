@@ -37,13 +37,14 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from caedfkd_jax import conditional_generator as cgen, losses, models
-from caedfkd_jax.bundle import Bundle
-from caedfkd_jax.embeddings import EmbeddingTable
+from caedfkd_jax.synthesis import conditional_generator as cgen, losses
+from caedfkd_jax import models
+from caedfkd_jax.io.bundle import Bundle
+from caedfkd_jax.io.embeddings import EmbeddingTable
 from caedfkd_jax.methods import bank_kd
 from caedfkd_jax.methods.base import Method, fold, teacher_judgement
 from caedfkd_jax.models.adapter import ADAPTER_HEADS, FeatureAdapter
-from caedfkd_jax.steps import Phase, Setup, TrainState, constrain_batch, student_optimizer
+from caedfkd_jax.engine.steps import Phase, Setup, TrainState, constrain_batch, student_optimizer
 
 PyTree = Any
 ADAPTERS = ("none",) + ADAPTER_HEADS
@@ -249,7 +250,7 @@ def epoch_plan(config, epoch: int) -> tuple[str, ...]:
 
 
 def create_setup(config, teacher: Bundle, table: EmbeddingTable) -> Setup:
-  from caedfkd_jax.train import compute_dtype   # The dtype rule is the launcher's.
+  from caedfkd_jax.engine.train import compute_dtype   # The dtype rule is the launcher's.
   dtype = compute_dtype(config.compute_dtype)
   c, spec = config.cpsc, teacher.spec
   if config.student_arch not in models.ARCHS:

@@ -42,13 +42,14 @@ import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
-from caedfkd_jax import losses, memory_bank, models
-from caedfkd_jax.bundle import Bundle, normalize
+from caedfkd_jax.synthesis import losses, memory_bank
+from caedfkd_jax import models
+from caedfkd_jax.io.bundle import Bundle, normalize
 from caedfkd_jax.diffusion import latent_mix, scheduler
-from caedfkd_jax.embeddings import EmbeddingTable
+from caedfkd_jax.io.embeddings import EmbeddingTable
 from caedfkd_jax.methods import bank_kd, nayer
 from caedfkd_jax.methods.base import Method, fold, teacher_judgement
-from caedfkd_jax.steps import (Phase, Setup, TrainState, constrain_batch, hparam,
+from caedfkd_jax.engine.steps import (Phase, Setup, TrainState, constrain_batch, hparam,
                                student_optimizer, student_schedule)
 
 PyTree = Any
@@ -259,7 +260,7 @@ def make_setup(config, teacher: Bundle, unet_config, vae_config, scheduler_confi
   """The setup from the networks' configs (create_setup reads them from the bundle; the
   speed benchmark passes Stable Diffusion v1.x's own, with random weights)."""
   from caedfkd_jax.diffusion import unet as unet_lib, vae as vae_lib
-  from caedfkd_jax.train import compute_dtype   # The dtype rule is the launcher's.
+  from caedfkd_jax.engine.train import compute_dtype   # The dtype rule is the launcher's.
   dtype = compute_dtype(config.compute_dtype)
   c, spec = config.diffdfkd, teacher.spec
   if config.student_arch not in models.ARCHS:
@@ -322,7 +323,7 @@ def check_config(config, num_devices: int) -> None:
     raise ValueError(f"config.diffdfkd.attention={c.attention!r}: use xla (any platform) or "
                      "cudnn (GPUs, bfloat16).")
   if c.attention == "cudnn":
-    from caedfkd_jax.train import compute_dtype
+    from caedfkd_jax.engine.train import compute_dtype
     if jax.default_backend() != "gpu" or compute_dtype(config.compute_dtype) == jnp.float32:
       raise ValueError("config.diffdfkd.attention=cudnn (fused flash attention) needs a GPU and "
                        "16-bit compute (--config.compute_dtype=auto or bfloat16); use xla here.")

@@ -21,12 +21,13 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from caedfkd_jax import augment, cend, generator as generator_lib, losses, memory_bank, models
-from caedfkd_jax.bundle import Bundle, normalize
-from caedfkd_jax.embeddings import EmbeddingTable, check_table_matches_classes
+from caedfkd_jax.synthesis import augment, cend, generator as generator_lib, losses, memory_bank
+from caedfkd_jax import models
+from caedfkd_jax.io.bundle import Bundle, normalize
+from caedfkd_jax.io.embeddings import EmbeddingTable, check_table_matches_classes
 from caedfkd_jax.methods import bank_kd
 from caedfkd_jax.methods.base import Method, fold, teacher_judgement
-from caedfkd_jax.steps import (Phase, Setup, TrainState, constrain_batch, hparam,
+from caedfkd_jax.engine.steps import (Phase, Setup, TrainState, constrain_batch, hparam,
                                student_optimizer, student_schedule)
 
 PyTree = Any
@@ -196,7 +197,7 @@ def default_bank_capacity(config, synthesis_batch: int) -> int:
 
 
 def create_setup(config, teacher: Bundle, table: EmbeddingTable, *, method: Method) -> Setup:
-  from caedfkd_jax.train import compute_dtype   # The dtype rule is the launcher's.
+  from caedfkd_jax.engine.train import compute_dtype   # The dtype rule is the launcher's.
   dtype = compute_dtype(config.compute_dtype)
   num_classes = teacher.spec.num_classes
   if table.vectors.shape[0] != num_classes:

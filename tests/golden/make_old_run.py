@@ -30,7 +30,8 @@ def _anonymous(info: tarfile.TarInfo) -> tarfile.TarInfo:
 
 def main() -> None:
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
-  from caedfkd_jax import bundle, embeddings, train
+  from caedfkd_jax.io import bundle, embeddings
+  from caedfkd_jax.engine import train
   from tiny_run import NUM_CLASSES, tiny_config
   names = [f"c{k}" for k in range(NUM_CLASSES)]
   with tempfile.TemporaryDirectory() as tmp:

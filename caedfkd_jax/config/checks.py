@@ -4,8 +4,11 @@ Without these, a zero or a negative value surfaces mid-run as a ZeroDivisionErro
 a shape error at the first trace, or an empty memory bank.
 """
 
-from caedfkd_jax import cend, losses, memory_bank, methods, runs, xla_cpu
-from caedfkd_jax import generator as generator_lib
+from caedfkd_jax.synthesis import cend, losses, memory_bank
+from caedfkd_jax import methods
+from caedfkd_jax.engine import runs
+from caedfkd_jax.runtime import xla_cpu
+from caedfkd_jax.synthesis import generator as generator_lib
 from caedfkd_jax.methods import bank_kd
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
-from caedfkd_jax import atomic_files
+from caedfkd_jax.io import atomic_files
 
 
 class MetricsWriter:

@@ -20,7 +20,7 @@ import optax
 from flax import struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from caedfkd_jax import xla_cpu
+from caedfkd_jax.runtime import xla_cpu
 
 PyTree = Any
 

@@ -10,15 +10,15 @@ import sys
 
 # subcommand -> (module, one-line help)
 COMMANDS = {
-    "convert": ("caedfkd_jax.convert", "PyTorch checkpoint -> model bundle"),
+    "convert": ("caedfkd_jax.io.convert", "PyTorch checkpoint -> model bundle"),
     "convert-diffusion": ("caedfkd_jax.diffusion.weights",
                           "local diffusers Stable Diffusion folder -> diffusion bundle (DiffDFKD)"),
-    "export": ("caedfkd_jax.export", "model bundle -> PyTorch/safetensors state dict"),
-    "evaluate": ("caedfkd_jax.evaluate", "top-1 and per-class accuracy of a bundle"),
-    "probe": ("caedfkd_jax.probe", "linear, kNN and fine-tuning probes of a bundle's features"),
-    "embed": ("caedfkd_jax.embeddings", "class-name embeddings from a local text encoder"),
-    "distill": ("caedfkd_jax.launch", "CAE-DFKD: teacher bundle -> student bundle, no real data"),
-    "demo": ("caedfkd_jax.demo", "offline end-to-end demo on scikit-learn's digits"),
+    "export": ("caedfkd_jax.io.export", "model bundle -> PyTorch/safetensors state dict"),
+    "evaluate": ("caedfkd_jax.eval.evaluate", "top-1 and per-class accuracy of a bundle"),
+    "probe": ("caedfkd_jax.eval.probe", "linear, kNN and fine-tuning probes of a bundle's features"),
+    "embed": ("caedfkd_jax.io.embeddings", "class-name embeddings from a local text encoder"),
+    "distill": ("caedfkd_jax.cli.distill", "CAE-DFKD: teacher bundle -> student bundle, no real data"),
+    "demo": ("caedfkd_jax.cli.demo", "offline end-to-end demo on scikit-learn's digits"),
 }
 
 

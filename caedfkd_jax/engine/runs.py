@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from caedfkd_jax import steps
+from caedfkd_jax.engine import steps
 
 
 @dataclasses.dataclass(frozen=True)

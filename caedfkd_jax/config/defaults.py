@@ -26,7 +26,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.cpu_kernels = "tuned"      # XLA:CPU kernels for the train steps: "tuned" (Eigen convs,
                                      # YNNPACK reductions and student-step elementwise fusions; faster,
                                      # same maths) or "xla_default" (XLA's own: YNNPACK convs).
-                                     # See caedfkd_jax/xla_cpu.py.
+                                     # See caedfkd_jax/runtime/xla_cpu.py.
   config.compilation_cache_dir = "auto"  # Persistent XLA cache, so a resumed run or a rerun
                                      # skips most compiling. "auto": ~/.cache/caedfkd_jax/xla
                                      # (or $JAX_COMPILATION_CACHE_DIR); "": off. Process-wide:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from caedfkd_jax import atomic_files, class_names
+from caedfkd_jax.io import atomic_files, class_names
 
 TABLES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "embedding_tables")
 SHIPPED_ENCODER = "minilm"  # Shipped tables are TABLES_DIR/<name>_minilm.{npy,json}.

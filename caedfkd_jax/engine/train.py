@@ -23,11 +23,14 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from caedfkd_jax import atomic_files, bundle as bundle_lib
-from caedfkd_jax import cpu_devices, embeddings, methods
-from caedfkd_jax import multihost, resume, runs as runs_lib, steps
-from caedfkd_jax.config_checks import validate_config
-from caedfkd_jax.metrics_writer import MetricsWriter, save_image_grid
+from caedfkd_jax.io import atomic_files, bundle as bundle_lib
+from caedfkd_jax.runtime import cpu_devices
+from caedfkd_jax.io import embeddings
+from caedfkd_jax import methods
+from caedfkd_jax.runtime import multihost
+from caedfkd_jax.engine import checkpoint as resume, runs as runs_lib, steps
+from caedfkd_jax.config.checks import validate_config
+from caedfkd_jax.engine.metrics_writer import MetricsWriter, save_image_grid
 
 STUDENT_DIR = "student"
 CHECKPOINT_DIR = "checkpoints"
@@ -225,14 +228,15 @@ def _load_eval_data(config, spec: bundle_lib.ModelSpec):
   student could not be scored on it."""
   if not config.eval_data:
     return None
-  from caedfkd_jax import data, evaluate
+  from caedfkd_jax.io import data
+  from caedfkd_jax.eval import evaluate
   dataset = data.load_dataset(config.eval_data, config.eval_split)
   evaluate.check_fits(spec, dataset, f"config.eval_data={config.eval_data!r}: the teacher")
   return dataset
 
 
 def _top1(model, variables, dataset, setup, config) -> float:
-  from caedfkd_jax import evaluate
+  from caedfkd_jax.eval import evaluate
   # On the host: every process evaluates alone, with no collective.
   logits = evaluate.predict(model, variables, dataset.images, setup.mean, setup.std,
                             config.eval_batch_size, progress=False)

@@ -24,7 +24,7 @@ from absl import flags
 from ml_collections import config_dict
 from ml_collections import config_flags
 
-from caedfkd_jax import default_config
+from caedfkd_jax.config import defaults as default_config
 
 PROG = "caedfkd distill"
 USAGE = (f"usage: {PROG} --config CONFIG[:ARG] --workdir DIR [--config.FIELD=VALUE ...]")
@@ -215,8 +215,8 @@ def help_text(config: config_dict.ConfigDict | None = None, config_file: str | N
   names = sorted(values, key=lambda name: (order.get(name, late), name))
   if any(name not in order for name in names):
     sections.setdefault(late, "Other fields" + (f" (set by {config_file})" if config_file else ""))
-  source = f"{config_file} (defaults: caedfkd_jax/default_config.py)" if config_file else \
-      "caedfkd_jax/default_config.py"
+  source = f"{config_file} (defaults: caedfkd_jax/config/defaults.py)" if config_file else \
+      "caedfkd_jax/config/defaults.py"
   out = [USAGE, "",
          "CAE-DFKD: distil a teacher bundle into a student bundle without real data. Rerunning",
          "with the same --workdir resumes from its last checkpoint.", "",
@@ -272,7 +272,7 @@ def main(argv: list[str]) -> int:
     print(f"{PROG}: error: --workdir {workdir.value} is a file; give a directory (new, or one "
           "to resume).", file=sys.stderr)
     return 2
-  from caedfkd_jax import train  # Imported late: flag errors should not wait for JAX.
+  from caedfkd_jax.engine import train  # Imported late: flag errors should not wait for JAX.
   try:
     result = train.train_and_evaluate(config.value, workdir.value)
   except (ValueError, FileNotFoundError) as e:

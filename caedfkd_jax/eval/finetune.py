@@ -16,8 +16,9 @@ import optax
 from flax import traverse_util
 from tqdm.auto import tqdm
 
-from caedfkd_jax import augment, models
-from caedfkd_jax import bundle as bundle_lib
+from caedfkd_jax.synthesis import augment
+from caedfkd_jax import models
+from caedfkd_jax.io import bundle as bundle_lib
 
 
 @dataclasses.dataclass(frozen=True)

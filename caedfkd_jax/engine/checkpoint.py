@@ -13,7 +13,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from caedfkd_jax import default_config
+from caedfkd_jax.config import defaults as default_config
 
 
 # Fields that steer one invocation, not what the run computes: free to change on a resume.

@@ -19,8 +19,11 @@ import optax
 from PIL import Image
 from tqdm.auto import tqdm
 
-from caedfkd_jax import atomic_files, bundle as bundle_lib
-from caedfkd_jax import default_config, evaluate, ladder, methods, models, train
+from caedfkd_jax.io import atomic_files, bundle as bundle_lib
+from caedfkd_jax.config import defaults as default_config, ladder
+from caedfkd_jax.eval import evaluate
+from caedfkd_jax import methods, models
+from caedfkd_jax.engine import train
 
 IMAGE_SIZE = 16
 DEMO_JSON = "demo.json"                      # the arguments the workdir's run was made with

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from caedfkd_jax import bundle as bundle_lib
-from caedfkd_jax import data as data_lib
-from caedfkd_jax import xla_cpu
+from caedfkd_jax.io import bundle as bundle_lib
+from caedfkd_jax.io import data as data_lib
+from caedfkd_jax.runtime import xla_cpu
 
 
 def _logits(model, variables, images_uint8, mean, std):

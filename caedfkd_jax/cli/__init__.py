@@ -1,0 +1,1 @@
+"""The `caedfkd` command: the subcommand table, the distill launcher, the offline demo."""

@@ -1,0 +1,1 @@
+"""The pieces methods synthesise with: generators, CEND, the memory bank, augment, losses."""
