@@ -31,7 +31,7 @@ def build(config, choice: str, teacher, table):
   config = copy.deepcopy(config)
   config.cpu_kernels = choice
   setup, mesh, replicated, teacher_vars = jax_side.prepare(config, teacher, table)
-  state = train.create_state(setup, teacher_vars, teacher.spec.image_size)
+  state = train.create_state(setup, teacher_vars)
   state = jax.device_put(jax_side._fill_bank(state, setup, config.seed), replicated)
   return steps.make_step_fns(setup, mesh), state, teacher_vars
 

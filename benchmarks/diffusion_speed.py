@@ -30,6 +30,8 @@ from caedfkd_jax.config import defaults
 from caedfkd_jax.engine import steps, train
 from caedfkd_jax.diffusion import scheduler, unet as unet_lib, vae as vae_lib
 from caedfkd_jax.methods import diffdfkd
+from caedfkd_jax.runtime.mesh import make_mesh
+from caedfkd_jax.runtime import platform
 
 TINY_UNET = unet_lib.UNetConfig(block_out_channels=(16, 32), layers_per_block=1,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -47,8 +49,7 @@ def tree_bytes(tree) -> int:
 def measure(batch: int, num_steps: int, latent_size: int, repeats: int, dry: bool,
             compute_dtype: str = "auto", teacher_arch: str = "resnet34",
             student_arch: str = "resnet18", num_classes: int = 10, attention: str = "xla") -> dict:
-  config = defaults.get_config()
-  config.method = "diffdfkd"
+  config = defaults.get_config("diffdfkd")
   config.compute_dtype = compute_dtype
   config.student_arch = student_arch
   config.student.sampler = "uniform"
@@ -60,9 +61,10 @@ def measure(batch: int, num_steps: int, latent_size: int, repeats: int, dry: boo
   teacher = bundle_lib.Bundle(spec, bundle_lib.init_variables(spec, 0))
   unet_config, vae_config = (TINY_UNET, TINY_VAE) if dry else (unet_lib.UNetConfig(),
                                                                  vae_lib.VAEDecoderConfig())
-  setup = diffdfkd.make_setup(config, teacher, unet_config, vae_config, scheduler.SD_V1)
+  setup = diffdfkd.make_setup(train.shared_setup(config, teacher), unet_config, vae_config,
+                              scheduler.SD_V1)
   synth = setup.generator
-  mesh = steps.make_mesh(jax.devices()[:1])
+  mesh = make_mesh(jax.devices()[:1])
   replicated = NamedSharding(mesh, P())
   rng = jax.random.key(0)
   z = jnp.zeros((1, latent_size, latent_size, vae_config.latent_channels))
@@ -75,7 +77,7 @@ def measure(batch: int, num_steps: int, latent_size: int, repeats: int, dry: boo
             "uncond": jax.random.normal(rng, (text_len, width)),
             "text": jax.random.normal(rng, (num_classes, text_len, width))}
   frozen = jax.device_put(frozen, replicated)
-  state = jax.device_put(train.create_state(setup, frozen["teacher"], 32), replicated)
+  state = jax.device_put(train.create_state(setup, frozen["teacher"]), replicated)
   fns = steps.make_step_fns(setup, mesh)
   fused = steps.resolve_fuse(config, platform=mesh.devices.flat[0].platform)
   start = time.perf_counter()
@@ -94,7 +96,7 @@ def measure(batch: int, num_steps: int, latent_size: int, repeats: int, dry: boo
   weights = tree_bytes(frozen["unet"]) + tree_bytes(frozen["vae"])
   result = {
       "device": device.device_kind, "platform": device.platform, "dry": dry,
-      "compute_dtype": str(jnp.dtype(train.compute_dtype(compute_dtype))), "attention": attention,
+      "compute_dtype": str(jnp.dtype(platform.compute_dtype(compute_dtype))), "attention": attention,
       "unet_params": int(sum(x.size for x in jax.tree.leaves(frozen["unet"]))),
       "vae_decoder_params": int(sum(x.size for x in jax.tree.leaves(frozen["vae"]))),
       "batch": batch, "denoising_steps": num_steps, "latent_size": latent_size,

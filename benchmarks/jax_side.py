@@ -20,6 +20,8 @@ from caedfkd_jax.io import bundle as bundle_lib
 from caedfkd_jax.config import checks
 from caedfkd_jax.engine import steps, train
 from caedfkd_jax.methods import bank_kd
+from caedfkd_jax.runtime.mesh import make_mesh
+from caedfkd_jax.methods.base import Setup, TrainState
 
 
 def _timed(fn, *args):
@@ -29,7 +31,7 @@ def _timed(fn, *args):
   return out, time.perf_counter() - start
 
 
-def _fill_bank(state: steps.TrainState, setup: steps.Setup, seed: int) -> steps.TrainState:
+def _fill_bank(state: TrainState, setup: Setup, seed: int) -> TrainState:
   """A full bank of random uint8 images laid out in whole CNCL groups, as after many rounds."""
   bank = state.method.bank
   capacity = bank.capacity
@@ -46,7 +48,7 @@ def _fill_bank(state: steps.TrainState, setup: steps.Setup, seed: int) -> steps.
   return state.replace(method=state.method.replace(bank=bank))
 
 
-def step_flops(setup: steps.Setup, mesh, state: steps.TrainState,
+def step_flops(setup: Setup, mesh, state: TrainState,
                teacher_vars) -> dict[str, float | None]:
   """FLOPs of one generator step and one student step (XLA's count of the lowered step).
 
@@ -83,8 +85,8 @@ def load_teacher(config, teacher_arch: str | None = None):
 def prepare(config, teacher: bundle_lib.Bundle, table):
   """(setup, mesh over every device, replicated sharding, teacher variables on the mesh)."""
   setup = train.create_setup(config, teacher, table)
-  mesh = steps.make_mesh()
-  checks.validate_config(config, mesh.size, setup.group_size)
+  mesh = make_mesh()
+  checks.validate_config(config, mesh.size, setup.num_classes)
   replicated = NamedSharding(mesh, P())
   teacher_vars = jax.device_put({"params": teacher.variables["params"],
                                  "batch_stats": teacher.variables["batch_stats"]}, replicated)
@@ -94,7 +96,7 @@ def prepare(config, teacher: bundle_lib.Bundle, table):
 def count_step_flops(config, teacher: bundle_lib.Bundle, table) -> dict[str, float | None]:
   """`step_flops` of the step `measure` times, lowered (not run) on this process's devices."""
   setup, mesh, replicated, teacher_vars = prepare(config, teacher, table)
-  state = train.create_state(setup, teacher_vars, teacher.spec.image_size)
+  state = train.create_state(setup, teacher_vars)
   return step_flops(setup, mesh, jax.device_put(state, replicated), teacher_vars)
 
 
@@ -102,7 +104,7 @@ def measure(config, teacher: bundle_lib.Bundle, table, repeats: int = 3,
             fuse: bool | None = None) -> dict[str, Any]:
   """Compile time, per-phase throughput and one DFKD epoch of caedfkd-jax under `config`."""
   setup, mesh, replicated, teacher_vars = prepare(config, teacher, table)
-  state = train.create_state(setup, teacher_vars, teacher.spec.image_size)
+  state = train.create_state(setup, teacher_vars)
   state = jax.device_put(_fill_bank(state, setup, config.seed), replicated)
   flops = step_flops(setup, mesh, state, teacher_vars)
   fns = steps.make_step_fns(setup, mesh, fuse=fuse)

@@ -38,7 +38,7 @@ import numpy as np
 
 from caedfkd_jax.io import atomic_files, bundle as bundle_lib
 from caedfkd_jax.cli import demo
-from caedfkd_jax.config import ladder
+from caedfkd_jax.config import fields, ladder
 from caedfkd_jax.engine import runs as runs_lib, train
 
 LEVELS = (80.0, 90.0)
@@ -71,9 +71,9 @@ def prepare_teacher(workdir: str, teacher_epochs: int) -> tuple[str, str]:
 
 def arm_config(arm: str, teacher_dir: str, eval_dir: str, seeds: int, epochs: int):
   """The demo's config with a ladder arm, or a switch (its arm, then its fields), applied."""
-  base_arm, fields = SWITCHES.get(arm, (arm, {}))
-  config = ladder.set_fields(
-      ladder.apply_arm(demo.demo_config(teacher_dir, eval_dir, minutes=0.0), base_arm), fields)
+  base_arm, switched = SWITCHES.get(arm, (arm, {}))
+  config = fields.set_fields(
+      ladder.apply_arm(demo.demo_config(teacher_dir, eval_dir, minutes=0.0), base_arm), switched)
   config.seed = 0
   config.num_runs = seeds
   config.epochs = epochs

@@ -67,7 +67,7 @@ def jax_rounds(config, bundle, table, rounds: int, seed: int):
   config = config.copy_and_resolve_references()
   config.seed = seed
   setup, mesh, replicated, teacher_vars = jax_side.prepare(config, bundle, table)
-  state = jax.device_put(train.create_state(setup, teacher_vars, bundle.spec.image_size), replicated)
+  state = jax.device_put(train.create_state(setup, teacher_vars), replicated)
   round_fn = steps.make_step_fns(setup, mesh, fuse=False)["warmup_round"]
   for _ in range(rounds):
     state, metrics, outputs = round_fn(state, teacher_vars)

@@ -44,7 +44,7 @@ def measure(config, teacher, table, num_runs: int, vectorize: bool, repeats: int
   setup, mesh, replicated, teacher_vars = jax_side.prepare(config, teacher, table)
   plan = runs_lib.plan_runs(config)
   states = [jax_side._fill_bank(  # pylint: disable=protected-access
-      train.create_state(setup, teacher_vars, teacher.spec.image_size, run.seed), setup, run.seed)
+      train.create_state(setup, teacher_vars, run.seed), setup, run.seed)
       for run in plan]
   state = jax.device_put(states[0] if num_runs == 1 else runs_lib.stack(states), replicated)
   over_runs = None if num_runs == 1 else functools.partial(

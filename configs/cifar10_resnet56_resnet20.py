@@ -24,7 +24,7 @@ gaussian) follows the schedule after a comma, e.g. `:cpu,base` or `:full,cend`;
 `:base` alone is `:cpu,base`.
 """
 
-from caedfkd_jax.config import defaults as default_config, ladder
+from caedfkd_jax.config import defaults, ladder
 
 
 def get_config(arg: str = "cpu"):
@@ -35,7 +35,7 @@ def get_config(arg: str = "cpu"):
     raise ValueError(f"schedule {schedule!r}: use cpu (20 minutes on 2 cores) or full (NAYER's), "
                      f"optionally followed by an ablation arm ({', '.join(ladder.ARMS)}), "
                      "e.g. cpu,base")
-  config = default_config.get_config()
+  config = defaults.get_config()
   config.teacher_arch_expected = "resnet56"
   # Models
   config.student_arch = "resnet20"
@@ -56,13 +56,13 @@ def get_config(arg: str = "cpu"):
   config.checkpoint_every_minutes = 5.0
   config.eval_every_epochs = 1
   if schedule == "full":  # Back to the defaults: NAYER's CIFAR-10 schedule, 400 images a round.
-    defaults = default_config.get_config()
+    nayer = defaults.get_config()
     for name in ("num_groups", "g_loops", "warmup_g_loops", "warmup_epochs", "epochs"):
-      config[name] = defaults[name]
+      config[name] = nayer[name]
     for name in ("steps", "life_epochs"):
-      config.generator[name] = defaults.generator[name]
+      config.generator[name] = nayer.generator[name]
     for name in ("batch_groups", "kd_steps", "steps_per_call"):
-      config.student[name] = defaults.student[name]
+      config.student[name] = nayer.student[name]
   if arm:
     ladder.apply_arm(config, arm)
   return config

@@ -21,10 +21,10 @@ negatives, 400 KD steps of 256 images an epoch, 200 epochs, lr 0.1. CMI reports
 docs/results.md.
 """
 
-from caedfkd_jax.config import defaults
+from caedfkd_jax.config import defaults, fields
 
 ARMS = {
-    "base": {"method": "cmi", "student.sampler": "uniform", "student.cncl_weight": 0.0},
+    "base": {"method": "cmi", "student.sampler": "uniform"},
     "cend": {"method": "cae_dfkd_cmi", "cend.mode": "cend", "student.sampler": "uniform",
              "student.cncl_weight": 0.0},
     "cend_cncl": {"method": "cae_dfkd_cmi", "cend.mode": "cend", "student.sampler": "groups",
@@ -38,10 +38,11 @@ def get_config(arg: str = "cpu,base"):
   if schedule not in ("cpu", "full") or arm not in ARMS:
     raise ValueError(f"{arg!r}: use SCHEDULE,ARM with SCHEDULE cpu (20 minutes on 2 cores) or full "
                      f"(CMI's cmi_cifar10.sh) and ARM one of {', '.join(ARMS)}, e.g. cpu,base")
-  config = defaults.get_config()
+  method = ARMS[arm]["method"]
+  grouped = method == "cae_dfkd_cmi"     # CEND's groups in place of CMI's z and random labels.
+  config = defaults.get_config(method)
   config.teacher_arch_expected = "resnet56"
   config.student_arch = "resnet20"
-  config.embeddings = "cifar10"
   # CMI's generator side (datafree_kd.py --method cmi; scripts/cmi/cmi_cifar10.sh).
   config.generator.lr = 1e-3
   config.generator.b1, config.generator.b2 = 0.5, 0.999
@@ -55,8 +56,11 @@ def get_config(arg: str = "cpu,base"):
   config.student.temperature = 20.0
   if schedule == "full":
     config.generator.steps = 200
-    config.cmi.synthesis_batch = 250   # CMI: 256; 250 = the CEND arms' 5 x 10 x 5, equal arms.
-    config.num_groups = 5           # CEND arms: 5 x 10 x 5 = 250 images a round.
+    if grouped:
+      config.embeddings = "cifar10"
+      config.num_groups = 5           # 5 x 10 x 5 = 250 images a round.
+    else:
+      config.cmi.synthesis_batch = 250   # CMI: 256; 250 = the CEND arms' 5 x 10 x 5, equal arms.
     config.cmi.memory_size, config.cmi.negatives = 40960, 4096
     config.student.batch_groups = 5 # 250-image KD batches (CMI: 256), in every arm.
     config.student.kd_steps = 400
@@ -64,15 +68,15 @@ def get_config(arg: str = "cpu,base"):
     config.epochs = 200
   else:
     config.generator.steps = 30
-    config.cmi.synthesis_batch = 100
-    config.num_groups = 2           # CEND arms: 2 x 10 x 5 = 100 images a round.
+    if grouped:
+      config.embeddings = "cifar10"
+      config.num_groups = 2           # 2 x 10 x 5 = 100 images a round.
+    else:
+      config.cmi.synthesis_batch = 100
     config.cmi.memory_size, config.cmi.negatives = 4096, 512
     config.student.batch_groups = 2 # 100-image KD batches.
     config.student.kd_steps = 60
     config.student.steps_per_call = 20
     config.epochs = 16
     config.checkpoint_every_minutes = 5.0
-  for name, value in ARMS[arm].items():
-    *section, field = name.split(".")
-    (config[section[0]] if section else config)[field] = value
-  return config
+  return fields.set_fields(config, {k: v for k, v in ARMS[arm].items() if k != "method"})

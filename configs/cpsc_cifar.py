@@ -43,9 +43,6 @@ ADAPTED_STUDENTS = ("wrn16_1", "wrn40_1")   # 64-d features under a 128-d WRN-40
 
 def _cpsc(config, dataset: str):
   """The method and the README run's numbers; the IKD forms of the code's `dataset` branch."""
-  config.method = "cpsc_dfkd"
-  config.warmup_epochs = 0               # No generator-only epochs; the LR warms up instead.
-  config.embeddings = dataset            # Read by the engine, unused by CPSC (it draws z).
   c = config.cpsc
   c.epoch_itrs, c.g_steps, c.s_steps, c.batch_size = 50, 6, 5, 512
   c.alpha, c.beta, c.gamma, c.eta = 5.0, 1.0, 0.7, 0.7
@@ -64,7 +61,7 @@ def _cpsc(config, dataset: str):
 
 
 def get_config(arg: str = "cifar10,resnet34,resnet18"):
-  config = defaults.get_config()
+  config = defaults.get_config("cpsc_dfkd")
   if arg == "cpu":
     _cpsc(config, "cifar10")
     config.teacher_arch_expected = "resnet56"

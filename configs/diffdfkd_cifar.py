@@ -28,7 +28,7 @@ fills. Each round is 10 steps of two UNet calls (one under a gradient) on 10 lat
 plus VAE decodes: GPU-hours (docs/results.md has the measured images/s).
 """
 
-from caedfkd_jax.config import defaults as default_config
+from caedfkd_jax.config import defaults
 
 PAIRS = {("cifar10", "resnet34", "resnet18"), ("cifar10", "wrn40_2", "wrn16_2"),
          ("cifar10", "vgg11", "resnet18"), ("cifar100", "resnet34", "resnet18"),
@@ -40,9 +40,7 @@ def get_config(arg: str = "cifar10,resnet34,resnet18"):
   if (dataset, teacher, student) not in PAIRS:
     raise ValueError(f"diffdfkd_cifar.py:{arg}: known pairs are "
                      f"{', '.join(','.join(p) for p in sorted(PAIRS))}.")
-  config = default_config.get_config()
-  config.method = "diffdfkd"
-  config.embeddings = dataset             # Read by the engine, unused by DiffDFKD (prompts).
+  config = defaults.get_config("diffdfkd")
   config.teacher_arch_expected = teacher
   config.student_arch = student
   config.compute_dtype = "auto"           # bfloat16 on GPUs.

@@ -14,18 +14,19 @@ from caedfkd_jax.config import checks
 from caedfkd_jax.synthesis import losses
 from caedfkd_jax.engine import steps, train
 from caedfkd_jax.io.bundle import normalize
+from caedfkd_jax.runtime.mesh import make_mesh
 from tiny_run import tiny_config
 
 BATCH = 16
 
 
 def cmi_config(teacher_dir, table_path, method="cmi"):
-  config = tiny_config(teacher_dir, table_path)
-  config.method = method
+  config = tiny_config(teacher_dir, table_path, method)
   config.num_devices = 2    # Data-parallel still, at a quarter of 8 simulated devices' overhead.
   config.student.sampler = "uniform"
-  config.cmi.synthesis_batch, config.cmi.memory_size, config.cmi.negatives = BATCH, 24, 8
-  config.cmi.head_dim = 8
+  if method == "cmi":     # CAE-DFKD over CMI makes num_groups CEND groups a round instead.
+    config.cmi.synthesis_batch = BATCH
+  config.cmi.memory_size, config.cmi.negatives, config.cmi.head_dim = 24, 8, 8
   return config
 
 
@@ -35,8 +36,8 @@ def after_a_round(teacher_dir, table_path):
   config = cmi_config(teacher_dir, table_path)
   teacher = bundle_lib.load_bundle(teacher_dir)
   setup = train.create_setup(config, teacher, embeddings.load_table(table_path))
-  mesh = steps.make_mesh(jax.devices("cpu")[:1])
-  first = jax.device_get(train.create_state(setup, teacher.variables, 32))
+  mesh = make_mesh(jax.devices("cpu")[:1])
+  first = jax.device_get(train.create_state(setup, teacher.variables))
   fns = steps.make_step_fns(setup, mesh, fuse=False)
   state, _, outputs = fns["warmup_round"](jax.tree.map(jnp.copy, first), teacher.variables)
   return setup, teacher.variables, first, jax.device_get(state), outputs
@@ -97,12 +98,13 @@ def test_cmi_refuses_grouped_kd_batches_it_cannot_make(teacher_dir, table_path):
   config = cmi_config(teacher_dir, table_path)
   config.student.sampler = "groups"
   with pytest.raises(ValueError, match="cmi banks images without CNCL groups: use"):
-    checks.validate_config(config, 1, 8)
-  config.method = "cae_dfkd_cmi"      # CEND's batches come in whole groups.
-  checks.validate_config(config, 1, 8)
+    checks.validate_config(config, 1, 4)
+  config = cmi_config(teacher_dir, table_path, "cae_dfkd_cmi")   # CEND's batches come in whole
+  config.student.sampler = "groups"                               # groups.
+  checks.validate_config(config, 1, 4)
   config.cmi.local_scale = (0.5, 0.25)
   with pytest.raises(ValueError, match="config.cmi.local_scale"):
-    checks.validate_config(config, 1, 8)
+    checks.validate_config(config, 1, 4)
 
 
 def test_cae_dfkd_over_cmi_resumes_to_the_uninterrupted_run(teacher_dir, table_path, tmp_path):
@@ -130,7 +132,7 @@ def test_fused_scans_compute_what_per_step_calls_compute(after_a_round):
   """Accelerators run a CMI round as one lax.scan: the same numbers as the CPU's per-step calls.
   (KD calls are bank_kd's, compared for NAYER in train_test.)"""
   setup, teacher_vars, _, state, _ = after_a_round
-  mesh = steps.make_mesh(jax.devices("cpu")[:1])
+  mesh = make_mesh(jax.devices("cpu")[:1])
   outputs = {}
   for fuse in (False, True):
     fns = steps.make_step_fns(setup, mesh, fuse=fuse)

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from caedfkd_jax.methods import cpsc_losses
 from caedfkd_jax.synthesis import losses
 
 torch = pytest.importorskip("torch")
@@ -88,7 +89,7 @@ def test_their_kdloss_is_kl_teacher_to_student_at_temperature_one():
   assert abs(float(losses.kl_divergence(s_logit, t_logit, 1.0)) - ref) > 1e-3  # Not KL(S||T).
 
 
-@pytest.mark.parametrize("form", losses.IKD_FORMS)
+@pytest.mark.parametrize("form", cpsc_losses.IKD_FORMS)
 def test_ikd_forms_and_their_gradients_match_the_code(form):
   t_logit, s_logit, _, _ = _inputs()
   tt, ts = _t(t_logit, grad=True), _t(s_logit, grad=True)
@@ -97,7 +98,7 @@ def test_ikd_forms_and_their_gradients_match_the_code(form):
          "log_l2": lambda: torch.log(torch.norm(tt.detach() - ts, 2))}[form]()
   ref.backward()
   value, (g_t, g_s) = jax.value_and_grad(
-      lambda t, s: losses.ikd_discrepancy(s, t, form), argnums=(0, 1))(t_logit, s_logit)
+      lambda t, s: cpsc_losses.ikd_discrepancy(s, t, form), argnums=(0, 1))(t_logit, s_logit)
   np.testing.assert_allclose(value, ref.item(), rtol=1e-5)
   np.testing.assert_allclose(g_s, ts.grad.numpy(), rtol=1e-4, atol=1e-7)
   np.testing.assert_array_equal(g_t, 0.0)  # The code detaches the teacher here.
@@ -105,20 +106,20 @@ def test_ikd_forms_and_their_gradients_match_the_code(form):
 
 def test_log_l2_is_half_log_mse_plus_a_constant():
   t_logit, s_logit, _, _ = _inputs()
-  log_l2 = losses.ikd_discrepancy(s_logit, t_logit, "log_l2")
-  log_mse = losses.ikd_discrepancy(s_logit, t_logit, "log_mse")
+  log_l2 = cpsc_losses.ikd_discrepancy(s_logit, t_logit, "log_l2")
+  log_mse = cpsc_losses.ikd_discrepancy(s_logit, t_logit, "log_mse")
   np.testing.assert_allclose(log_l2, 0.5 * log_mse + 0.5 * np.log(B * C), rtol=1e-5)
-  np.testing.assert_allclose(losses.logit_mse(s_logit, t_logit),
+  np.testing.assert_allclose(cpsc_losses.logit_mse(s_logit, t_logit),
                              np.mean((np.float64(s_logit) - t_logit) ** 2), rtol=1e-6)
 
 
 def test_ikd_teacher_gradient_can_be_kept_and_bad_form_is_named():
   t_logit, s_logit, _, _ = _inputs()
-  g_t = jax.grad(lambda t: losses.ikd_discrepancy(s_logit, t, "mse", stop_teacher_gradient=False))(
+  g_t = jax.grad(lambda t: cpsc_losses.ikd_discrepancy(s_logit, t, "mse", stop_teacher_gradient=False))(
       t_logit)
   np.testing.assert_allclose(g_t, 2 * (t_logit - s_logit) / (B * C), rtol=1e-5)
   with pytest.raises(ValueError, match="log_mse"):
-    losses.ikd_discrepancy(s_logit, t_logit, "neg_log")
+    cpsc_losses.ikd_discrepancy(s_logit, t_logit, "neg_log")
 
 
 @pytest.mark.parametrize("scale", [1.0, 3.0])
@@ -128,7 +129,7 @@ def test_supcon_matches_their_supconloss_value_and_gradient(scale):
   tf = _t(feats, grad=True)
   ref = _supcon(tf, torch.tensor(LABELS))
   ref.backward()
-  value, grad = jax.value_and_grad(losses.supcon_loss)(feats, jnp.asarray(LABELS))
+  value, grad = jax.value_and_grad(cpsc_losses.supcon_loss)(feats, jnp.asarray(LABELS))
   np.testing.assert_allclose(value, ref.item(), rtol=1e-4)
   np.testing.assert_allclose(grad, tf.grad.numpy(), rtol=1e-3, atol=1e-5)
 
@@ -138,31 +139,31 @@ def test_supcon_temperature_ratio_normalize_flag_and_lonely_anchor():
   feats = np.stack([s_fea, t_fea], axis=1)
   y = jnp.asarray(LABELS)
   ref = _supcon(_t(feats), torch.tensor(LABELS), temperature=0.5, base_temperature=0.07).item()
-  np.testing.assert_allclose(losses.supcon_loss(feats, y, 0.5, 0.07), ref, rtol=1e-4)
-  np.testing.assert_allclose(losses.supcon_loss(7.0 * feats, y, normalize=True),
-                             losses.supcon_loss(feats, y), rtol=1e-5)
-  one_view = losses.supcon_loss(feats[:, :1], jnp.arange(B))  # No positives anywhere: 0, not NaN.
+  np.testing.assert_allclose(cpsc_losses.supcon_loss(feats, y, 0.5, 0.07), ref, rtol=1e-4)
+  np.testing.assert_allclose(cpsc_losses.supcon_loss(7.0 * feats, y, normalize=True),
+                             cpsc_losses.supcon_loss(feats, y), rtol=1e-5)
+  one_view = cpsc_losses.supcon_loss(feats[:, :1], jnp.arange(B))  # No positives anywhere: 0, not NaN.
   np.testing.assert_allclose(one_view, 0.0)
 
 
 def test_cross_entropy_quirk_matches_torch_on_softmax_and_differs_from_proper_ce():
   t_logit, _, _, _ = _inputs()
   y = jnp.asarray(LABELS)
-  quirk = losses.cross_entropy_on_probabilities(t_logit, y)
+  quirk = cpsc_losses.cross_entropy_on_probabilities(t_logit, y)
   ref = torch.nn.CrossEntropyLoss()(F.softmax(_t(t_logit), dim=1), torch.tensor(LABELS)).item()
   np.testing.assert_allclose(quirk, ref, rtol=1e-5)
   proper = losses.cross_entropy(t_logit, y)
   np.testing.assert_allclose(proper, F.cross_entropy(_t(t_logit), torch.tensor(LABELS)).item(),
                              rtol=1e-5)
-  np.testing.assert_allclose(losses.class_cross_entropy(t_logit, y, "probabilities"), quirk)
-  np.testing.assert_allclose(losses.class_cross_entropy(t_logit, y, "logits"), proper)
+  np.testing.assert_allclose(cpsc_losses.class_cross_entropy(t_logit, y, "probabilities"), quirk)
+  np.testing.assert_allclose(cpsc_losses.class_cross_entropy(t_logit, y, "logits"), proper)
   # A confident right answer: proper CE ~ 0, the quirk stuck at its floor log(C - 1 + e) - 1.
   confident = 50.0 * np.eye(C, dtype=np.float32)[LABELS]
   assert float(losses.cross_entropy(confident, y)) < 1e-6
-  np.testing.assert_allclose(losses.cross_entropy_on_probabilities(confident, y),
+  np.testing.assert_allclose(cpsc_losses.cross_entropy_on_probabilities(confident, y),
                              np.log(C - 1 + np.e) - 1, rtol=1e-5)
   with pytest.raises(ValueError, match="probabilities"):
-    losses.class_cross_entropy(t_logit, y, "softmax")
+    cpsc_losses.class_cross_entropy(t_logit, y, "softmax")
 
 
 # ------------------------------- objectives -------------------------------- #
@@ -177,7 +178,7 @@ def test_generator_objective_matches_cpsc_dfkd_py(cifar10):
   ref.backward()
 
   def loss(t, s, tf, sf):
-    return losses.cpsc_generator_loss(
+    return cpsc_losses.cpsc_generator_loss(
         t, s, tf, sf, jnp.asarray(LABELS), bn, **weights,
         ikd_form="log_mse" if cifar10 else "mse", ce_form="probabilities")[0]
 
@@ -195,7 +196,7 @@ def test_student_objective_matches_cpsc_dfkd_py(cifar10):
   ref = _torch_student_loss(tt, ts, torch.tensor(LABELS), 5.0, 0.7, cifar10)
   ref.backward()
   value, (g_t, g_s) = jax.value_and_grad(
-      lambda t, s: losses.cpsc_student_loss(
+      lambda t, s: cpsc_losses.cpsc_student_loss(
           t, s, jnp.asarray(LABELS), alpha=5.0, eta=0.7,
           ikd_form="log_l2" if cifar10 else "mse", ce_form="probabilities")[0],
       argnums=(0, 1))(t_logit, s_logit)
@@ -207,11 +208,11 @@ def test_student_objective_matches_cpsc_dfkd_py(cifar10):
 def test_zero_weights_drop_terms_and_terms_add_up():
   t_logit, s_logit, t_fea, s_fea = _inputs()
   y = jnp.asarray(LABELS)
-  total, terms = losses.cpsc_generator_loss(t_logit, s_logit, t_fea, s_fea, y, jnp.float32(2.0),
+  total, terms = cpsc_losses.cpsc_generator_loss(t_logit, s_logit, t_fea, s_fea, y, jnp.float32(2.0),
                                             alpha=0.0, beta=0.5, gamma=0.0, eta=1.0)
   assert set(terms) == {"kl", "bn", "ce"}
   np.testing.assert_allclose(total, sum(terms.values()), rtol=1e-6)
   np.testing.assert_allclose(terms["bn"], 1.0)
   np.testing.assert_allclose(terms["ce"], losses.cross_entropy(t_logit, y), rtol=1e-6)
-  _, terms = losses.cpsc_student_loss(t_logit, s_logit, y, alpha=1.0, eta=0.0)
+  _, terms = cpsc_losses.cpsc_student_loss(t_logit, s_logit, y, alpha=1.0, eta=0.0)
   assert set(terms) == {"kl", "ikd"}

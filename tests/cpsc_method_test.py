@@ -17,7 +17,8 @@ from caedfkd_jax.config import checks
 from caedfkd_jax.synthesis import losses
 from caedfkd_jax.engine import steps, train
 from caedfkd_jax.synthesis.conditional_generator import sample_inputs
-from caedfkd_jax.methods import cpsc_dfkd
+from caedfkd_jax.methods import cpsc_dfkd, cpsc_losses
+from caedfkd_jax.runtime.mesh import make_mesh
 from tiny_run import tiny_config
 
 SIZES = {"batch_size": 8, "nz": 8, "ngf": 4, "epoch_itrs": 2, "g_steps": 2, "s_steps": 2,
@@ -28,11 +29,9 @@ def cpsc_config(teacher_dir, table_path):
   """The tiny run as CPSC: 1 epoch of 2 x (2 generator steps, 2 student steps) on 8 images,
   with the code's CIFAR-10 IKD forms and a WRN student whose 64-d features need the adapter
   (the teacher's are 16-d). Every test uses this one config, so compiled steps are shared."""
-  config = tiny_config(teacher_dir, table_path)
-  config.method = "cpsc_dfkd"
+  config = tiny_config(teacher_dir, table_path, "cpsc_dfkd")
   config.num_devices = 2    # Data-parallel still, at a quarter of 8 simulated devices' overhead.
   config.student_arch = "wrn_tiny"
-  config.warmup_epochs = 0
   config.epochs = 1
   config.cpsc.update({**SIZES, "generator_ikd": "log_mse", "student_ikd": "log_l2",
                       "adapter": "mlp"})
@@ -54,7 +53,7 @@ def start(teacher_dir, table_path, full_run):
   setup = train.create_setup(cpsc_config(teacher_dir, table_path), teacher,
                              embeddings.load_table(table_path))
   teacher_vars = {k: teacher.variables[k] for k in ("params", "batch_stats")}
-  return setup, teacher_vars, jax.device_get(train.create_state(setup, teacher_vars, 32))
+  return setup, teacher_vars, jax.device_get(train.create_state(setup, teacher_vars))
 
 
 def _normalized(f):
@@ -108,7 +107,7 @@ def units(start):
   """One generator round, then one student round, from `start` on the runs' mesh (whose
   per-step programs `full_run` compiled): {fuse: host outputs}, step by step and lax.scan."""
   setup, tv, state = start
-  mesh = steps.make_mesh()
+  mesh = make_mesh()
   replicated = NamedSharding(mesh, P())
   tv = jax.device_put(tv, replicated)
   outputs = {}
@@ -145,7 +144,7 @@ def test_a_generator_round_and_a_student_step_compute_the_cpsc_losses(start, uni
     (s_logits, s_aux), new = setup.student.apply(student, x, train=True, mutable=["batch_stats"])
     f_s = adapter.apply({"params": synth.adapter_params}, _normalized(s_aux["features"]))
     bn = losses.bn_statistics_loss(t_state["bn_stats"], tv["batch_stats"], "sum")
-    loss, _ = losses.cpsc_generator_loss(
+    loss, _ = cpsc_losses.cpsc_generator_loss(
         t_logits, s_logits, _normalized(t_aux["features"]), f_s, y, bn, **weights,
         ikd_form="log_mse", ce_form="probabilities", temperature=0.07)
     return loss, new["batch_stats"]
@@ -168,7 +167,7 @@ def test_a_generator_round_and_a_student_step_compute_the_cpsc_losses(start, uni
     x = setup.generator.apply({"params": generator_params}, z, y)
     t_logits, _ = setup.teacher.apply(tv, x, train=False)
     (s_logits, _), _ = setup.student.apply(student, x, train=True, mutable=["batch_stats"])
-    return losses.cpsc_student_loss(t_logits, s_logits, y, alpha=c.alpha, eta=c.eta,
+    return cpsc_losses.cpsc_student_loss(t_logits, s_logits, y, alpha=c.alpha, eta=c.eta,
                                     ikd_form="log_l2", ce_form="probabilities")[0]
   np.testing.assert_allclose(  # The student round is unit 1, with the round's G and BN averages.
       units[False]["kd"]["kd/loss"][0],
@@ -206,7 +205,7 @@ def test_a_persistent_generator_adam_is_made_carried_and_kept(start):
   config = setup.config.copy_and_resolve_references()
   config.cpsc.reset_generator_adam_every_step = False
   setup = dataclasses.replace(setup, config=config)
-  synth = jax.eval_shape(lambda: cpsc_dfkd.init_state(setup, tv, state.rng, 32))
+  synth = jax.eval_shape(lambda: cpsc_dfkd.init_state(setup, tv, state.rng))
   assert jax.tree.structure(synth.generator_opt_state) == jax.tree.structure(
       setup.generator_tx.init(state.method.generator_params))
   state = state.replace(method=state.method.replace(
@@ -234,13 +233,13 @@ def test_configs_and_refusals(teacher_dir, table_path):
   cpu = module.get_config("cpu")
   assert cpu.student_arch == "resnet20" and cpu.teacher_arch_expected == "resnet56"
   for config in (c10, c100, cpu):
-    checks.validate_config(config, 1, 50)
+    checks.validate_config(config, 1, 10)
   schedule = cpsc_dfkd.student_lr_schedule(c10)   # 250 student steps an epoch.
   assert [round(float(schedule(e * 250)), 6) for e in (0, 9)] == [0.01, 0.1]
   assert float(schedule(10 * 250)) == pytest.approx(0.05 * (1 + np.cos(np.pi / 600)))
 
   config = cpsc_config(teacher_dir, table_path)
-  for field, value, match in (("warmup_epochs", 1, "CPSC has no generator-only warm-up"),
+  for field, value, match in (("warmup_epochs", 1, "warmup_epochs is set to 1, but method cpsc_dfkd does not"),
                               ("cpsc.batch_size", 6, "not divisible by the 4 devices"),
                               ("cpsc.student_ikd", "l1", "cpsc.student_ikd='l1'"),
                               ("cpsc.adapter", "big", "cpsc.adapter='big'"),
@@ -249,4 +248,4 @@ def test_configs_and_refusals(teacher_dir, table_path):
     *section, name = field.split(".")
     (bad[section[0]] if section else bad)[name] = value
     with pytest.raises(ValueError, match=match):
-      checks.validate_config(bad, 4, 8)
+      checks.validate_config(bad, 4, 4)

@@ -18,7 +18,8 @@ from caedfkd_jax.config import checks
 from caedfkd_jax.engine import steps, train
 from caedfkd_jax.diffusion import clip_text, latent_mix, scheduler, weights
 from caedfkd_jax.cli.main import main
-from caedfkd_jax.methods import diffdfkd, nayer
+from caedfkd_jax.methods import bank_kd, diffdfkd
+from caedfkd_jax.runtime.mesh import make_mesh
 from tiny_run import tiny_config
 
 torch = pytest.importorskip("torch")
@@ -38,8 +39,7 @@ def sd(tmp_path_factory):
 def diffdfkd_config(teacher_dir, table_path, bundle_dir):
   """The tiny run as DiffDFKD: 2 denoising steps on 4 latents of 8x8 a round, data-parallel on 2
   devices; one warm-up round, then a round and 2 KD calls an epoch. Shared by every test."""
-  config = tiny_config(teacher_dir, table_path)
-  config.method = "diffdfkd"
+  config = tiny_config(teacher_dir, table_path, "diffdfkd")
   config.num_devices = 2
   config.student.sampler = "uniform"
   config.warmup_g_loops = 1
@@ -78,7 +78,7 @@ def start(sd, teacher_dir, table_path):
                              embeddings.load_table(table_path))
   teacher_vars = {k: teacher.variables[k] for k in ("params", "batch_stats")}
   frozen = diffdfkd.frozen_vars(setup, teacher_vars)
-  return setup, frozen, jax.device_get(train.create_state(setup, teacher_vars, 32))
+  return setup, frozen, jax.device_get(train.create_state(setup, teacher_vars))
 
 
 def test_prompts_guidance_and_decoding_match_pytorch(sd, start):
@@ -177,7 +177,7 @@ def test_synthesis_rounds_fill_the_bank_one_class_after_another(start):
   """Two rounds, per-step calls (CPUs): the bank fills with one class a round; L_adv is off in
   the warm-up only; a fused lax.scan round (the accelerators' path) computes the same."""
   setup, frozen, _ = start
-  mesh = steps.make_mesh(jax.devices("cpu")[:2])
+  mesh = make_mesh(jax.devices("cpu")[:2])
   replicated = NamedSharding(mesh, P())
   frozen = jax.device_put(frozen, replicated)
   outputs = {}
@@ -244,20 +244,24 @@ def test_the_paper_configs_pass_the_checks():
   spec.loader.exec_module(module)
   for pair in sorted(module.PAIRS):
     config = module.get_config(",".join(pair))
-    checks.validate_config(config, 1, 1)
-    kd_steps = nayer.total_kd_steps(config)
-    rounds = sum(len(nayer.epoch_plan(config, e)) for e in range(config.epochs)) - kd_steps // 10
+    checks.validate_config(config, 1, 10)
+    kd_steps = bank_kd.total_kd_steps(config)
+    rounds = sum(len(bank_kd.epoch_plan(config, e)) for e in range(config.epochs)) - kd_steps // 10
     assert rounds * config.diffdfkd.batch == 50_000 and kd_steps == 39_920 - (pair[0] == "cifar100") * 720
   with pytest.raises(ValueError, match="known pairs"):
     module.get_config("cifar10,resnet34,vgg8")
-  # NAYER's group sizes are not DiffDFKD's: 8 devices take batches of 8 and 256 whatever
-  # num_groups * K * (N + 1) = 10 * 50 would be.
+  # NAYER's group sizes are not DiffDFKD's: 8 devices take batches of 8 and 256, and setting
+  # num_groups, which DiffDFKD does not read, is refused.
   config = module.get_config("cifar10,resnet34,resnet18")
-  config.diffdfkd.batch, config.num_groups = 8, 10
-  checks.validate_config(config, 8, 50)
+  config.diffdfkd.batch = 8
+  checks.validate_config(config, 8, 10)
+  config.num_groups = 10
+  with pytest.raises(ValueError, match="num_groups is set to 10, but method diffdfkd does not"):
+    checks.validate_config(config, 8, 10)
+  config.num_groups = 8
   config.bank_capacity = 4
-  with pytest.raises(ValueError, match="smaller than one synthesis round"):
-    checks.validate_config(config, 8, 50)
+  with pytest.raises(ValueError, match=r"smaller than one synthesis batch \(diffdfkd.batch = 8"):
+    checks.validate_config(config, 8, 10)
 
 
 def test_refusals_name_the_fix(teacher_dir, table_path):
@@ -273,4 +277,4 @@ def test_refusals_name_the_fix(teacher_dir, table_path):
     bad = diffdfkd_config(teacher_dir, table_path, "")
     bad.diffdfkd[field] = value
     with pytest.raises(ValueError, match=message):
-      diffdfkd.check_config(bad, 2)
+      diffdfkd.check_config(bad, 2, 4, ())

@@ -22,6 +22,8 @@ import optax
 
 from caedfkd_jax.io import bundle as bundle_lib, embeddings
 from caedfkd_jax.engine import steps, train
+from caedfkd_jax.runtime.mesh import make_mesh
+from caedfkd_jax.methods.base import Setup, TrainState
 from tiny_run import NUM_CLASSES, round_and_kd, tiny_config
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "cae_dfkd_tiny.msgpack.gz"
@@ -36,7 +38,7 @@ def tiny_teacher_and_table() -> tuple[bundle_lib.Bundle, embeddings.EmbeddingTab
           embeddings.EmbeddingTable(vectors, names, {"encoder": "test"}))
 
 
-def tiny_setup(teacher, table) -> steps.Setup:
+def tiny_setup(teacher, table) -> Setup:
   """The tiny config with 3 generator steps and plain SGD for the generator (portable)."""
   config = tiny_config("unused-teacher-path", "unused-table-path")
   config.generator.steps = 3
@@ -44,18 +46,18 @@ def tiny_setup(teacher, table) -> steps.Setup:
   return dataclasses.replace(setup, generator_tx=optax.sgd(0.05))
 
 
-def _state_dict(state: steps.TrainState) -> dict:
+def _state_dict(state: TrainState) -> dict:
   state = state.replace(rng=jax.random.key_data(state.rng))
   return flax.serialization.to_state_dict(jax.device_get(state))
 
 
-def save(path: pathlib.Path, state: steps.TrainState, outputs: dict) -> None:
+def save(path: pathlib.Path, state: TrainState, outputs: dict) -> None:
   blob = flax.serialization.msgpack_serialize({"state": _state_dict(state), "outputs": outputs})
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(gzip.compress(blob, mtime=0))
 
 
-def load(path: pathlib.Path, template: steps.TrainState) -> tuple[steps.TrainState, dict]:
+def load(path: pathlib.Path, template: TrainState) -> tuple[TrainState, dict]:
   """(the stored state, shaped like `template`; the stored outputs as nested dicts)."""
   stored = flax.serialization.msgpack_restore(gzip.decompress(path.read_bytes()))
   if "method" not in stored["state"]:   # Stored before the method seam: NAYER's fields were flat.
@@ -69,8 +71,8 @@ def load(path: pathlib.Path, template: steps.TrainState) -> tuple[steps.TrainSta
 def main() -> None:
   teacher, table = tiny_teacher_and_table()
   setup = tiny_setup(teacher, table)
-  mesh = steps.make_mesh(jax.devices("cpu")[:1])
-  state = train.create_state(setup, teacher.variables, 32)
+  mesh = make_mesh(jax.devices("cpu")[:1])
+  state = train.create_state(setup, teacher.variables)
   state, _, _ = steps.make_step_fns(setup, mesh, fuse=False)["warmup_round"](
       state, teacher.variables)
   state = jax.device_get(state)

@@ -16,7 +16,7 @@ from tiny_run import assert_same_round_and_kd, round_and_kd
 def pinned():
   teacher, table = golden_pin.tiny_teacher_and_table()
   setup = golden_pin.tiny_setup(teacher, table)
-  template = train.create_state(setup, teacher.variables, 32)
+  template = train.create_state(setup, teacher.variables)
   state, outputs = golden_pin.load(golden_pin.GOLDEN, template)
   return setup, teacher.variables, state, outputs
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from caedfkd_jax.runtime import cpu_devices
+from caedfkd_jax.runtime.mesh import make_mesh
 from xla_test_flags import FAST_COMPILE
 
 
@@ -56,11 +57,11 @@ def _one_generator_step(out_path: str) -> None:
   # Plain SGD: Adam's first step is sign-like and turns rounding noise into whole steps.
   setup = dataclasses.replace(setup, generator_tx=optax.sgd(0.05))
   teacher_vars = {"params": teacher.variables["params"], "batch_stats": teacher.variables["batch_stats"]}
-  state = jax.device_get(train.create_state(setup, teacher_vars, 32))
+  state = jax.device_get(train.create_state(setup, teacher_vars))
 
   results = {}
   for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices()[:8])):
-    mesh = steps.make_mesh(devices)
+    mesh = make_mesh(devices)
     put = lambda tree: jax.device_put(tree, NamedSharding(mesh, P()))
     phase = setup.method.phases(setup, mesh)["round"]
     start, g_step = jax.jit(phase.start), jax.jit(phase.step)

@@ -22,6 +22,7 @@ from caedfkd_jax.io import bundle as bundle_lib
 from caedfkd_jax.io import embeddings
 from caedfkd_jax.runtime import multihost
 from caedfkd_jax.engine import steps, train
+from caedfkd_jax.runtime.mesh import make_mesh
 from xla_test_flags import FAST_COMPILE
 
 NUM_CLASSES = 4
@@ -187,7 +188,7 @@ def test_two_processes_match_one_and_write_once(config_file, tmp_path):
 
 def test_helpers_are_plain_jax_in_one_process():
   """With one process the helpers reduce to device_put / device_get and no collective."""
-  mesh = steps.make_mesh()
+  mesh = make_mesh()
   x = np.arange(16, dtype=np.float32)
   sharded = multihost.put(x, NamedSharding(mesh, P("data")))
   assert sharded.sharding.spec == P("data")

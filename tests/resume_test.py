@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import pytest
 
 from caedfkd_jax.io import bundle as bundle_lib
-from caedfkd_jax.engine import checkpoint as resume, steps, train
+from caedfkd_jax.engine import checkpoint, clock as clock_lib, steps, train
 from tiny_run import tiny_config
 
 
@@ -36,11 +36,11 @@ def test_a_field_added_after_the_run_was_saved_counts_unchanged_at_its_default()
   config = defaults.get_config()
   saved = json.loads(json.dumps(config.to_dict()))
   del saved["loss"]["bn_reduce"]               # a run saved before the field existed
-  assert resume.config_changes(saved, config) == {}
+  assert checkpoint.config_changes(saved, config) == {}
   config.loss.bn_reduce = "mean"               # not what the old run computed
-  assert resume.config_changes(saved, config) == {"loss.bn_reduce": (None, "mean")}
+  assert checkpoint.config_changes(saved, config) == {"loss.bn_reduce": (None, "mean")}
   saved["loss"]["bn_reduce"] = "sum"           # a saved field is compared as before
-  assert resume.config_changes(saved, config) == {"loss.bn_reduce": ("sum", "mean")}
+  assert checkpoint.config_changes(saved, config) == {"loss.bn_reduce": ("sum", "mean")}
 
 
 def test_invocation_fields_may_change_on_resume(teacher_dir, table_path, tmp_path):
@@ -64,7 +64,7 @@ def test_allowed_config_change_continues_and_is_recorded_in_the_bundle(teacher_d
   assert extra["config_changes"] == [{"epoch": 0, "unit": 2,
                                       "changes": {"student.lr": [0.1, 0.05]}}]
   assert extra["config"]["student"]["lr"] == 0.05
-  assert extra["teacher_sha256"] == resume.tree_sha256(bundle_lib.load_bundle(teacher_dir).variables)
+  assert extra["teacher_sha256"] == checkpoint.tree_sha256(bundle_lib.load_bundle(teacher_dir).variables)
 
 
 def test_shape_changes_are_refused_even_when_changes_are_allowed(teacher_dir, table_path, tmp_path):
@@ -94,7 +94,7 @@ def test_time_budget_and_time_axis_count_over_every_invocation(teacher_dir, tabl
 
   def fake_time():
     return clock["now"]
-  monkeypatch.setattr(train.time, "time", fake_time)
+  monkeypatch.setattr(clock_lib.time, "time", fake_time)
   real_step_fns = steps.make_step_fns
 
   def timed_step_fns(*args, **kwargs):
@@ -141,10 +141,10 @@ def _latest_checkpoint_is_finite(config, workdir) -> int:
   teacher = bundle_lib.load_bundle(config.teacher)
   from caedfkd_jax.io import embeddings
   setup = train.create_setup(config, teacher, embeddings.load_table(config.embeddings))
-  abstract = jax.eval_shape(lambda: train.create_state(setup, teacher.variables, 32))
-  mngr = train._checkpoint_manager(str(workdir), config)
-  state, _ = train._restore(mngr, abstract, lambda *_: None)
-  mngr.close()
+  abstract = jax.eval_shape(lambda: train.create_state(setup, teacher.variables))
+  kept = checkpoint.Checkpoints(str(workdir), config.max_checkpoints)
+  state, _ = kept.restore(abstract, lambda *_: None)
+  kept.close()
   assert all(bool(ok) for ok in jax.device_get(train.finite_parts(setup, state)).values())
   return int(state.epoch)
 

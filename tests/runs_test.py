@@ -14,6 +14,7 @@ import pytest
 from caedfkd_jax.io import bundle as bundle_lib, embeddings
 from caedfkd_jax.cli import demo
 from caedfkd_jax.engine import runs, steps, train
+from caedfkd_jax.runtime.mesh import make_mesh
 from tiny_run import NUM_CLASSES, assert_same_round_and_kd, step_outputs, tiny_config
 
 
@@ -88,12 +89,12 @@ def lone_runs(teacher_dir, table_path):
   """Per run: its lone state after a warm-up round, and what one round and one KD call from there
   compute (per-step calls; train_test checks that the fused scans compute the same)."""
   config, teacher, table = _job(teacher_dir, table_path)
-  mesh = steps.make_mesh(jax.devices("cpu")[:1])
+  mesh = make_mesh(jax.devices("cpu")[:1])
   starts, outputs = [], []
   for run in runs.plan_runs(config):
     lone_setup = _setup(runs.run_config(config, run), teacher, table)
     lone_fns = steps.make_step_fns(lone_setup, mesh, fuse=False)
-    state = train.create_state(lone_setup, teacher.variables, 32)
+    state = train.create_state(lone_setup, teacher.variables)
     state, _, _ = lone_fns["warmup_round"](state, teacher.variables)
     starts.append(state.replace(hparams=runs.hparams(run)))
     outputs.append(step_outputs(lone_fns, state, teacher.variables))
@@ -108,10 +109,10 @@ def test_the_stacked_first_state_is_the_lone_first_states(teacher_dir, table_pat
   config, teacher, table = _job(teacher_dir, table_path)
   config.num_runs = 2
   plan = runs.plan_runs(config)
-  first = train.create_run_states(_setup(config, teacher, table), teacher.variables, 32, plan)
+  first = train.create_run_states(_setup(config, teacher, table), teacher.variables, plan)
   for r, run in enumerate(plan):
     lone = train.create_state(_setup(runs.run_config(config, run), teacher, table),
-                              teacher.variables, 32)
+                              teacher.variables)
     assert runs.unstack(first, r).hparams == {"student.cncl_weight": run.values[0][1]}
     for x, y in zip(jax.tree.leaves(runs.unstack(first, r).replace(hparams={})),
                     jax.tree.leaves(lone)):
@@ -129,7 +130,7 @@ def test_each_run_computes_what_its_lone_run_computes(teacher_dir, table_path, l
   config, teacher, table = _job(teacher_dir, table_path)
   plan = runs.plan_runs(config)
   starts, lone_outputs = lone_runs
-  mesh = steps.make_mesh(jax.devices("cpu")[:devices])   # conftest simulates 8 CPU devices
+  mesh = make_mesh(jax.devices("cpu")[:devices])   # conftest simulates 8 CPU devices
   fns = steps.make_step_fns(_setup(config, teacher, table), mesh, fuse=fuse,
                             over_runs=functools.partial(runs.over_runs, num_runs=len(plan),
                                                         vectorize=vectorize),

@@ -8,31 +8,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caedfkd_jax.config import defaults
+from caedfkd_jax.config import defaults, fields
+from caedfkd_jax.methods import registry
+from caedfkd_jax.runtime.mesh import make_mesh
 
 NUM_CLASSES = 4
 
 
-def tiny_config(teacher_dir, table_path):
-  config = defaults.get_config()
+# The tiny sizes of the synthesis methods' shared fields; a method gets those it reads.
+TINY = {
+    "cend.num_sources": 1,               # group = 4 classes x 2 views = 8 images
+    "num_groups": 2,                     # 16 images per round
+    "generator.noise_dim": 8, "generator.ngf": 4, "generator.steps": 2,
+    "warmup_epochs": 1, "warmup_g_loops": 2, "g_loops": 1,
+    "student.batch_groups": 2, "student.kd_steps": 4, "student.steps_per_call": 2,
+}
+
+
+def tiny_config(teacher_dir, table_path, method: str = "cae_dfkd"):
+  """The tiny run of `method`: the engine's fields and the TINY sizes of the fields it reads."""
+  config = defaults.get_config(None if method == defaults.DEFAULT_METHOD else method)
   config.teacher = teacher_dir
-  config.embeddings = table_path
   config.student_arch = "resnet_tiny_a"
-  config.cend.num_sources = 1            # group = 4 classes x 2 views = 8 images
-  config.num_groups = 2                  # 16 images per round
-  config.generator.noise_dim = 8
-  config.generator.ngf = 4
-  config.generator.steps = 2
-  config.warmup_g_loops = 2
-  config.g_loops = 1
-  config.student.batch_groups = 2
-  config.student.kd_steps = 4
-  config.student.steps_per_call = 2
-  config.warmup_epochs = 1
   config.epochs = 3
   config.grid_images_per_class = 2
   config.eval_every_epochs = 1
-  return config
+  reads = registry.get(method).reads_field
+  return fields.set_fields(config, {k: v for k, v in {**TINY, "embeddings": table_path}.items()
+                                    if reads(k)})
 
 
 def step_outputs(fns, state, teacher_vars) -> dict:
@@ -56,7 +59,7 @@ def round_and_kd(setup, teacher_vars, state, devices=None, fuse: bool = False) -
   """`step_outputs` of a setup's steps on `devices` (default: one CPU), state replicated."""
   from jax.sharding import NamedSharding, PartitionSpec as P
   from caedfkd_jax.engine import steps
-  mesh = steps.make_mesh(devices or jax.devices("cpu")[:1])
+  mesh = make_mesh(devices or jax.devices("cpu")[:1])
   replicated = NamedSharding(mesh, P())
   return step_outputs(steps.make_step_fns(setup, mesh, fuse=fuse),
                       jax.device_put(state, replicated), jax.device_put(teacher_vars, replicated))

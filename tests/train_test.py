@@ -13,6 +13,8 @@ from caedfkd_jax.io import bundle as bundle_lib
 from caedfkd_jax.config import defaults as default_config
 from caedfkd_jax.io import embeddings
 from caedfkd_jax.engine import steps, train
+from caedfkd_jax.runtime.mesh import make_mesh
+from caedfkd_jax.runtime import platform
 from tiny_run import NUM_CLASSES, assert_same_round_and_kd, round_and_kd, tiny_config
 from xla_test_flags import FAST_COMPILE
 
@@ -83,8 +85,8 @@ def _same_start(teacher_dir, table_path):
   teacher = bundle_lib.load_bundle(teacher_dir)
   setup = train.create_setup(config, teacher, embeddings.load_table(table_path))
   setup = dataclasses.replace(setup, generator_tx=optax.sgd(0.05))
-  mesh = steps.make_mesh(jax.devices("cpu")[:1])
-  state = train.create_state(setup, teacher.variables, 32)
+  mesh = make_mesh(jax.devices("cpu")[:1])
+  state = train.create_state(setup, teacher.variables)
   state, _, _ = steps.make_step_fns(setup, mesh, fuse=False)["warmup_round"](state, teacher.variables)
   return setup, teacher.variables, jax.device_get(state)
 
@@ -214,11 +216,11 @@ def test_resnet56_config_has_a_cpu_and_a_full_schedule():
 
 
 def test_platform_picks_dtype_and_fusion_unless_the_config_says():
-  assert train.compute_dtype("auto", "cpu") == jnp.float32
-  assert train.compute_dtype("auto", "gpu") == jnp.bfloat16
-  assert train.compute_dtype("bfloat16", "cpu") == jnp.bfloat16
+  assert platform.compute_dtype("auto", "cpu") == jnp.float32
+  assert platform.compute_dtype("auto", "gpu") == jnp.bfloat16
+  assert platform.compute_dtype("bfloat16", "cpu") == jnp.bfloat16
   with pytest.raises(ValueError, match="compute_dtype 'fp8'"):
-    train.compute_dtype("fp8")
+    platform.compute_dtype("fp8")
   config = default_config.get_config()
   assert config.fuse_steps is None
   assert steps.resolve_fuse(config, platform="cpu") is False     # CPU: per-step calls

@@ -28,7 +28,7 @@ def test_choices_are_checked_and_accelerators_untouched():
   config = defaults.get_config()
   config.cpu_kernels = "fast"
   with pytest.raises(ValueError, match="config.cpu_kernels='fast'"):
-    checks.validate_config(config, 1, 20)
+    checks.validate_config(config, 1, 10)
 
 
 def _grads(arch: str, dtype, choice: str | None, batch: int = 6):

@@ -19,31 +19,21 @@ import optax
 from PIL import Image
 from tqdm.auto import tqdm
 
-from caedfkd_jax.io import atomic_files, bundle as bundle_lib
-from caedfkd_jax.config import defaults as default_config, ladder
-from caedfkd_jax.eval import evaluate
-from caedfkd_jax import methods, models
+from caedfkd_jax import models
+from caedfkd_jax.config import defaults, fields, ladder
 from caedfkd_jax.engine import train
+from caedfkd_jax.eval import evaluate
+from caedfkd_jax.io import atomic_files, bundle as bundle_lib
+from caedfkd_jax.methods import registry
 
 IMAGE_SIZE = 16
 DEMO_JSON = "demo.json"                      # the arguments the workdir's run was made with
 OWN_DIRS = ("teacher", "heldout", "distill")  # what --fresh deletes
 FULL_METHOD = "cend_cncl"                     # the ladder arm the demo runs by default
 DEFAULT_METHOD = "cae_dfkd"                   # the method (caedfkd_jax/methods/) it runs by default
-# What another method needs on the digits besides demo_config's fields (sized like it: 100
-# images a round or a step).
-METHOD_FIELDS = {
-    # CMI banks ungrouped images: pool sampling, CEND's batch size, a CPU-sized memory.
-    "cmi": {"student.sampler": "uniform", "cmi.synthesis_batch": 100, "cmi.memory_size": 2048,
-            "cmi.negatives": 256},
-    "cae_dfkd_cmi": {"cmi.memory_size": 2048, "cmi.negatives": 256},
-    # No bank and no generator-only warm-up: its own loop's sizes; the code's 10-class IKD forms.
-    "cpsc_dfkd": {"warmup_epochs": 0, "cpsc.batch_size": 100, "cpsc.epoch_itrs": 10,
-                  "cpsc.g_steps": 2, "cpsc.lr_warmup_epochs": 1, "cpsc.generator_ikd": "log_mse",
-                  "cpsc.student_ikd": "log_l2"},
-}
-# DiffDFKD needs Stable Diffusion weights, which the offline demo cannot have.
-DEMO_METHODS = [name for name in methods.NAMES if name != "diffdfkd"]
+# The methods the offline demo can run: not those that need more than a teacher (DiffDFKD's
+# Stable Diffusion weights).
+DEMO_METHODS = [name for name in registry.names() if not registry.get(name).requires]
 DIGIT_NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
 
@@ -108,31 +98,41 @@ def write_image_folder(root: str, images01, labels, class_names) -> str:
   return root
 
 
-def demo_config(teacher_dir: str, eval_dir: str, minutes: float):
-  """The default config, sized for digits on 2 CPU cores."""
-  config = default_config.get_config()
+# The digits' sizes for the fields of the synthesis methods; a method gets those it reads.
+DIGITS = {
+    "embeddings": "digits",
+    # NAYER's weights (CE 0.5, BN 10) let the BN term swamp the class signal on this small
+    # teacher: the teacher took most synthetic digits for another class (docs/results.md,
+    # "The generator's loss weights").
+    "loss.ce": 1.0, "loss.bn": 1.0,
+    "num_groups": 2,                     # 2 x 10 x 5 = 100 synthetic digits per round.
+    "generator.steps": 20, "generator.ngf": 32,
+    "warmup_epochs": 1, "warmup_g_loops": 5, "g_loops": 2,
+    "student.batch_groups": 2,           # 100-image KD batches.
+    "student.kd_steps": 40, "student.steps_per_call": 20,
+}
+
+
+def demo_config(teacher_dir: str, eval_dir: str, minutes: float, method: str = DEFAULT_METHOD,
+                arm: str = FULL_METHOD):
+  """The config of `method` sized for digits on 2 CPU cores: the digits' sizes of the fields it
+  reads, its own `quick` sizes, and (for cae_dfkd) a rung of the ablation ladder."""
+  config = defaults.get_config(method)
   config.teacher = teacher_dir
-  config.embeddings = "digits"
   config.student_arch = "resnet8"
-  # NAYER's weights (CE 0.5, BN 10) let the BN term swamp the class signal on this small
-  # teacher (measured: the teacher labelled 15% of the synthetic digits as intended).
-  config.loss.ce = 1.0
-  config.loss.bn = 1.0
-  config.num_groups = 2                  # 2 x 10 x 5 = 100 synthetic digits per round.
-  config.generator.steps = 20
-  config.generator.ngf = 32
-  config.warmup_g_loops = 5
-  config.g_loops = 2
-  config.student.batch_groups = 2        # 100-image KD batches.
-  config.student.kd_steps = 40
-  config.student.steps_per_call = 20
-  config.warmup_epochs = 1
   config.epochs = 30
   config.eval_data = eval_dir
   config.eval_every_epochs = 1
   config.time_budget_minutes = minutes
   config.checkpoint_every_minutes = 2.0
-  return config
+  chosen = registry.get(method)
+  fields.set_fields(config, {k: v for k, v in DIGITS.items() if chosen.reads_field(k)})
+  if method == DEFAULT_METHOD:
+    ladder.apply_arm(config, arm)
+  elif arm != FULL_METHOD:
+    raise ValueError(f"--arm {arm} is a rung of CAE-DFKD's ablation ladder: it applies to "
+                     f"--method {DEFAULT_METHOD} only (--method {method} runs that method as is).")
+  return fields.set_fields(config, dict(chosen.quick))
 
 
 def plot_accuracy(metrics_path: str, teacher_top1: float, out_png: str) -> None:
@@ -167,11 +167,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--teacher-epochs", type=int, default=30)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--arm", choices=list(ladder.ARMS), default=FULL_METHOD,
-                      help="an arm of the ablation ladder (README, 'The ablation ladder'); "
-                           f"default {FULL_METHOD}, the full method")
+                      help="an arm of CAE-DFKD's ablation ladder (README, 'The ablation "
+                           f"ladder'), with --method {DEFAULT_METHOD}; default {FULL_METHOD}, "
+                           "the full method")
+  skipped = [f"{n} (it needs {registry.get(n).requires})" for n in registry.names()
+             if n not in DEMO_METHODS]
   parser.add_argument("--method", choices=DEMO_METHODS, default=DEFAULT_METHOD,
-                      help=f"the DFKD method (caedfkd_jax/methods/); default {DEFAULT_METHOD}. "
-                           "Not diffdfkd: it needs Stable Diffusion weights (README, DiffDFKD)")
+                      help=f"the DFKD method (caedfkd_jax/methods/); default {DEFAULT_METHOD}"
+                           + (f". Not {', '.join(skipped)}" if skipped else ""))
   parser.add_argument("--fresh", action="store_true",
                       help="delete the demo's earlier teacher/, heldout/ and distill/ in --workdir "
                            "and start over (by default a rerun with the same arguments resumes)")
@@ -248,12 +251,9 @@ def run(args: argparse.Namespace) -> int:
   teacher_top1 = top1(teacher)
   print(f"teacher (resnet20, trained on real digits): {teacher_top1:.2f}% on held-out digits")
 
-  config = ladder.apply_arm(demo_config(teacher_dir, eval_dir, args.minutes), args.arm)
+  config = demo_config(teacher_dir, eval_dir, args.minutes, getattr(args, "method", DEFAULT_METHOD),
+                       args.arm)
   config.seed = args.seed
-  config.method = getattr(args, "method", DEFAULT_METHOD)
-  for name, value in METHOD_FIELDS.get(config.method, {}).items():
-    *section, field = name.split(".")
-    (config[section[0]] if section else config)[field] = value
   result = train.train_and_evaluate(config, os.path.join(workdir, "distill"))
   student_top1 = top1(bundle_lib.load_bundle(result["student"]))
   plot = os.path.join(workdir, "student_accuracy.png")

@@ -11,6 +11,7 @@ lists every config field; it imports no JAX, so it answers at once.
 
 import ast
 import importlib.util
+import inspect
 import io
 import os
 import re
@@ -24,7 +25,8 @@ from absl import flags
 from ml_collections import config_dict
 from ml_collections import config_flags
 
-from caedfkd_jax.config import defaults as default_config
+from caedfkd_jax.config import defaults
+from caedfkd_jax.methods import registry
 
 PROG = "caedfkd distill"
 USAGE = (f"usage: {PROG} --config CONFIG[:ARG] --workdir DIR [--config.FIELD=VALUE ...]")
@@ -141,7 +143,7 @@ def _parse_error(error: Exception, argv: list[str]) -> str:
           f"{message.splitlines()[0] if message else ''}")
 
 
-# --help: the config fields, their values and the comments default_config.py gives them.
+# --help: the config fields, their values and the comments their files give them.
 
 def _assigned_field(target: ast.expr) -> str | None:
   """`config.a.b` or `config["a"].b` -> "a.b"; None for any other assignment target."""
@@ -204,14 +206,36 @@ def _read(path: str) -> str:
     return f.read()
 
 
+def _method_docs(method: str) -> tuple[str, dict[str, str], dict[str, int]] | None:
+  """(file, comments, lines) of the method's own sections, from the file that declares them;
+  None for a method without (such as the default one, whose file would import JAX)."""
+  if method == defaults.DEFAULT_METHOD or method not in registry.names():
+    return None
+  own = registry.get(method).own_config
+  if own is None:
+    return None
+  path = inspect.getsourcefile(own)
+  docs, order, _ = field_docs(_read(path))
+  return path, docs, order
+
+
 def help_text(config: config_dict.ConfigDict | None = None, config_file: str | None = None) -> str:
-  """Usage, example, flags and every config field: `config`'s value (the defaults when None), the
-  default where it differs, and the field's comment from default_config.py (or `config_file`)."""
-  defaults = _leaves(default_config.get_config())
-  values = defaults if config is None else _leaves(config)
-  docs, order, sections = field_docs(_read(default_config.__file__))
+  """Usage, example, flags, the methods and every config field: `config`'s value (the defaults
+  when None), the default where it differs, and the field's comment from config/defaults.py,
+  the method's file (its own section) or `config_file`."""
+  method = defaults.DEFAULT_METHOD if config is None else config.method
+  reference = _leaves(defaults.get_config(method if _method_docs(method) else None))
+  values = reference if config is None else _leaves(config)
+  docs, order, sections = field_docs(_read(defaults.__file__))
+  after = max(order.values(), default=0) + 1  # Then the method's own fields, then the others.
+  own = _method_docs(method)
+  if own:
+    path, own_docs, own_order = own
+    sections[after] = f"Method {method}'s own fields ({_relative(path)})"
+    docs.update(own_docs)
+    order.update({name: after + line for name, line in own_order.items()})
   extra_docs = field_docs(_read(config_file))[0] if config_file else {}
-  late = max(order.values(), default=0) + 1  # Fields default_config does not set go last.
+  late = max(order.values(), default=0) + 1
   names = sorted(values, key=lambda name: (order.get(name, late), name))
   if any(name not in order for name in names):
     sections.setdefault(late, "Other fields" + (f" (set by {config_file})" if config_file else ""))
@@ -228,16 +252,19 @@ def help_text(config: config_dict.ConfigDict | None = None, config_file: str | N
          "  --workdir DIR          checkpoints, logs, samples and the student bundle; an existing",
          "                         one is resumed.",
          "  --config.FIELD=VALUE   override one config field (below); repeatable.",
-         "  -h, --help             this help; with --config, that config's values.", "",
-         f"config fields, from {source}:"]
+         "  -h, --help             this help; with --config or --config.method, that config's",
+         "                         values and the method's own fields.", "",
+         "methods (--config.method; README \"Methods\"): " + ", ".join(registry.names()) + ".",
+         "A method reads only some fields; setting one it does not read is refused.", "",
+         f"config fields of method {method}, from {source}:"]
   pending = sorted(sections.items())
   for name in names:
     line = order.get(name, late)
     while pending and pending[0][0] <= line:
       out += ["", f"  # {pending.pop(0)[1]}"]
     field = f"  {name} = {values[name]!r}"
-    if name in defaults and values[name] != defaults[name]:
-      field += f"  (default: {defaults[name]!r})"
+    if name in reference and values[name] != reference[name]:
+      field += f"  (default: {reference[name]!r})"
     doc = docs.get(name) or extra_docs.get(name, "")
     if not doc:
       out.append(field)
@@ -246,6 +273,14 @@ def help_text(config: config_dict.ConfigDict | None = None, config_file: str | N
     else:
       out += [field, *textwrap.wrap(doc, 100, initial_indent=" " * 40, subsequent_indent=" " * 40)]
   return "\n".join(out)
+
+
+def _relative(path: str) -> str:
+  """A package file as caedfkd_jax/..., any other as given."""
+  package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  path = os.path.abspath(path)
+  return (os.path.relpath(path, os.path.dirname(package))
+          if path.startswith(package + os.sep) else path)
 
 
 def main(argv: list[str]) -> int:
@@ -259,6 +294,9 @@ def main(argv: list[str]) -> int:
     print(f"{PROG}: error: {_parse_error(e, argv)}", file=sys.stderr)
     return 2
   if wants_help:
+    if config.value is not None and _method_docs(config.value.method):   # --config.method=X
+      # on a config made for another method: that method's own fields join.
+      defaults.add_method_sections(config.value)
     print(help_text(config.value, config_file))
     return 0
   missing = [flag for flag, value in (("--config", config.value), ("--workdir", workdir.value))

@@ -1,18 +1,35 @@
-"""Defaults shared by every config in configs/: CAE-DFKD on NAYER's schedule.
+"""The engine's config fields and those several methods share: CAE-DFKD on NAYER's schedule.
 
-Values tagged [INFERRED] come from ../shared/spec/METHOD.md's reconstruction,
-not from the paper: each one is a field so that ablations can settle it.
+A method's own section (`cmi`, `cpsc`, `diffdfkd`) is declared in its file (`Method.own_config`)
+and joins the config when that method is named: `get_config("cmi")`, or `--config.method=cmi`
+at the start of a run. Which shared fields a method reads, its `Method.reads` says; the engine
+reads `ENGINE_FIELDS`. Values tagged [INFERRED] come from ../shared/spec/METHOD.md's
+reconstruction, not from the paper: each one is a field so that ablations can settle it.
 """
 
 import ml_collections
 
+DEFAULT_METHOD = "cae_dfkd"
 
-def get_config() -> ml_collections.ConfigDict:
+# The fields the engine reads, whatever the method (the rest of this file is the methods').
+ENGINE_FIELDS = frozenset({
+    "seed", "method", "teacher", "teacher_arch_expected", "student_arch", "compute_dtype",
+    "fuse_steps", "cpu_kernels", "compilation_cache_dir", "epochs", "eval_data", "eval_split",
+    "eval_every_epochs", "eval_batch_size", "checkpoint_every_minutes", "max_checkpoints",
+    "time_budget_minutes", "max_units", "stop_after_epochs", "allow_config_change", "num_runs",
+    "sweep", "runs_vectorized", "accuracy_levels", "grid_images_per_class", "num_devices",
+    "distributed", "coordinator_address", "num_processes", "process_id"})
+
+
+def get_config(method: str | None = None) -> ml_collections.ConfigDict:
+  """The defaults for `method` (None: cae_dfkd, which has no section of its own, imported by
+  nothing); a named method's own sections are added from its file."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.method = "cae_dfkd"     # caedfkd_jax/methods/ (README "Methods"): cae_dfkd (CEND + CNCL
-                                 # on the NAYER base), nayer, cmi, cae_dfkd_cmi (CEND + CNCL on
-                                 # CMI). A base reads no cend.mode/magnitude or student.cncl_*.
+  config.method = method or DEFAULT_METHOD  # caedfkd_jax/methods/NAME.py (README "Methods"):
+                                 # cae_dfkd (CEND + CNCL on the NAYER base), nayer, cmi,
+                                 # cae_dfkd_cmi, cpsc_dfkd, diffdfkd. Each reads the fields its
+                                 # `reads` names; setting one it does not read is refused.
 
   # Models
   config.teacher = ""            # Path of the teacher bundle (`caedfkd convert`). Required.
@@ -72,21 +89,6 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.bn_momentum = 0.9          # EMA of the teacher BN input stats across rounds (0: off).
   config.low_confidence = 0.5            # Teacher confidence under which a synthetic image counts as
                                          # "low confidence" (the paper's Figure 2a statistic).
-
-  # CMI base (methods/cmi.py; METHOD.md b.3). CMI also reads generator.steps/lr/b1/b2/ngf and
-  # loss.ce/bn/adv/bn_reduce; configs/cmi_cifar.py sets CMI's own values for those.
-  config.cmi = ml_collections.ConfigDict()
-  config.cmi.nz = 256                    # Width of CMI's z.
-  config.cmi.synthesis_batch = 256       # Images per round on the CMI base (CAE-DFKD over CMI:
-                                         # num_groups * K * (N + 1), as on NAYER's base).
-  config.cmi.learn_inputs = True         # Adam optimises the inputs with G (CMI's z; over CMI,
-                                         # CEND's embeddings in its place [INFERRED]).
-  config.cmi.cr = 0.8                    # Weight of the contrastive term L_cr.
-  config.cmi.cr_temperature = 0.2        # cmi_cifar10.sh (0.1 in its adversarial script).
-  config.cmi.memory_size = 40960         # Past (local || global) features kept.
-  config.cmi.negatives = 4096            # Cached rows drawn as negatives each step.
-  config.cmi.head_dim = 256
-  config.cmi.local_scale = (0.25, 1.0)   # The local view's random-resized-crop area range.
 
   # Student (Eq. 6)
   config.student = ml_collections.ConfigDict()
@@ -162,63 +164,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.process_id = ml_collections.config_dict.placeholder(int)     # 0..num_processes-1;
                                          # None: auto-detected.
 
-  # CPSC-DFKD (methods/cpsc_dfkd.py; METHOD.md b.5): its own loop, generator and weights.
-  # It reads student.lr/momentum/weight_decay and epochs, and no generator.*, loss.*, cend.*
-  # or bank field; warmup_epochs must be 0 (its warm-up is the student LR's). Defaults: the
-  # authors' README run (CPSC_DFKD.py at 1c6ade1); configs/cpsc_cifar.py sets the rest.
-  config.cpsc = ml_collections.ConfigDict()
-  config.cpsc.epoch_itrs = 50            # (generator, student) iterations per epoch.
-  config.cpsc.g_steps = 6                # Generator steps per iteration (README; code default 1).
-  config.cpsc.s_steps = 5                # Student steps per iteration.
-  config.cpsc.batch_size = 512           # Fresh z and labels per step, generator and student.
-  config.cpsc.nz = 256                   # Width of z.
-  config.cpsc.ngf = 64                   # GeneratorD's width.
-  config.cpsc.generator_lr = 1e-3        # Adam, betas (generator_b1, generator_b2).
-  config.cpsc.generator_b1 = 0.5
-  config.cpsc.generator_b2 = 0.999
-  config.cpsc.alpha = 5.0                # IKD (logit discrepancy) weight.
-  config.cpsc.beta = 1.0                 # Teacher BN-statistics weight (summed over layers).
-  config.cpsc.gamma = 0.7                # SupCon weight, [student, teacher] features as 2 views.
-  config.cpsc.eta = 0.7                  # CE-to-the-sampled-label weight.
-  config.cpsc.temperature = 0.07         # SupCon's tau.
-  config.cpsc.generator_ikd = "mse"      # losses.IKD_FORMS. Code: "log_mse" on CIFAR-10 (set by
-  config.cpsc.student_ikd = "mse"        # configs/cpsc_cifar.py), "mse" elsewhere, as the paper;
-                                         # the student's CIFAR-10 form is "log_l2".
-  config.cpsc.ce_on_probabilities = True # Code: CE(softmax(logits), y), softmax twice; the paper's
-                                         # CE on logits is False.
-  config.cpsc.reset_generator_adam_every_step = True  # Code: a new Adam at every generator
-                                         # step (its first, sign-like step each time); False:
-                                         # one Adam for the whole run.
-  config.cpsc.student_bn_train_in_generator_steps = True  # Code: the student stays in train
-                                         # mode: batch statistics, running averages updated on
-                                         # the generator's batches too. False: eval mode there.
-  config.cpsc.adapter = "none"           # Student-feature head to the teacher's width for
-                                         # SupCon: "none", "mlp" (code, WRN-16-1/40-1 students)
-                                         # or "linear"; fixed random, never trained (as the code).
-  config.cpsc.lr_warmup_epochs = 10      # Student LR: lr * e / W for epochs e = 1..W, then
-                                         # cosine to 0 over `epochs`, stepped per epoch (code).
+  if method is not None:
+    add_method_sections(config)
+  return config
 
-  # DiffDFKD (methods/diffdfkd.py; METHOD.md b.6): Stable Diffusion v1.x steered by the
-  # teacher. Its loss weights are loss.ce / loss.bn / loss.adv (the code's oh / bn / adv);
-  # KD reads student.* with the batch below; the epoch plan is NAYER's (warm-up rounds
-  # without L_adv, then g_loops synthesis rounds and the KD calls). configs/diffdfkd_cifar.py
-  # sets the paper's CIFAR values.
-  config.diffdfkd = ml_collections.ConfigDict()
-  config.diffdfkd.weights = ""               # Bundle from `caedfkd convert-diffusion SD_DIR`.
-  config.diffdfkd.prompt = "a realistic photo of {class}"
-  config.diffdfkd.steps = 10                 # Denoising steps (CIFAR: 10; DomainNet: 70).
-  config.diffdfkd.guidance_scale = 3.0       # Classifier-free guidance (CIFAR: 3; DomainNet: 7).
-  config.diffdfkd.latent_size = 64           # Latent side: 64 -> 512-px images in SD v1.x.
-  config.diffdfkd.batch = 10                 # Images per synthesis round (the code: 1).
-  config.diffdfkd.one_class_per_round = True # A round is one class, the classes in turn (the
-                                             # code); False: every row its own class in turn.
-  config.diffdfkd.latent_lr = 1.0            # z <- z - latent_lr * dL/dz (the code: 1).
-  config.diffdfkd.grad_through_unet = True   # The paper; False: the UNet's eps held fixed.
-  config.diffdfkd.latent_mix = "cutmix"      # cutmix (the paper), mixup, none (code default).
-  config.diffdfkd.mix_every = 0              # Steps between mixes; 0: steps // 5 (the code).
-  config.diffdfkd.mix_alpha = 1.0            # lam0 ~ Beta(a, a), lam ~ Beta(lam0, lam0) (code).
-  config.diffdfkd.kd_batch = 256             # Bank images per KD step (the code: 256).
-  config.diffdfkd.attention = "xla"          # UNet attention: xla (T x T logits per head) or
-                                             # cudnn (fused flash attention; GPU, bf16; not yet
-                                             # run on a GPU here).
+
+def add_method_sections(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with the own sections of `config.method` that it lacks, at their defaults (a run
+  whose method was set by `--config.method` on a config made for another)."""
+  from caedfkd_jax.methods import registry   # Imports the method, so JAX: only when named.
+  own = registry.get(config.method).own_config
+  missing = {k: v for k, v in (own() if own else {}).items() if k not in config}
+  if missing:
+    with config.unlocked():
+      for section, values in missing.items():
+        config[section] = values
   return config

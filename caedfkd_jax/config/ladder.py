@@ -10,6 +10,8 @@ from typing import Any
 
 import ml_collections
 
+from caedfkd_jax.config import fields
+
 # arm -> {"section.field": value}. The README's "The ablation ladder" lists the same.
 ARMS: dict[str, dict[str, Any]] = {
     # NAYER as published: clean label embeddings through its per-view noisy layer, redrawn every
@@ -30,13 +32,4 @@ def apply_arm(config: ml_collections.ConfigDict, arm: str) -> ml_collections.Con
   """Sets `arm`'s fields on `config` in place (as a get_config does) and returns it."""
   if arm not in ARMS:
     raise ValueError(f"Unknown ablation arm {arm!r}; the arms are {', '.join(ARMS)}.")
-  return set_fields(config, ARMS[arm])
-
-
-def set_fields(config: ml_collections.ConfigDict,
-               fields: dict[str, Any]) -> ml_collections.ConfigDict:
-  """Sets each {"section.field": value} on `config` in place and returns it."""
-  for name, value in fields.items():
-    section, field = name.split(".")
-    config[section][field] = value
-  return config
+  return fields.set_fields(config, ARMS[arm])

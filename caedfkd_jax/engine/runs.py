@@ -2,7 +2,7 @@
 
 `--config.num_runs=R` trains R runs that differ only in seed (config.seed, +1,
 ..., +R-1); `--config.sweep="student.cncl_weight=0,0.5"` repeats them at every
-point of a grid of float hyper-parameters (`steps.SWEEPABLE`), whose values are
+point of a grid of float hyper-parameters (the method's `sweepable`), whose values are
 carried in each run's state and traced, not compiled in. Every per-run piece of
 the state gets a leading run axis; the teacher is shared. Run i of point p is
 exactly the lone run of `run_config(config, run)`.
@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from caedfkd_jax.engine import steps
+from caedfkd_jax.config import fields
+from caedfkd_jax.methods import registry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,45 +47,20 @@ class Run:
     return ", ".join(f"{k}={v:g}" for k, v in self.values)
 
 
-def parse_sweep(text: str) -> dict[str, tuple[float, ...]]:
-  """"a.b=0,0.5; c.d=1,2" -> {"a.b": (0.0, 0.5), "c.d": (1.0, 2.0)}; its grid is their product."""
-  sweep: dict[str, tuple[float, ...]] = {}
-  for part in filter(None, (p.strip() for p in text.split(";"))):
-    name, sep, values = part.partition("=")
-    name = name.strip()
-    if not sep or not values.strip():
-      raise ValueError(f"config.sweep={text!r}: {part!r} is not FIELD=V1,V2,...; write e.g. "
-                       "--config.sweep=\"student.cncl_weight=0,0.5\" (fields separated by ';').")
-    if name not in steps.SWEEPABLE:
-      raise ValueError(f"config.sweep: {name!r} cannot be swept in one program; sweepable fields "
-                       f"are {', '.join(steps.SWEEPABLE)} (learning rates and shapes are compiled "
-                       "into the program: run those as separate jobs).")
-    if name in sweep:
-      raise ValueError(f"config.sweep: {name!r} is listed twice.")
-    try:
-      sweep[name] = tuple(float(v) for v in values.split(","))
-    except ValueError:
-      raise ValueError(f"config.sweep: the values of {name!r} ({values!r}) must be numbers "
-                       "separated by commas.") from None
-  return sweep
-
-
 def is_multi(config: ml_collections.ConfigDict) -> bool:
   """Whether the config asks for a run axis (more than one run, or any swept field)."""
   return config.num_runs > 1 or bool(config.sweep.strip())
 
 
-def plan_runs(config: ml_collections.ConfigDict) -> list[Run]:
+def plan_runs(config: ml_collections.ConfigDict,
+              sweep: dict[str, tuple[float, ...]] | None = None) -> list[Run]:
   """Every run: sweep points in grid order, and within a point the seeds seed..seed+R-1
-  (the same seeds at every point, so points are compared on paired seeds)."""
+  (the same seeds at every point, so points are compared on paired seeds). `sweep`: the
+  parsed `config.sweep` (None: parsed here, against the method's sweepable fields)."""
   if config.num_runs < 1:
     raise ValueError(f"config.num_runs={config.num_runs} must be at least 1.")
-  sweep = parse_sweep(config.sweep)
-  if "cend.magnitude" in sweep and config.cend.magnitudes is not None:
-    raise ValueError(f"config.sweep sweeps cend.magnitude, but config.cend.magnitudes="
-                     f"{tuple(config.cend.magnitudes)!r} sets every source's magnitude, so the "
-                     "swept values would go unused; unset cend.magnitudes to sweep cend.magnitude, "
-                     "or run each tuple of magnitudes as its own job.")
+  if sweep is None:
+    sweep = fields.parse_sweep(config.sweep, registry.get(config.method).sweepable)
   points = [tuple(zip(sweep, combo)) for combo in itertools.product(*sweep.values())]
   return [Run(index=p * config.num_runs + r, seed=config.seed + r, point=p, values=values)
           for p, values in enumerate(points) for r in range(config.num_runs)]
@@ -97,8 +73,7 @@ def run_config(config: ml_collections.ConfigDict, run: Run) -> ml_collections.Co
   lone.num_runs = 1
   lone.sweep = ""
   for name, value in run.values:
-    section, field = name.split(".")
-    lone[section][field] = type(lone[section][field])(value)
+    fields.set_field(lone, name, type(fields.get_field(lone, name))(value))
   return lone
 
 
@@ -230,9 +205,9 @@ def read_rows(run_dir: str) -> list[dict[str, Any]]:
 
 
 def format_epoch(epoch: int, epochs: int, runs: Sequence[Run],
-                 summaries: Sequence[dict[str, Any]]) -> str:
-  """One line per epoch for all runs: each sweep point's mean (± std over seeds) of a few keys."""
-  keys = ("eval/top1", "kd/kl", "gen/loss")
+                 summaries: Sequence[dict[str, Any]],
+                 keys: Sequence[str] = ("eval/top1", "kd/kl", "gen/loss")) -> str:
+  """One line per epoch for all runs: each sweep point's mean (± std over seeds) of `keys`."""
   parts = []
   for p in sorted({run.point for run in runs}):
     members = [summaries[i] for i, run in enumerate(runs) if run.point == p]

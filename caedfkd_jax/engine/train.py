@@ -1,119 +1,105 @@
-"""A DFKD run of any method (`config.method`): setup, the epoch loop, checkpoints, logs, bundle.
+"""A DFKD run of any method (`config.method`): prepare, the epochs, their ends, finish.
 
-Importable from a notebook: `train_and_evaluate(config, workdir)` is the whole
-run; `create_setup` / `create_state` / `steps.make_step_fns` are the pieces.
-An epoch is a list of *units* (the method's `epoch_plan`: e.g. generator rounds, then KD
-calls). The
-state records the next unit, so a run stopped anywhere resumes at the last
-checkpointed unit and, all randomness being folded from (seed, epoch, unit),
-continues exactly as the uninterrupted run would.
+Importable from a notebook: `train_and_evaluate(config, workdir)` is the whole run;
+`create_setup` / `create_state` / `steps.make_step_fns` are the pieces. The engine knows no
+method: it builds what they share (teacher, student, dtype, mesh), and the method adds its
+own (methods/base.py). An epoch is a list of *units* (the method's `epoch_plan`); the state
+records the next unit, so a run stopped anywhere resumes at the last checkpointed unit and,
+all randomness being folded from (seed, epoch, unit), continues exactly as the
+uninterrupted run would.
 """
 
+import dataclasses
 import functools
 import json
 import os
-import time
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from caedfkd_jax.io import atomic_files, bundle as bundle_lib
-from caedfkd_jax.runtime import cpu_devices
-from caedfkd_jax.io import embeddings
-from caedfkd_jax import methods
-from caedfkd_jax.runtime import multihost
-from caedfkd_jax.engine import checkpoint as resume, runs as runs_lib, steps
-from caedfkd_jax.config.checks import validate_config
+from caedfkd_jax import models
+from caedfkd_jax.config import checks, defaults
+from caedfkd_jax.engine import checkpoint, runs as runs_lib, steps
+from caedfkd_jax.engine.clock import Clock
+from caedfkd_jax.engine.epoch_log import EpochLog
 from caedfkd_jax.engine.metrics_writer import MetricsWriter, save_image_grid
+from caedfkd_jax.io import atomic_files, bundle as bundle_lib, embeddings
+from caedfkd_jax.methods import registry
+from caedfkd_jax.methods.base import Method, Phase, Setup, TrainState
+from caedfkd_jax.runtime import cpu_devices, mesh as mesh_lib, multihost, platform
 
 STUDENT_DIR = "student"
-CHECKPOINT_DIR = "checkpoints"
+CHECKPOINT_DIR = checkpoint.CHECKPOINT_DIR
 
 
 class NonFiniteLossError(RuntimeError):
   pass
 
 
-def compute_dtype(name: str, platform: str | None = None):
-  """The activation dtype: "auto" is bfloat16 on accelerators and float32 on CPUs.
-
-  XLA:CPU has no fast bfloat16 convolutions, so "auto" keeps CPUs in float32.
-  """
-  if name == "auto":
-    platform = platform or jax.default_backend()
-    return jnp.float32 if platform == "cpu" else jnp.bfloat16
-  try:
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
-  except KeyError:
-    raise ValueError(f"compute_dtype {name!r}: use auto, float32, bfloat16 or float16") from None
+# --------------------------------------------------------------------------- #
+# The static setup and the first state
+# --------------------------------------------------------------------------- #
 
 
-def _devices(config) -> list | None:
-  """The devices a run uses: all (None), or the first `config.num_devices` of one process."""
-  n = config.get("num_devices", 0)
-  if not n:
-    return None
-  if jax.process_count() > 1 or n > jax.device_count():
-    raise ValueError(f"config.num_devices={n}: a single process has {jax.device_count()} "
-                     "devices; use 0 (all of them), which is also the only choice multi-host.")
-  return jax.devices()[:n]
+def shared_setup(config, teacher: bundle_lib.Bundle,
+                 table: embeddings.EmbeddingTable | None = None) -> Setup:
+  """What every method shares: teacher, student, dtype, and the embedding table for a method
+  that reads one (`table`, or the one `config.embeddings` names, checked against the
+  teacher's classes)."""
+  method = registry.get(config.method)
+  spec = teacher.spec
+  if config.student_arch not in models.ARCHS:
+    raise ValueError(f"Unknown student_arch {config.student_arch!r}. Known archs: "
+                     f"{', '.join(sorted(models.ARCHS))}.")
+  if method.embeddings:
+    table = embeddings.load_table(config.embeddings) if table is None else table
+    embeddings.check_table_fits(table, spec, config.embeddings)
+  dtype = platform.compute_dtype(config.compute_dtype)
+  return Setup(config=config, method=method, dtype=dtype, num_classes=spec.num_classes,
+               teacher=models.create_model(spec.arch, spec.num_classes, dtype),
+               student=models.create_model(config.student_arch, spec.num_classes, dtype),
+               mean=tuple(spec.mean), std=tuple(spec.std), image_size=spec.image_size,
+               teacher_arch=spec.arch,
+               class_names=tuple(spec.class_names) if spec.class_names else None,
+               table=table if method.embeddings else None)
 
 
-def enable_compilation_cache(directory: str) -> str | None:
-  """Points JAX's persistent compilation cache at `directory` ("auto": the user cache).
-
-  JAX fixes the directory once a process first uses the cache, so a directory
-  already configured (e.g. by JAX_COMPILATION_CACHE_DIR) is kept. Returns the
-  directory in use, or None when off.
-  """
-  current = jax.config.jax_compilation_cache_dir
-  if not directory or current:
-    return current or None
-  if directory == "auto":
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    directory = os.path.join(base, "caedfkd_jax", "xla")
-  directory = os.path.abspath(os.path.expanduser(directory))
-  jax.config.update("jax_compilation_cache_dir", directory)
-  return directory
+def create_setup(config, teacher: bundle_lib.Bundle,
+                 table: embeddings.EmbeddingTable | None = None) -> Setup:
+  """The shared setup, extended by `config.method` (its `create_setup`)."""
+  setup = registry.get(config.method).create_setup(shared_setup(config, teacher, table))
+  assert setup.student_tx is not None and setup.student_lr is not None, (
+      f"method {config.method}'s create_setup must set student_tx and student_lr")
+  return setup
 
 
-def create_setup(config, teacher: bundle_lib.Bundle, table: embeddings.EmbeddingTable) -> steps.Setup:
-  """The static side of a run of `config.method` (methods.get)."""
-  return methods.get(config.method).create_setup(config, teacher, table)
-
-
-def create_state(setup: steps.Setup, teacher_vars, image_size: int,
-                 seed: int | None = None) -> steps.TrainState:
+def create_state(setup: Setup, teacher_vars, seed: int | None = None) -> TrainState:
   """A run's first state; `seed` defaults to config.seed."""
   config = setup.config
   rng = jax.random.key(config.seed if seed is None else seed)
   rng_method, rng_s = jax.random.split(jax.random.fold_in(rng, 2**31 - 1))
   student = bundle_lib.init_variables(
-      bundle_lib.ModelSpec(config.student_arch, setup.num_classes, image_size), rng_s)
-  return steps.TrainState(
-      epoch=jnp.int32(0), unit=jnp.int32(0), kd_step=jnp.int32(0),
-      student=student,
+      bundle_lib.ModelSpec(config.student_arch, setup.num_classes, setup.image_size), rng_s)
+  return TrainState(
+      epoch=jnp.int32(0), unit=jnp.int32(0), kd_step=jnp.int32(0), student=student,
       student_opt_state=setup.student_tx.init(student["params"]),
-      method=setup.method.init_state(setup, teacher_vars, rng_method, image_size),
-      rng=rng)
+      method=setup.method.init_state(setup, teacher_vars, rng_method), rng=rng)
 
 
-def create_run_states(setup: steps.Setup, teacher_vars, image_size: int,
-                      runs: list[runs_lib.Run] | None) -> steps.TrainState:
+def create_run_states(setup: Setup, teacher_vars, runs: list[runs_lib.Run] | None) -> TrainState:
   """The first state of one run (`runs` None), or of every run stacked on a leading axis."""
   if runs is None:
-    return create_state(setup, teacher_vars, image_size)
-  return runs_lib.stack([create_state(setup, teacher_vars, image_size, run.seed).replace(
+    return create_state(setup, teacher_vars)
+  return runs_lib.stack([create_state(setup, teacher_vars, run.seed).replace(
       hparams=runs_lib.hparams(run)) for run in runs])
 
 
-def finite_parts(setup: steps.Setup, state: steps.TrainState) -> dict[str, jax.Array]:
+def finite_parts(setup: Setup, state: TrainState) -> dict[str, jax.Array]:
   """Whether each learnt part of the state is finite: checked after every unit, on the device."""
   all_finite = lambda tree: jnp.all(jnp.stack(
       [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)] or [jnp.bool_(True)]))
@@ -122,6 +108,190 @@ def finite_parts(setup: steps.Setup, state: steps.TrainState) -> dict[str, jax.A
            "student optimiser state": state.student_opt_state,
            **setup.method.finite_parts(state.method)}
   return {name: all_finite(tree) for name, tree in parts.items()}
+
+
+# --------------------------------------------------------------------------- #
+# A run's context: what `prepare` builds once and every later piece reads
+# --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass
+class Run:
+  config: ml_collections.ConfigDict
+  workdir: str
+  method: Method
+  setup: Setup
+  teacher: bundle_lib.Bundle
+  teacher_vars: Any               # On the devices, replicated.
+  unit_vars: Any                  # What every unit reads: teacher_vars or the method's frozen_vars.
+  runs: list[runs_lib.Run] | None
+  run_dirs: list[str]
+  phases: dict[str, Phase]
+  fns: dict[str, Callable]        # The compiled units (steps.make_step_fns).
+  finite_fn: Callable
+  renew_fn: Callable | None
+  grid_fn: Callable
+  eval_data: Any
+  writers: list[MetricsWriter]
+  checkpoints: checkpoint.Checkpoints
+  clock: Clock
+  bar: Any                        # tqdm
+  identity: dict[str, str]        # The teacher's fingerprint and the state's shapes.
+  config_history: list[dict]      # Allowed config changes, per resume.
+  last_epoch: int                 # Where this invocation stops: epochs or stop_after_epochs.
+  units_run: int = 0
+
+  def progress(self, log: EpochLog | None = None) -> dict[str, Any]:
+    """The checkpoint's JSON beside the state; `log`: the unfinished epoch's numbers."""
+    return {**self.clock.state(), **self.identity, "config_changes": self.config_history,
+            "partial_epoch": None if log is None else log.to_json()}
+
+  def save(self, state: TrainState, epoch: int, unit: int, log: EpochLog | None = None) -> None:
+    self.checkpoints.save(state, epoch, unit, self.config, self.progress(log))
+    self.clock.saved()
+
+  def per_class(self):
+    return [p for phase in self.phases.values() for p in phase.per_class]
+
+
+def _position(x: jax.Array) -> int:
+  """An int of the state (epoch, unit, ...): every run holds the same one."""
+  return int(np.asarray(multihost.to_host(x)).reshape(-1)[0])
+
+
+def _load_teacher(config) -> bundle_lib.Bundle:
+  if not config.teacher:
+    raise ValueError("config.teacher is empty: pass --config.teacher=PATH_TO_TEACHER_BUNDLE "
+                     "(make one with `caedfkd convert`).")
+  teacher = bundle_lib.load_bundle(config.teacher)
+  if config.teacher_arch_expected and teacher.spec.arch != config.teacher_arch_expected:
+    raise ValueError(f"The teacher bundle {config.teacher} is a {teacher.spec.arch}, but this config "
+                     f"is for a {config.teacher_arch_expected} teacher.")
+  return teacher
+
+
+def _load_eval_data(config, spec: bundle_lib.ModelSpec):
+  """The eval split, refused before any work (not at the first evaluation) if the teacher's
+  student could not be scored on it."""
+  if not config.eval_data:
+    return None
+  from caedfkd_jax.eval import evaluate
+  from caedfkd_jax.io import data
+  dataset = data.load_dataset(config.eval_data, config.eval_split)
+  evaluate.check_fits(spec, dataset, f"config.eval_data={config.eval_data!r}: the teacher")
+  return dataset
+
+
+def _validated(config, method: Method, num_devices: int, num_classes: int):
+  """Every value checked (every run's of a multi-run job too) before any work; the runs."""
+  sweep = checks.check_sweep(config, method)
+  runs = runs_lib.plan_runs(config, sweep) if runs_lib.is_multi(config) else None
+  for run_cfg in ([config] if runs is None else [runs_lib.run_config(config, r) for r in runs]):
+    checks.validate_config(run_cfg, num_devices, num_classes, swept=tuple(sweep))
+  checkpoint.check_units_per_epoch(method.units_per_epoch(config))
+  return runs
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, TrainState, int, int,
+                                                                       EpochLog]:
+  """Everything a run needs, checked before any work; (run, state, epoch, unit, log) to go on
+  from (the latest checkpoint's, or a fresh start's)."""
+  cpu_devices.reserve_intra_op_threads()  # Simulated CPU devices need spare threads.
+  multihost.initialize(config)  # Before any other JAX call.
+  platform.enable_compilation_cache(config.compilation_cache_dir)
+  method = registry.get(config.method)  # An unknown name is refused before any work.
+  defaults.add_method_sections(config)  # --config.method=X on a config made for another.
+  teacher = _load_teacher(config)
+  mesh = mesh_lib.make_mesh(mesh_lib.select_devices(config.get("num_devices", 0)))
+  runs = _validated(config, method, mesh.size, teacher.spec.num_classes)
+  setup = create_setup(config, teacher)
+  eval_data = _load_eval_data(config, teacher.spec)  # A bad eval_data is refused before any work.
+  os.makedirs(workdir, exist_ok=True)
+
+  replicated = NamedSharding(mesh, P())
+  teacher_vars = multihost.put({k: teacher.variables[k] for k in ("params", "batch_stats")},
+                               replicated)
+  initial_state = lambda: create_run_states(setup, teacher_vars, runs)
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                          jax.eval_shape(initial_state))
+  identity = {"teacher_sha256": checkpoint.tree_sha256(teacher.variables),
+              "state_shapes": checkpoint.shapes_signature(abstract)}
+  changes: dict[str, tuple[Any, Any]] = {}
+  checkpoints = checkpoint.Checkpoints(workdir, config.max_checkpoints)
+  state, saved = checkpoints.restore(abstract, lambda saved_config, saved_progress: changes.update(
+      checkpoint.check_resume(workdir, saved_config, saved_progress, config, identity, method)))
+  resumed = state is not None
+  state = state if resumed else multihost.put(initial_state(), replicated)
+  epoch, unit = _position(state.epoch), _position(state.unit)
+
+  # Every per-run piece maps over the run axis; `over_runs` None: one run, no axis.
+  vectorize = runs is not None and runs_lib.resolve_vectorize(config, mesh.devices.flat[0].platform)
+  over_runs = None if runs is None else functools.partial(
+      runs_lib.over_runs, num_runs=len(runs), vectorize=vectorize)
+  per_run = over_runs or (lambda fn, in_axes: fn)
+  run_dirs = [workdir] if runs is None else [os.path.join(workdir, "runs", r.name) for r in runs]
+  last_epoch = min(config.epochs, config.stop_after_epochs or config.epochs)
+  run = Run(
+      config=config, workdir=workdir, method=method, setup=setup, teacher=teacher,
+      teacher_vars=teacher_vars,
+      # What the units read besides the state: the teacher, and any other frozen network a
+      # method needs (DiffDFKD's Stable Diffusion), put on the devices once for the whole run.
+      unit_vars=(multihost.put(method.frozen_vars(setup, teacher_vars), replicated)
+                 if method.frozen_vars else teacher_vars),
+      runs=runs, run_dirs=run_dirs, phases=method.phases(setup, mesh),
+      fns=steps.make_step_fns(setup, mesh, over_runs=over_runs, vmapped_runs=vectorize),
+      finite_fn=jax.jit(per_run(functools.partial(finite_parts, setup), (0,))),
+      renew_fn=method.renew and jax.jit(per_run(functools.partial(method.renew, setup), (0,)),
+                                        donate_argnums=(0,)),
+      grid_fn=jax.jit(per_run(functools.partial(_latest_with_teacher_guesses, setup), (0, None))),
+      eval_data=eval_data,
+      # Rows logged after the checkpoint being resumed are logged again: drop them first.
+      writers=[MetricsWriter(d, enabled=multihost.is_primary(),
+                             keep_through_epoch=epoch if resumed else 0) for d in run_dirs],
+      checkpoints=checkpoints,
+      clock=Clock(saved.get("train_seconds", 0.0), saved.get("wall_seconds")),
+      bar=_progress_bar(method, config, runs, epoch, unit, last_epoch),
+      identity=identity, config_history=list(saved.get("config_changes", [])),
+      last_epoch=last_epoch)
+  _announce(run, resumed, epoch, unit, changes)
+  log = EpochLog(epoch, run.per_class(), saved.get("partial_epoch") if unit else None)
+  return run, state, epoch, unit, log
+
+
+def _progress_bar(method: Method, config, runs, epoch: int, unit: int, last_epoch: int):
+  units_per_epoch = method.units_per_epoch(config)
+  bar = tqdm(total=sum(units_per_epoch[:last_epoch]), initial=sum(units_per_epoch[:epoch]) + unit,
+             unit="unit", dynamic_ncols=True,
+             desc=method.name if runs is None else f"{method.name} x{len(runs)} runs",
+             disable=not multihost.is_primary())
+  if not multihost.is_primary():
+    bar.write = lambda *args, **kwargs: None  # tqdm.write ignores `disable`: one process speaks.
+  return bar
+
+
+def _announce(run: Run, resumed: bool, epoch: int, unit: int, changes: dict) -> None:
+  """Says where the run resumes, what config change it continues with, and a spent budget."""
+  if resumed:
+    run.bar.write(f"Resumed from {run.checkpoints.directory} at epoch {epoch}, unit {unit}.")
+  if changes:
+    run.config_history.append({"epoch": epoch, "unit": unit,
+                               "changes": {k: list(v) for k, v in changes.items()}})
+    run.bar.write("Continuing with a changed config: " + ", ".join(
+        f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+  if _budget_spent(run, epoch):
+    run.bar.write(f"The time budget of {run.config.time_budget_minutes:g} minutes is spent "
+                  f"({run.clock.wall_before / 60:.1f} minutes so far); raise "
+                  "--config.time_budget_minutes to continue this run.")
+
+
+def _budget_spent(run: Run, epoch: int) -> bool:
+  budget = run.config.time_budget_minutes * 60
+  return bool(budget) and run.clock.wall_before >= budget and epoch < run.config.epochs
+
+
+# --------------------------------------------------------------------------- #
+# An epoch's units, and the end of an epoch
+# --------------------------------------------------------------------------- #
 
 
 def _in_run(runs: list[runs_lib.Run] | None, index: int) -> str:
@@ -133,6 +303,7 @@ def _in_run(runs: list[runs_lib.Run] | None, index: int) -> str:
 
 def _check_finite(metrics: dict[str, np.ndarray], epoch: int, unit: int, what: str,
                   runs: list[runs_lib.Run] | None = None) -> None:
+  """Stops the run at a non-finite loss, naming the run, unit, step and term."""
   for name, values in metrics.items():
     values = np.asarray(values).reshape(len(runs) if runs else 1, -1)  # runs x steps
     bad = np.argwhere(~np.isfinite(values))
@@ -144,15 +315,9 @@ def _check_finite(metrics: dict[str, np.ndarray], epoch: int, unit: int, what: s
           "Lower the learning rate or loss weight of that term, or try compute_dtype=float32.")
 
 
-def partial_epoch(epoch: int, epoch_metrics: dict[str, list]) -> dict[str, Any]:
-  """The per-unit numbers of an unfinished epoch, as JSON for its checkpoint."""
-  metrics = {k: (list(map(lambda x: np.asarray(x).tolist(), multihost.to_host(v)))
-                 if k == "low_conf" else v) for k, v in epoch_metrics.items()}
-  return {"epoch": epoch, "metrics": metrics}
-
-
 def _check_finite_parts(finite: dict[str, np.ndarray], epoch: int, unit: int, what: str,
                         runs: list[runs_lib.Run] | None = None) -> None:
+  """Stops the run at a learnt part of the state that turned non-finite while its losses did not."""
   ok = np.stack([np.asarray(v).reshape(-1) for v in finite.values()])  # parts x runs
   if not ok.all():
     bad_run = int(np.argwhere(~ok)[0, 1])
@@ -163,98 +328,152 @@ def _check_finite_parts(finite: dict[str, np.ndarray], epoch: int, unit: int, wh
         "checkpoint is kept. Lower the learning rates, or try compute_dtype=float32.")
 
 
-def _student_spec(config, teacher: bundle_lib.Bundle, progress: dict[str, Any]) -> bundle_lib.ModelSpec:
-  t = teacher.spec
-  method = methods.get(config.method)
-  extra = {"distilled_from": config.teacher, "teacher_sha256": progress["teacher_sha256"],
-           "method": method.name, **method.bundle_fields(config),
-           "config": json.loads(json.dumps(config.to_dict()))}
-  if progress.get("config_changes"):
-    extra["config_changes"] = progress["config_changes"]
-  return bundle_lib.ModelSpec(
-      arch=config.student_arch, num_classes=t.num_classes, image_size=t.image_size,
-      mean=t.mean, std=t.std, class_names=t.class_names, extra=extra)
+def _process_metrics(run: Run, log: EpochLog, pending) -> None:
+  """A dispatched unit's metrics, read (waiting for that unit only), checked and logged.
 
-
-def _position(x: jax.Array) -> int:
-  """An int of the state (epoch, unit, ...): every run holds the same one."""
-  return int(np.asarray(multihost.to_host(x)).reshape(-1)[0])
-
-
-def _checkpoint_manager(workdir: str, config) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True)
-  return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR), options=options)
-
-
-def _save(mngr: ocp.CheckpointManager, state: steps.TrainState, config,
-          progress: dict[str, Any]) -> None:
-  """Orbax writes into a temporary directory and renames it when complete: a kill mid-save
-  leaves the previous checkpoint as the latest."""
-  step = _position(state.epoch) * 10_000 + _position(state.unit)
-  if mngr.latest_step() == step:
-    return
-  mngr.save(step, args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      config=ocp.args.JsonSave(config.to_dict()),
-      progress=ocp.args.JsonSave(progress)))
-  mngr.wait_until_finished()
-
-
-def _restore_json(mngr: ocp.CheckpointManager, step: int, name: str) -> dict[str, Any]:
-  try:
-    return dict(mngr.restore(step, args=ocp.args.Composite(**{name: ocp.args.JsonRestore()}))[name])
-  except (FileNotFoundError, KeyError, ValueError):
-    return {}  # Written by an older version without it.
-
-
-def _restore(mngr: ocp.CheckpointManager, abstract_state, check) -> tuple[steps.TrainState | None, dict]:
-  """(state, progress) of the latest checkpoint, or (None, {}).
-
-  `check(saved_config, saved_progress)` runs before the state is read, so a refused
-  resume fails with its own message, not with Orbax's shape mismatch.
+  The loop calls this for unit k after it has queued unit k + 1 (nanodo's
+  `_process_metrics`): the device always has work while the host reads.
   """
-  step = mngr.latest_step()
-  if step is None:
-    return None, {}
-  progress = _restore_json(mngr, step, "progress")
-  check(_restore_json(mngr, step, "config"), progress)
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state)))
-  return restored["state"], progress
+  if pending is None:
+    return
+  metrics, finite, epoch, unit, what, phase = pending
+  metrics, finite = multihost.to_host((metrics, finite))
+  _check_finite(metrics, epoch, unit, what, run.runs)
+  _check_finite_parts(finite, epoch, unit, what, run.runs)
+  log.add_metrics(metrics)
+  run.bar.update(1)
+  run.bar.set_postfix({k.split("/")[1]: f"{np.mean(metrics[k]):.3g}" for k in phase.shows[:2]
+                       if k in metrics}, refresh=False)
 
 
-def _load_eval_data(config, spec: bundle_lib.ModelSpec):
-  """The eval split, refused before any work (not at the first evaluation) if the teacher's
-  student could not be scored on it."""
-  if not config.eval_data:
+def run_epoch(run: Run, state: TrainState, epoch: int, unit: int, log: EpochLog
+              ) -> tuple[TrainState, int, bool]:
+  """Units `unit`.. of `epoch`; (state, the next unit, whether the run stopped early)."""
+  config = run.config
+  plan = run.method.epoch_plan(config, epoch)
+  if unit == 0 and run.method.renews(config, epoch):
+    state = run.renew_fn(state)
+  pending = None   # The last dispatched unit, whose metrics are not read yet.
+  while unit < len(plan):
+    phase = run.phases[plan[unit]]
+    state, metrics, outputs = run.fns[plan[unit]](state, run.unit_vars)
+    log.add_outputs(phase, outputs)
+    # "generator round 3": the unit's kind and its index among the epoch's units of that kind.
+    what = f"{phase.label} {sum(run.phases[n].label == phase.label for n in plan[:unit])}"
+    finite = run.finite_fn(state)
+    _process_metrics(run, log, pending)
+    pending = (metrics, finite, epoch, unit, what, phase)
+    unit += 1
+    run.units_run += 1
+    # Each host has its own clock: process 0's decisions hold for all, or one process would
+    # stop or checkpoint alone and the others wait for it in their next collective.
+    out_of_time, save_due = multihost.agree(
+        run.clock.out_of(config.time_budget_minutes * 60),
+        run.clock.save_due(config.checkpoint_every_minutes * 60))
+    if out_of_time or (config.max_units and run.units_run >= config.max_units):
+      _process_metrics(run, log, pending)
+      return state, unit, True
+    if save_due:
+      _process_metrics(run, log, pending)  # Never checkpoint a state whose losses were not checked.
+      pending = None
+      run.save(state, epoch, unit, log)
+  _process_metrics(run, log, pending)
+  return state, unit, False
+
+
+def _evaluate(run: Run, state: TrainState, epoch: int, kd_step: int) -> list[float] | None:
+  """Each run's student's top-1 on `eval_data`, when due: the student has trained, and the
+  epoch is an `eval_every_epochs` one or this invocation's last."""
+  config = run.config
+  if run.eval_data is None or not kd_step or not (
+      (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == run.last_epoch):
     return None
-  from caedfkd_jax.io import data
-  from caedfkd_jax.eval import evaluate
-  dataset = data.load_dataset(config.eval_data, config.eval_split)
-  evaluate.check_fits(spec, dataset, f"config.eval_data={config.eval_data!r}: the teacher")
-  return dataset
+  with run.clock.paused():   # Evaluation is measurement, not training.
+    students = multihost.to_host(state.student)
+    return [_top1(run.setup.student, students if run.runs is None
+                  else runs_lib.unstack(students, r), run.eval_data, run.setup, config)
+            for r in range(len(run.run_dirs))]
 
 
-def _top1(model, variables, dataset, setup, config) -> float:
-  from caedfkd_jax.eval import evaluate
-  # On the host: every process evaluates alone, with no collective.
-  logits = evaluate.predict(model, variables, dataset.images, setup.mean, setup.std,
-                            config.eval_batch_size, progress=False)
-  return float(np.mean(np.argmax(logits, -1) == dataset.labels) * 100)
+def end_epoch(run: Run, state: TrainState, epoch: int, log: EpochLog
+              ) -> tuple[TrainState, list[dict[str, Any]]]:
+  """The epoch's rows (one per run), evaluation, sample grids, a checkpoint; the next epoch's
+  state."""
+  kd_step = _position(state.kd_step)
+  shared = {"student/lr": float(run.setup.student_lr(max(kd_step - 1, 0))),  # its last step's
+            **{k: _position(v) for k, v in run.method.epoch_scalars(state.method).items()},
+            "time/minutes": run.clock.wall() / 60, "time/train_minutes": run.clock.train() / 60}
+  summaries = [{**log.summary(None if run.runs is None else r), **shared}
+               for r in range(len(run.run_dirs))]
+  top1 = _evaluate(run, state, epoch, kd_step)
+  for r, summary in enumerate(summaries):
+    if top1 is not None:
+      summary["eval/top1"] = top1[r]
+    run.writers[r].write(epoch + 1, summary)
+  plan = run.method.epoch_plan(run.config, epoch)
+  if any(run.phases[name].makes_images for name in plan):
+    _save_grids(run, state, epoch)   # The epoch's last batch, read back from the state.
+  run.bar.write(_format_summary(run, epoch + 1, summaries))
+  state = state.replace(epoch=state.epoch + 1, unit=jnp.zeros_like(state.unit))  # same sharding
+  run.save(state, epoch + 1, 0)
+  return state, summaries
 
 
-def _epoch_summary(epoch_metrics: dict[str, list], run: int | None) -> dict[str, float]:
-  """The epoch's row of one run from its per-unit numbers (`run` None: no run axis)."""
-  pick = (lambda x: x) if run is None else (lambda x: x[run])
-  summary = {k: float(np.mean([pick(x) for x in v])) for k, v in epoch_metrics.items()
-             if k != "low_conf"}
-  if epoch_metrics["low_conf"]:
-    low_conf = np.mean(np.stack([pick(np.asarray(x, np.float32))
-                                 for x in multihost.to_host(epoch_metrics["low_conf"])]), 0)
-    summary["gen/low_confidence_share"] = float(low_conf.mean())
-    for k, share in enumerate(low_conf):
-      summary[f"low_confidence/class_{k}"] = float(share)
-  return summary
+def _save_grids(run: Run, state: TrainState, epoch: int) -> None:
+  grids = multihost.to_host(run.grid_fn(state.method, run.teacher_vars))
+  setup = run.setup
+  names = setup.class_names or (setup.table.classes if setup.table else None)  # else indices
+  for r, run_dir in enumerate(run.run_dirs):
+    images, labels, predicted, confidence = (grids if run.runs is None
+                                             else runs_lib.unstack(grids, r))
+    save_image_grid(os.path.join(run_dir, "samples", f"epoch_{epoch + 1:04d}.png"),
+                    images, labels, setup.num_classes, run.config.grid_images_per_class,
+                    enabled=multihost.is_primary(), class_names=names,
+                    predicted_B=predicted, confidence_B=confidence)
+
+
+def _shown(run: Run) -> list[str]:
+  """The metrics the phases show, in order, then the engine's."""
+  shown = [k for phase in run.phases.values() for k in phase.shows]
+  return list(dict.fromkeys(shown + ["eval/top1", "time/minutes"]))
+
+
+def _format_summary(run: Run, epoch: int, summaries: list[dict[str, Any]]) -> str:
+  if run.runs is not None:
+    keys = ["eval/top1"] + list(dict.fromkeys(p.shows[0] for p in run.phases.values() if p.shows))
+    return runs_lib.format_epoch(epoch, run.config.epochs, run.runs, summaries, keys)
+  s = summaries[0]
+  parts = [f"{k.split('/')[1]}={s[k]:.4g}" for k in _shown(run) if k in s]
+  return f"epoch {epoch}/{run.config.epochs}: " + " ".join(parts)
+
+
+# --------------------------------------------------------------------------- #
+# The end of a run
+# --------------------------------------------------------------------------- #
+
+
+def finish(run: Run, state: TrainState, epoch: int, unit: int, log: EpochLog,
+           summaries: list[dict[str, Any]]) -> dict[str, Any]:
+  """The last checkpoint, the student bundle(s), the multi-run summary and result.json."""
+  run.bar.close()
+  run.save(state, epoch, unit, log if unit else None)
+  run.checkpoints.close()
+  students = multihost.to_host(state.student)  # On every process: may be a collective.
+  for writer in run.writers:
+    writer.close()
+  # Short of the schedule's end: the time budget, max_units or stop_after_epochs stopped it.
+  done = {"epoch": epoch, "stopped_early": epoch < run.config.epochs,
+          "minutes": run.clock.wall() / 60, "train_minutes": run.clock.train() / 60}
+  student_dir = os.path.join(run.workdir, STUDENT_DIR)
+  if run.runs is None:
+    if multihost.is_primary():
+      bundle_lib.save_bundle(student_dir, _student_spec(run, run.config), students)
+    result = {**(summaries[0] if summaries else {}), **done, "student": student_dir}
+  else:
+    result = {**done, "student": student_dir, **_finish_runs(run, students)}
+  if multihost.is_primary():
+    atomic_files.write_text(os.path.join(run.workdir, "result.json"), json.dumps(result, indent=2))
+  return result
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -264,261 +483,73 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   the same program; each writes `runs/run_XX/` (metrics, samples) and `student/run_XX`, and
   `summary.json` holds the statistics over seeds per sweep point.
   """
-  start = time.time()
-  cpu_devices.reserve_intra_op_threads()  # Simulated CPU devices need spare threads.
-  multihost.initialize(config)  # Before any other JAX call.
-  enable_compilation_cache(config.compilation_cache_dir)
-  if not config.teacher:
-    raise ValueError("config.teacher is empty: pass --config.teacher=PATH_TO_TEACHER_BUNDLE "
-                     "(make one with `caedfkd convert`).")
-  method = methods.get(config.method)  # An unknown name is refused before any work.
-  runs = runs_lib.plan_runs(config) if runs_lib.is_multi(config) else None
-  teacher = bundle_lib.load_bundle(config.teacher)
-  if config.teacher_arch_expected and teacher.spec.arch != config.teacher_arch_expected:
-    raise ValueError(f"The teacher bundle {config.teacher} is a {teacher.spec.arch}, but this config "
-                     f"is for a {config.teacher_arch_expected} teacher.")
-  table = embeddings.load_table(config.embeddings)
-  mesh = steps.make_mesh(_devices(config))
-  group_size = teacher.spec.num_classes * (config.cend.num_sources + 1)
-  for run_cfg in ([config] if runs is None else [runs_lib.run_config(config, r) for r in runs]):
-    validate_config(run_cfg, mesh.size, group_size)  # Every swept value too.
-  setup = create_setup(config, teacher, table)
-  eval_data = _load_eval_data(config, teacher.spec)  # A bad eval_data is refused before any work.
-  os.makedirs(workdir, exist_ok=True)
-
-  replicated = NamedSharding(mesh, P())
-  teacher_vars = multihost.put(
-      {"params": teacher.variables["params"], "batch_stats": teacher.variables["batch_stats"]},
-      replicated)
-  initial_state = lambda: create_run_states(setup, teacher_vars, teacher.spec.image_size, runs)
-  abstract = jax.eval_shape(initial_state)
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
-  identity = {"teacher_sha256": resume.tree_sha256(teacher.variables),
-              "state_shapes": resume.shapes_signature(abstract)}
-  changes: dict[str, tuple[Any, Any]] = {}
-
-  def check(saved_config, saved_progress):
-    changes.update(resume.check_resume(workdir, saved_config, saved_progress, config, identity))
-
-  mngr = _checkpoint_manager(workdir, config)
-  state, saved = _restore(mngr, abstract, check)
-  resumed = state is not None
-  if state is None:
-    state = multihost.put(initial_state(), replicated)
-  # Every per-run piece maps over the run axis; `over_runs` None: one run, no axis.
-  vectorize = runs is not None and runs_lib.resolve_vectorize(config, mesh.devices.flat[0].platform)
-  over_runs = None if runs is None else functools.partial(
-      runs_lib.over_runs, num_runs=len(runs), vectorize=vectorize)
-  per_run = over_runs or (lambda fn, in_axes: fn)
-  fns = steps.make_step_fns(setup, mesh, over_runs=over_runs, vmapped_runs=vectorize)
-  # What the units read besides the state: the teacher, and any other frozen network a method
-  # needs (DiffDFKD's Stable Diffusion), put on the devices once for the whole run.
-  unit_vars = (multihost.put(method.frozen_vars(setup, teacher_vars), replicated)
-               if method.frozen_vars else teacher_vars)
-  run_dirs = [workdir] if runs is None else [os.path.join(workdir, "runs", r.name) for r in runs]
-  # Rows logged after the checkpoint being resumed are logged again: drop them first.
-  writers = [MetricsWriter(d, enabled=jax.process_index() == 0,
-                           keep_through_epoch=_position(state.epoch) if resumed else 0)
-             for d in run_dirs]
-
-  # Host mirrors of the state's position: reading state.epoch / state.unit would wait for
-  # the device after every unit. Metrics of a unit are fetched after the next one is
-  # dispatched, so the device always has work queued while the host logs.
-  epoch, unit = _position(state.epoch), _position(state.unit)
-  units_per_epoch = method.units_per_epoch(config)
-  last_epoch = min(config.epochs, config.stop_after_epochs or config.epochs)
-  bar = tqdm(total=sum(units_per_epoch[:last_epoch]), initial=sum(units_per_epoch[:epoch]) + unit,
-             unit="unit", dynamic_ncols=True,
-             desc=method.name if runs is None else f"{method.name} x{len(runs)} runs",
-             disable=jax.process_index() != 0)
-  if not multihost.is_primary():
-    bar.write = lambda *args, **kwargs: None  # tqdm.write ignores `disable`: one process speaks.
-  if resumed:
-    bar.write(f"Resumed from {mngr.directory} at epoch {epoch}, unit {unit}.")
-  # Times add up over every invocation of the run, so a resumed run keeps its budget and
-  # its time axis. Evaluation is measurement, not training: kept out of train_seconds.
-  config_history = list(saved.get("config_changes", []))
-  if changes:
-    config_history.append({"epoch": epoch, "unit": unit,
-                           "changes": {k: list(v) for k, v in changes.items()}})
-    bar.write("Continuing with a changed config: " + ", ".join(
-        f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items()))
-  train_before = float(saved.get("train_seconds", 0.0))
-  wall_before = float(saved.get("wall_seconds", saved.get("train_seconds", 0.0)))
-  eval_seconds = 0.0
-  train_seconds = lambda: train_before + time.time() - start - eval_seconds
-  run_seconds = lambda: wall_before + time.time() - start
-  progress = lambda partial=None: {
-      "train_seconds": train_seconds(), "wall_seconds": run_seconds(), **identity,
-      "config_changes": config_history, "partial_epoch": partial}
-  budget_s = config.time_budget_minutes * 60
-  finite_fn = jax.jit(per_run(functools.partial(finite_parts, setup), (0,)))
-  renew_fn = method.renew and jax.jit(per_run(functools.partial(method.renew, setup), (0,)),
-                                      donate_argnums=(0,))
-  grid_fn = jax.jit(per_run(functools.partial(_latest_with_teacher_guesses, setup), (0, None)))
-  grid_names = teacher.spec.class_names or table.classes  # Rows named; indices if neither.
-  last_save = time.time()
-  stopped_early = bool(budget_s) and wall_before >= budget_s and epoch < config.epochs
-  if stopped_early:
-    bar.write(f"The time budget of {config.time_budget_minutes:g} minutes is spent "
-              f"({wall_before / 60:.1f} minutes so far); raise --config.time_budget_minutes "
-              "to continue this run.")
-  units_run = 0
+  run, state, epoch, unit, log = prepare(config, workdir)
   summaries: list[dict[str, Any]] = []
-
-  # The epoch's per-unit numbers so far; a run resumed mid-epoch gets them from its checkpoint,
-  # so that the epoch's row is the one the uninterrupted run logs. With a run axis every
-  # number is a list over the runs.
-  partial = saved.get("partial_epoch") or {}
-  epoch_metrics: dict[str, list] = (partial["metrics"] if unit and partial.get("epoch") == epoch
-                                    else {"low_conf": []})
-  while epoch < last_epoch and not stopped_early:
-    plan = method.epoch_plan(config, epoch)
-    if unit == 0 and method.renews(config, epoch):
-      state = renew_fn(state)
+  stopped = _budget_spent(run, epoch)
+  while epoch < run.last_epoch and not stopped:
     if unit == 0:
-      epoch_metrics = {"low_conf": []}
-    in_flight = None  # (metrics, finite parts, unit, what) of the last dispatched unit.
-
-    def record(metrics, finite, unit_done: int, what: str) -> None:
-      metrics, finite = multihost.to_host((metrics, finite))  # Waits for that unit only.
-      _check_finite(metrics, epoch, unit_done, what, runs)
-      _check_finite_parts(finite, epoch, unit_done, what, runs)
-      for k, v in metrics.items():
-        epoch_metrics.setdefault(k, []).append(np.mean(v, axis=-1).tolist())  # per run
-      bar.update(1)
-      bar.set_postfix({k.split("/")[1]: f"{np.mean(v):.3g}" for k, v in metrics.items()
-                       if k in ("gen/loss", "kd/kl", "kd/cncl")}, refresh=False)
-
-    while unit < len(plan):
-      name = plan[unit]
-      state, metrics, outputs = fns[name](state, unit_vars)
-      if "low_conf" in outputs:
-        epoch_metrics["low_conf"].append(outputs["low_conf"])
-      # "generator round 3": the unit's kind and its index among the epoch's units of that kind.
-      label = method.unit_labels[name]
-      what = f"{label} {sum(method.unit_labels[n] == label for n in plan[:unit])}"
-      finite = finite_fn(state)
-      if in_flight is not None:
-        record(*in_flight)
-      in_flight = (metrics, finite, unit, what)
-      unit += 1
-      units_run += 1
-      now = time.time()
-      # Each host has its own clock: process 0's decisions hold for all, or one process would
-      # stop or checkpoint alone and the others wait for it in their next collective.
-      out_of_time, save_due = multihost.agree(
-          bool(budget_s) and run_seconds() > budget_s,
-          now - last_save > config.checkpoint_every_minutes * 60)
-      if out_of_time or (config.max_units and units_run >= config.max_units):
-        stopped_early = True
-        break
-      if save_due:
-        record(*in_flight)  # Never checkpoint a state whose losses were not checked.
-        in_flight = None
-        _save(mngr, state, config, progress(partial_epoch(epoch, epoch_metrics)))
-        last_save = now
-    if in_flight is not None:
-      record(*in_flight)
-    if stopped_early:
-      break
-
-    # End of epoch: logs, images, evaluation, checkpoint; one row per run.
-    # student/lr: the rate of the epoch's last student step (kd_step counts the steps taken).
-    shared = {"student/lr": float(setup.student_lr(max(_position(state.kd_step) - 1, 0))),
-              **{k: _position(v) for k, v in method.epoch_scalars(state.method).items()},
-              "time/minutes": run_seconds() / 60, "time/train_minutes": train_seconds() / 60}
-    summaries = [{**_epoch_summary(epoch_metrics, None if runs is None else r), **shared}
-                 for r in range(len(run_dirs))]
-    if eval_data is not None and epoch >= config.warmup_epochs and (
-        (epoch + 1) % config.eval_every_epochs == 0 or epoch + 1 == last_epoch):
-      eval_start = time.time()
-      students = multihost.to_host(state.student)
-      for r, summary in enumerate(summaries):
-        student = students if runs is None else runs_lib.unstack(students, r)
-        summary["eval/top1"] = _top1(setup.student, student, eval_data, setup, config)
-      eval_seconds += time.time() - eval_start
-    for writer, summary in zip(writers, summaries):
-      writer.write(epoch + 1, summary)
-    if any("round" in name for name in plan):  # The last round's batch, read back from the
-      grids = multihost.to_host(grid_fn(state.method, teacher_vars))  # state (also after a resume).
-      for r, run_dir in enumerate(run_dirs):
-        images, labels, predicted, confidence = grids if runs is None else runs_lib.unstack(grids, r)
-        save_image_grid(os.path.join(run_dir, "samples", f"epoch_{epoch + 1:04d}.png"),
-                        images, labels, setup.num_classes, config.grid_images_per_class,
-                        enabled=jax.process_index() == 0, class_names=grid_names,
-                        predicted_B=predicted, confidence_B=confidence)
-    bar.write(_format_summary(epoch + 1, config.epochs, summaries[0]) if runs is None else
-              runs_lib.format_epoch(epoch + 1, config.epochs, runs, summaries))
-    state = state.replace(epoch=state.epoch + 1, unit=jnp.zeros_like(state.unit))  # keeps its sharding
-    epoch, unit = epoch + 1, 0
-    _save(mngr, state, config, progress())
-    last_save = time.time()
-
-  bar.close()
-  _save(mngr, state, config, progress(partial_epoch(epoch, epoch_metrics) if unit else None))
-  mngr.close()
-  students = multihost.to_host(state.student)  # On every process: may be a collective.
-  for writer in writers:
-    writer.close()
-  # Short of the schedule's end: the time budget, max_units or stop_after_epochs stopped it.
-  done = {"epoch": _position(state.epoch), "stopped_early": epoch < config.epochs,
-          "minutes": run_seconds() / 60, "train_minutes": train_seconds() / 60}
-  student_dir = os.path.join(workdir, STUDENT_DIR)
-  if runs is None:
-    if multihost.is_primary():
-      bundle_lib.save_bundle(student_dir, _student_spec(config, teacher, progress()), students)
-    result = {**(summaries[0] if summaries else {}), **done, "student": student_dir}
-  else:
-    result = {**done, "student": student_dir,
-              **_finish_runs(config, workdir, runs, teacher, students, progress(), setup, eval_data,
-                             bar.write)}
-  if multihost.is_primary():
-    atomic_files.write_text(os.path.join(workdir, "result.json"), json.dumps(result, indent=2))
-  return result
+      log = EpochLog(epoch, run.per_class())
+    state, unit, stopped = run_epoch(run, state, epoch, unit, log)
+    if not stopped:
+      state, summaries = end_epoch(run, state, epoch, log)
+      epoch, unit = epoch + 1, 0
+  return finish(run, state, epoch, unit, log, summaries)
 
 
-def _finish_runs(config, workdir: str, runs: list[runs_lib.Run], teacher: bundle_lib.Bundle,
-                 students, progress: dict[str, Any], setup: steps.Setup, eval_data,
-                 write) -> dict[str, Any]:
+def _student_spec(run: Run, config) -> bundle_lib.ModelSpec:
+  t = run.teacher.spec
+  progress = run.progress()
+  extra = {"distilled_from": config.teacher, "teacher_sha256": progress["teacher_sha256"],
+           "method": run.method.name, **run.method.bundle_fields(config),
+           "config": json.loads(json.dumps(config.to_dict()))}
+  if progress.get("config_changes"):
+    extra["config_changes"] = progress["config_changes"]
+  return bundle_lib.ModelSpec(
+      arch=config.student_arch, num_classes=t.num_classes, image_size=t.image_size,
+      mean=t.mean, std=t.std, class_names=t.class_names, extra=extra)
+
+
+def _top1(model, variables, dataset, setup: Setup, config) -> float:
+  from caedfkd_jax.eval import evaluate
+  # On the host: every process evaluates alone, with no collective.
+  logits = evaluate.predict(model, variables, dataset.images, setup.mean, setup.std,
+                            config.eval_batch_size, progress=False)
+  return float(np.mean(np.argmax(logits, -1) == dataset.labels) * 100)
+
+
+def _finish_runs(run: Run, students) -> dict[str, Any]:
   """Each run's student bundle, and the summary over seeds per sweep point (summary.json)."""
+  config, runs = run.config, run.runs
   levels = []
-  if eval_data is not None and config.accuracy_levels:
-    teacher_top1 = _top1(setup.teacher, teacher.variables, eval_data, setup, config)
+  if run.eval_data is not None and config.accuracy_levels:
+    teacher_top1 = _top1(run.setup.teacher, run.teacher.variables, run.eval_data, run.setup, config)
     levels = [round(f * teacher_top1, 2) for f in config.accuracy_levels]
-  rows = [runs_lib.read_rows(os.path.join(workdir, "runs", run.name)) for run in runs]
+  rows = [runs_lib.read_rows(os.path.join(run.workdir, "runs", r.name)) for r in runs]
   points = runs_lib.summarize(runs, rows, levels)
   summary = {"runs": len(runs), "num_runs": config.num_runs, "sweep": config.sweep,
              "accuracy_levels": {"fractions_of_teacher": list(config.accuracy_levels),
                                  "top1": levels},
              "points": points}
   if multihost.is_primary():
-    for r, run in enumerate(runs):
-      spec = _student_spec(runs_lib.run_config(config, run), teacher, progress)
-      spec.extra["run"] = {"name": run.name, "index": run.index, "seed": run.seed,
-                           "sweep_point": dict(run.values), "of_runs": len(runs)}
-      bundle_lib.save_bundle(os.path.join(workdir, STUDENT_DIR, run.name), spec,
+    for r, lone in enumerate(runs):
+      spec = _student_spec(run, runs_lib.run_config(config, lone))
+      spec.extra["run"] = {"name": lone.name, "index": lone.index, "seed": lone.seed,
+                           "sweep_point": dict(lone.values), "of_runs": len(runs)}
+      bundle_lib.save_bundle(os.path.join(run.workdir, STUDENT_DIR, lone.name), spec,
                              runs_lib.unstack(students, r))
-    atomic_files.write_text(os.path.join(workdir, "summary.json"), json.dumps(summary, indent=2))
+    atomic_files.write_text(os.path.join(run.workdir, "summary.json"), json.dumps(summary, indent=2))
     if any(p["final_top1"]["n"] for p in points):
-      write(runs_lib.format_summary(points))
+      run.bar.write(runs_lib.format_summary(points))
     else:
-      write("No accuracy to summarise over the runs: set --config.eval_data to a labelled test "
-            "split (each run's student is in student/run_XX).")
+      run.bar.write("No accuracy to summarise over the runs: set --config.eval_data to a labelled "
+                    "test split (each run's student is in student/run_XX).")
   return {"summary": summary}
 
 
-def _latest_with_teacher_guesses(setup: steps.Setup, method_state, teacher_vars):
+def _latest_with_teacher_guesses(setup: Setup, method_state, teacher_vars):
   """The method's latest images in [0, 1], their intended labels, and the teacher's guesses."""
   images, labels = setup.method.latest_images(setup, method_state)
   logits, _ = setup.teacher.apply(teacher_vars, bundle_lib.normalize(images, setup.mean, setup.std),
                                   train=False)
   probs = jax.nn.softmax(logits.astype(jnp.float32))
   return images, labels, jnp.argmax(probs, -1), jnp.max(probs, -1)
-
-
-def _format_summary(epoch: int, epochs: int, s: dict[str, Any]) -> str:
-  keys = ["gen/loss", "gen/ce", "gen/bn", "gen/adv", "gen/cr", "gen/teacher_acc_on_best",
-          "gen/low_confidence_share", "kd/kl", "kd/cncl", "kd/agreement", "eval/top1", "time/minutes"]
-  parts = [f"{k.split('/')[1]}={s[k]:.4g}" for k in keys if k in s]
-  return f"epoch {epoch}/{epochs}: " + " ".join(parts)

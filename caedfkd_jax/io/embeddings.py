@@ -189,6 +189,17 @@ def check_table_matches_classes(table: EmbeddingTable, class_names: list[str] | 
         "`caedfkd embed --classes FILE`.")
 
 
+def check_table_fits(table: EmbeddingTable, spec, table_name: str) -> None:
+  """Refuses a table with another class count than the teacher (`spec`, its ModelSpec), or
+  whose rows are not the teacher's classes in label order."""
+  if table.vectors.shape[0] != spec.num_classes:
+    raise ValueError(
+        f"The embedding table {table_name!r} has {table.vectors.shape[0]} classes but the "
+        f"teacher has {spec.num_classes}; make a table for the teacher's classes with "
+        "`caedfkd embed`.")
+  check_table_matches_classes(table, spec.class_names, table_name)
+
+
 # --- Making tables (needs the `text` extra) ---
 
 def make_prompts(classes: list[str], prompt: str = DEFAULT_PROMPT, by: str = "name") -> list[str]:

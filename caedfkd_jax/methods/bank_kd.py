@@ -1,13 +1,16 @@
-"""KD from a bank of synthetic images (Eq. 6): the unit every bank-based method shares.
+"""KD from a bank of synthetic images (Eq. 6), and the epoch plan of the methods that bank.
 
-NAYER, CAE-DFKD and CMI all distill from what their generator rounds banked: a KD
+NAYER, CAE-DFKD, CMI and DiffDFKD all distill from what their synthesis rounds banked: a KD
 call is `student.steps_per_call` SGD steps, each on a batch drawn from the bank
 (`sample_kd_batch`), under t^2 KL(T || S) and, for methods with CNCL, the CNCL
-term on whole groups of one anchor and its diffused views.
+term on whole groups of one anchor and its diffused views. Their epochs are warm-up rounds,
+then rounds and KD calls (`epoch_plan`); their shared checks are `check_schedule`.
 """
 
+import dataclasses
 import functools
-from typing import Any, Collection
+import math
+from typing import Any, Collection, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -15,12 +18,86 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from caedfkd_jax.synthesis import augment, losses, memory_bank
 from caedfkd_jax.io.bundle import normalize
-from caedfkd_jax.methods.base import fold
-from caedfkd_jax.engine.steps import Phase, Setup, TrainState, constrain_batch, hparam
+from caedfkd_jax.methods.base import (LOW_CONFIDENCE, STUDENT_OPTIMIZER, Phase, Setup,
+                                      TrainState, constrain_batch, fold, hparam)
+from caedfkd_jax.synthesis import augment, losses, memory_bank
 
 PyTree = Any
+
+# What KD from the bank and the rounds-then-KD plan read (besides a method's synthesis).
+READS = (*STUDENT_OPTIMIZER, "student.eta_min", "student.sampler", "student.kd_steps",
+         "student.steps_per_call", "student.temperature", "warmup_epochs", "g_loops",
+         "warmup_g_loops", "bank_capacity", "low_confidence")
+KD_SHOWS = ("kd/kl", "kd/cncl", "kd/agreement")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BankSetup(Setup):
+  """A bank-based method's static sizes, besides the shared setup."""
+  synthesis_batch: int      # Images a round banks together.
+  group_size: int = 1       # Rows of one CNCL group, K * (N + 1); 1 where images are not grouped.
+  kd_batch: int             # Images a KD step distills on (besides any CNCL sub-batch).
+
+
+# --------------------------------------------------------------------------- #
+# The epoch plan: warm-up rounds, then rounds and KD calls
+# --------------------------------------------------------------------------- #
+
+
+def epoch_plan(config, epoch: int) -> tuple[str, ...]:
+  """An epoch's units: warm-up rounds only, then `g_loops` rounds and the KD calls."""
+  if epoch < config.warmup_epochs:
+    return ("warmup_round",) * config.warmup_g_loops
+  kd_calls = config.student.kd_steps // config.student.steps_per_call
+  return ("round",) * config.g_loops + ("kd",) * kd_calls
+
+
+def total_kd_steps(config) -> int:
+  kd_calls = sum(epoch_plan(config, e).count("kd") for e in range(config.epochs))
+  return kd_calls * config.student.steps_per_call
+
+
+def bank_capacity(config, synthesis_batch: int, group_size: int = 1) -> int:
+  """Images the bank holds: `bank_capacity`, or (0) every image the schedule makes; rounded up
+  to whole CNCL groups, so that the bank's slots hold whole groups."""
+  capacity = config.bank_capacity or synthesis_batch * sum(
+      len(plan) - plan.count("kd") for plan in (epoch_plan(config, e) for e in range(config.epochs)))
+  return math.ceil(capacity / group_size) * group_size
+
+
+def check_schedule(config, synthesis_batch: int, what: str) -> None:
+  """The plan and the bank: KD has images to draw and epochs to run. `what` names the
+  synthesis batch's size in the config's terms, for the bank-capacity message."""
+  s = config.student
+  if s.sampler not in memory_bank.SAMPLERS:
+    raise ValueError(f"config.student.sampler={s.sampler!r}: use groups (whole CNCL "
+                     "groups) or uniform (NAYER's pool sampling).")
+  if s.eta_min > s.lr:
+    raise ValueError(f"config.student.eta_min={s.eta_min} exceeds config.student.lr={s.lr}: the "
+                     "cosine floor must not be above its start.")
+  if config.warmup_epochs * config.warmup_g_loops + config.g_loops == 0:
+    raise ValueError("No generator round runs before the first KD step (warmup_epochs * "
+                     "warmup_g_loops + g_loops = 0), so the student would learn from an empty "
+                     "memory bank; raise warmup_g_loops or g_loops.")
+  if config.bank_capacity and config.bank_capacity < synthesis_batch:
+    raise ValueError(f"config.bank_capacity={config.bank_capacity} is smaller than one synthesis "
+                     f"batch ({what} = {synthesis_batch} images); raise it to at least that, or "
+                     "set 0 to keep every image the schedule makes.")
+  if s.kd_steps % s.steps_per_call:
+    raise ValueError(f"student.kd_steps={s.kd_steps} must be a multiple of "
+                     f"student.steps_per_call={s.steps_per_call}")
+  if config.epochs <= config.warmup_epochs:
+    raise ValueError(f"epochs={config.epochs} leaves no KD epoch after "
+                     f"warmup_epochs={config.warmup_epochs}")
+
+
+def check_divisible(num_devices: int, batches: Sequence[tuple[str, int]], fields: str) -> None:
+  """Each (name, size) batch splits evenly over the devices; `fields` says what sets them."""
+  for name, size in batches:
+    if size % num_devices:
+      raise ValueError(f"The {name} = {size} is not divisible by the {num_devices} devices; "
+                       f"change {fields}.")
 
 
 
@@ -154,22 +231,35 @@ def kd_phase(setup: Setup, mesh: Mesh | None, with_cncl: bool) -> Phase:
   return Phase(start=start_kd,
                step=functools.partial(student_step, setup=setup, with_cncl=with_cncl, mesh=mesh),
                finish=finish_kd, num_steps=setup.config.student.steps_per_call,
-               trains_student=True)
+               label="KD call", trains_student=True, shows=KD_SHOWS)
 
 
-UNIT_LABELS = {"warmup_round": "generator round", "round": "generator round", "kd": "KD call"}
+ROUND_SHOWS = ("gen/loss", "gen/ce", "gen/bn", "gen/adv", "gen/teacher_acc_on_best",
+               LOW_CONFIDENCE.mean_key)
+
+
+def round_phases(setup: Setup, mesh: Mesh | None, *, start_round, step, finish, num_steps: int,
+                 label: str = "generator round", shows: tuple[str, ...] = ROUND_SHOWS,
+                 **start_kwargs) -> dict[str, Phase]:
+  """Warm-up and regular synthesis rounds: one step and one finish (so each compiles once);
+  `start_round(state, setup=, warmup=, mesh=, **start_kwargs)` begins either."""
+  step = functools.partial(step, setup=setup, mesh=mesh)
+  finish = functools.partial(finish, setup=setup)
+  round_phase = lambda warmup: Phase(
+      start=functools.partial(start_round, setup=setup, warmup=warmup, mesh=mesh, **start_kwargs),
+      step=step, finish=finish, num_steps=num_steps, label=label, makes_images=True,
+      shows=shows, per_class=(LOW_CONFIDENCE,))
+  return {"warmup_round": round_phase(True), "round": round_phase(False)}
 
 
 def rounds_then_kd(setup: Setup, mesh: Mesh | None, *, start_round, generator_step,
-                   finish_round, inputs, with_cncl: bool) -> dict[str, Phase]:
-  """The units of a bank-based method: warm-up and regular generator rounds (sharing one step
-  and one finish, so each compiles once) and KD calls (`nayer.epoch_plan` orders them)."""
-  g_step = functools.partial(generator_step, setup=setup, mesh=mesh)
-  g_finish = functools.partial(finish_round, setup=setup)
-  round_phase = lambda warmup: Phase(
-      start=functools.partial(start_round, setup=setup, inputs=inputs, warmup=warmup, mesh=mesh),
-      step=g_step, finish=g_finish, num_steps=setup.config.generator.steps)
-  return {"warmup_round": round_phase(True), "round": round_phase(False),
+                   finish_round, inputs, with_cncl: bool,
+                   shows: tuple[str, ...] = ROUND_SHOWS) -> dict[str, Phase]:
+  """The units of a generator-based bank method: its rounds (`generator.steps` steps each) and
+  KD calls, in the order `epoch_plan` gives."""
+  return {**round_phases(setup, mesh, start_round=start_round, step=generator_step,
+                         finish=finish_round, num_steps=setup.config.generator.steps,
+                         shows=shows, inputs=inputs),
           "kd": kd_phase(setup, mesh, with_cncl)}
 
 

@@ -22,27 +22,53 @@ are fixed-shape and masked (cmi_contrast.py); the local view's crop follows
 torchvision, not kornia; the student's LR is a per-step cosine (CMI steps it per epoch).
 """
 
-import dataclasses
 import functools
-import math
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import struct
 from jax.sharding import Mesh
 
+from caedfkd_jax.io.bundle import normalize
+from caedfkd_jax.methods import bank_kd, nayer
+from caedfkd_jax.methods.base import (Method, Phase, Setup, TrainState, check_positive,
+                                      constrain_batch, fold, hparam, student_optimizer,
+                                      student_schedule, teacher_judgement)
 from caedfkd_jax.synthesis import augment, cend, cmi_contrast, generator as generator_lib, losses
 from caedfkd_jax.synthesis import memory_bank
-from caedfkd_jax.io.bundle import Bundle, normalize
-from caedfkd_jax.io.embeddings import EmbeddingTable
-from caedfkd_jax.methods import bank_kd, nayer
-from caedfkd_jax.methods.base import Method, fold, teacher_judgement
-from caedfkd_jax.engine.steps import (Phase, Setup, TrainState, constrain_batch, hparam)
 
 PyTree = Any
 GeneratorInputs = Callable[[Setup, dict, jax.Array], cend.GeneratorBatch]
+# What the CMI base reads besides its own section: KD from the bank, the generator's shape and
+# Adam, the loss weights, and the KD batch's size (student.batch_groups * K * (N + 1), so that
+# CMI and CAE-DFKD over CMI distill on equal batches).
+READS = (*bank_kd.READS, "student.batch_groups", "cend.num_sources", "generator.lr",
+         "generator.b1", "generator.b2", "generator.ngf", "generator.steps", "loss.ce", "loss.bn",
+         "loss.adv", "loss.bn_reduce", "cmi.learn_inputs", "cmi.cr", "cmi.cr_temperature",
+         "cmi.memory_size", "cmi.negatives", "cmi.head_dim", "cmi.local_scale")
+SWEEPABLE = ("loss.ce", "loss.bn", "loss.adv", "student.temperature")
+
+
+def own_config() -> ml_collections.ConfigDict:
+  """The `cmi` section (METHOD.md b.3); configs/cmi_cifar.py sets CMI's values for the shared
+  generator and loss fields it also reads."""
+  config = ml_collections.ConfigDict()
+  config.cmi = ml_collections.ConfigDict()
+  config.cmi.nz = 256                    # Width of CMI's z.
+  config.cmi.synthesis_batch = 256       # Images per round on the CMI base (CAE-DFKD over CMI:
+                                         # num_groups * K * (N + 1), as on NAYER's base).
+  config.cmi.learn_inputs = True         # Adam optimises the inputs with G (CMI's z; over CMI,
+                                         # CEND's embeddings in its place [INFERRED]).
+  config.cmi.cr = 0.8                    # Weight of the contrastive term L_cr.
+  config.cmi.cr_temperature = 0.2        # cmi_cifar10.sh (0.1 in its adversarial script).
+  config.cmi.memory_size = 40960         # Past (local || global) features kept.
+  config.cmi.negatives = 4096            # Cached rows drawn as negatives each step.
+  config.cmi.head_dim = 256
+  config.cmi.local_scale = (0.25, 1.0)   # The local view's random-resized-crop area range.
+  return config
 
 
 @struct.dataclass
@@ -195,94 +221,107 @@ def finish_round(state: TrainState, carry: RoundCarry, ctx: RoundContext, teache
 # --------------------------------------------------------------------------- #
 
 
-def create_setup(config, teacher: Bundle, table: EmbeddingTable, *, method: Method,
-                 grouped: bool) -> Setup:
-  """CMI's generator (no noisy layer; inputs straight to the projection) and its batch size."""
-  from caedfkd_jax.engine.train import compute_dtype
-  dtype = compute_dtype(config.compute_dtype)
-  base = nayer.create_setup(config, teacher, table, method=method)   # Checks, student, tables.
-  num_classes = teacher.spec.num_classes
-  group_size = num_classes * (config.cend.num_sources + 1) if grouped else 1
-  synthesis_batch = config.num_groups * group_size if grouped else config.cmi.synthesis_batch
-  return dataclasses.replace(
-      base,   # Its optimisers and student schedule are CMI's too (same epoch plan).
-      generator=generator_lib.Generator(num_classes=num_classes,
-                                        img_size=teacher.spec.image_size,
-                                        ngf=config.generator.ngf, dtype=dtype, noisy_input=False),
-      group_size=group_size, synthesis_batch=synthesis_batch,
+def create_setup(base: Setup, *, grouped: bool) -> nayer.NayerSetup:
+  """CMI's generator (no noisy layer; inputs straight to the projection) and its batch sizes."""
+  config, k = base.config, base.num_classes
+  schedule = student_schedule(config.student, bank_kd.total_kd_steps(config))
+  views = k * (config.cend.num_sources + 1)
+  g = config.generator
+  return nayer.NayerSetup.extend(
+      base, student_tx=student_optimizer(schedule, config.student), student_lr=schedule,
+      generator=generator_lib.Generator(num_classes=k, img_size=base.image_size, ngf=g.ngf,
+                                        dtype=base.dtype, noisy_input=False),
+      generator_tx=optax.adam(g.lr, b1=g.b1, b2=g.b2), **nayer.table_fields(base),
+      group_size=views if grouped else 1,
+      synthesis_batch=config.num_groups * views if grouped else config.cmi.synthesis_batch,
       # KD batches of batch_groups * K * (N + 1) images with or without groups, so the arms of
       # the CMI ablation distill on equal batches.
-      kd_batch=config.student.batch_groups * num_classes * (config.cend.num_sources + 1))
+      kd_batch=config.student.batch_groups * views)
 
 
-def init_state(setup: Setup, teacher_vars: PyTree, rng: jax.Array,
-               image_size: int) -> ContrastState:
-  c = setup.config.cmi
-  x = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+def init_state(setup: nayer.NayerSetup, teacher_vars: PyTree, rng: jax.Array) -> ContrastState:
+  c, size = setup.config.cmi, setup.image_size
+  x = jnp.zeros((1, size, size, 3), jnp.float32)
   d = jax.eval_shape(lambda: cmi_contrast.teacher_instance_features(
       setup.teacher, teacher_vars, x)[1]).shape[-1]
   _, head_params = cmi_contrast.init_head(rng, d, c.head_dim)
-  capacity = setup.config.bank_capacity or nayer.default_bank_capacity(setup.config,
-                                                                      setup.synthesis_batch)
-  capacity = math.ceil(capacity / setup.group_size) * setup.group_size
+  capacity = bank_kd.bank_capacity(setup.config, setup.synthesis_batch, setup.group_size)
   return ContrastState(head_params, head_optimizer(setup.config).init(head_params),
                        cmi_contrast.create(c.memory_size, d),
-                       memory_bank.create_bank(capacity, (image_size, image_size, 3)))
+                       memory_bank.create_bank(capacity, (size, size, 3)))
 
 
-def check_config(config, num_devices: int, grouped: bool) -> None:
+def check_base(config, num_devices: int, num_classes: int, swept: Collection[str], *,
+               grouped: bool) -> None:
+  """The base's own checks: its section, its loss, its batches and the bank schedule."""
   c = config.cmi
-  for name in ("nz", "synthesis_batch", "memory_size", "head_dim", "cr_temperature"):
-    if not c[name] > 0:
-      raise ValueError(f"config.cmi.{name}={c[name]!r} must be positive.")
-  for name in ("negatives", "cr"):
-    if not c[name] >= 0:
-      raise ValueError(f"config.cmi.{name}={c[name]!r} must be >= 0.")
+  check_positive(config, "cmi", ("memory_size", "head_dim", "cr_temperature"))
+  check_positive(config, "cmi", ("negatives", "cr"), strict=False)
+  if not grouped:
+    check_positive(config, "cmi", ("nz", "synthesis_batch"))
   low, high = tuple(c.local_scale)
   if not 0 < low <= high <= 1:
     raise ValueError(f"config.cmi.local_scale={tuple(c.local_scale)!r}: the local view's crop "
                      "area range (min, max) within (0, 1], e.g. (0.25, 1.0) as CMI.")
-  if not grouped:
-    if config.student.sampler != "uniform":
-      raise ValueError("config.method=cmi banks images without CNCL groups: use "
-                       "--config.student.sampler=uniform (CMI's pool sampling), or "
-                       "--config.method=cae_dfkd_cmi for grouped CEND batches.")
-    if c.synthesis_batch % num_devices:
-      raise ValueError(f"config.cmi.synthesis_batch={c.synthesis_batch} is not divisible by the "
-                       f"{num_devices} devices.")
+  if config.loss.bn_reduce not in losses.BN_REDUCTIONS:
+    raise ValueError(f"config.loss.bn_reduce={config.loss.bn_reduce!r}: use sum (NAYER) or "
+                     "mean (averaged over the teacher's BN layers).")
+  views = num_classes * (config.cend.num_sources + 1)
+  kd = ("KD batch (student.batch_groups*K*(N+1))", config.student.batch_groups * views)
+  if grouped:
+    synthesis = config.num_groups * views
+    bank_kd.check_schedule(config, synthesis, "num_groups*K*(N+1)")
+    cncl = bank_kd.cncl_subbatch_groups(config, swept) * views
+    bank_kd.check_divisible(num_devices, [("synthesis batch (num_groups*K*(N+1))", synthesis), kd,
+                                          ("CNCL sub-batch (student.cncl_groups*K*(N+1))", cncl)],
+                            "num_groups / student.batch_groups / student.cncl_groups")
+    return
+  if config.student.sampler != "uniform":
+    raise ValueError("config.method=cmi banks images without CNCL groups: use "
+                     "--config.student.sampler=uniform (CMI's pool sampling), or "
+                     "--config.method=cae_dfkd_cmi for grouped CEND batches.")
+  if c.synthesis_batch % num_devices:
+    raise ValueError(f"config.cmi.synthesis_batch={c.synthesis_batch} is not divisible by the "
+                     f"{num_devices} devices.")
+  bank_kd.check_schedule(config, c.synthesis_batch, "cmi.synthesis_batch")
+  bank_kd.check_divisible(num_devices, [kd], "student.batch_groups")
 
 
 def make_method(name: str, summary: str, inputs: GeneratorInputs, with_cncl: bool,
-                grouped: bool, bundle_fields: Callable[[Any], dict] = lambda config: {},
-                ignores: tuple[str, ...] = ()) -> Method:
-  """A method on the CMI base, given its generator inputs and whether KD adds CNCL."""
+                grouped: bool, *, reads: tuple[str, ...], sweepable: tuple[str, ...],
+                check: Callable | None = None, **fields) -> Method:
+  """A method on the CMI base, given its generator inputs and whether KD adds CNCL.
 
-  def phases(setup: Setup, mesh: Mesh | None) -> dict[str, Phase]:
+  `check(config, num_devices, num_classes, swept)` adds the inputs' own checks to the base's.
+  """
+
+  def phases(setup: nayer.NayerSetup, mesh: Mesh | None) -> dict[str, Phase]:
     return bank_kd.rounds_then_kd(setup, mesh, start_round=start_round,
                                   generator_step=generator_step, finish_round=finish_round,
-                                  inputs=inputs, with_cncl=with_cncl)
+                                  inputs=inputs, with_cncl=with_cncl,
+                                  shows=bank_kd.ROUND_SHOWS[:4] + ("gen/cr",)
+                                  + bank_kd.ROUND_SHOWS[4:])
 
-  method = Method(  # create_setup records `method` in the Setup it makes.
-      name=name, summary=summary,
-      create_setup=lambda config, teacher, table: create_setup(
-          config, teacher, table, method=method, grouped=grouped),
-      init_state=init_state, phases=phases, epoch_plan=nayer.epoch_plan,
-      unit_labels=bank_kd.UNIT_LABELS,
+  def check_config(config, num_devices: int, num_classes: int, swept: Collection[str]) -> None:
+    if check is not None:
+      check(config, num_devices, num_classes, swept)
+    check_base(config, num_devices, num_classes, swept, grouped=grouped)
+
+  return Method(
+      name=name, summary=summary, reads=reads, sweepable=sweepable,
+      create_setup=functools.partial(create_setup, grouped=grouped),
+      init_state=init_state, phases=phases, epoch_plan=bank_kd.epoch_plan,
       latest_images=bank_kd.latest_images,
       epoch_scalars=lambda c: {"bank/size": c.bank.size, "memory/size": c.memory.size},
       finite_parts=lambda c: {"contrastive head": c.head_params,
                               "contrastive head optimiser state": c.head_opt_state},
-      bundle_fields=bundle_fields, ignores=ignores,
-      check_config=lambda config, num_devices: check_config(config, num_devices, grouped))
-  return method
+      check_config=check_config, own_config=own_config, embeddings=grouped, **fields)
 
-
-# Fields the CMI base never reads (NAYER's generator and EMA; CEND and CNCL unless plugged in).
-NAYER_ONLY = ("loss.bn_momentum", "generator.noise_dim", "generator.reinit_noisy_layer",
-              "generator.noisy_chunks", "generator.life_epochs")
 
 METHOD = make_method(
     "cmi", "CMI (IJCAI 2021): a generator re-initialised every round from learnt z, a "
     "contrastive head over the teacher's features of two views, a bank; KD by KL.",
     inputs=random_z_inputs, with_cncl=False, grouped=False,
-    ignores=NAYER_ONLY + ("cend.", "student.cncl_", "num_groups"))
+    reads=READS + ("cmi.nz", "cmi.synthesis_batch"), sweepable=SWEEPABLE,
+    quick={"student.sampler": "uniform", "cmi.synthesis_batch": 100, "cmi.memory_size": 2048,
+           "cmi.negatives": 256})

@@ -5,9 +5,9 @@ Per epoch, `cpsc.epoch_itrs` iterations of two units (CPSC_DFKD.py's `train`):
   generator steps. Each draws fresh z ~ N(0, I) and labels
   uniform over the classes, and minimises
   -KL(T || S) - alpha * IKD + beta * BN + gamma * SupCon([f_S, f_T], y) + eta * CE(T, y)
-  (`losses.cpsc_generator_loss`); the student is fixed, its BN in train mode (the code's).
+  (`cpsc_losses.cpsc_generator_loss`); the student is fixed, its BN in train mode (the code's).
 - "kd": `cpsc.s_steps` student steps, each on a fresh batch of the generator's
-  output: KL(T || S) + alpha * IKD + eta * CE(S, y) (`losses.cpsc_student_loss`).
+  output: KL(T || S) + alpha * IKD + eta * CE(S, y) (`cpsc_losses.cpsc_student_loss`).
 The generator (conditional_generator.py) emits images already in the teacher's
 normalised space: they go to both networks as they are, unaugmented, as in the code.
 
@@ -28,23 +28,23 @@ trained (under PyTorch >= 2.0; see adapter.py); it lives in the state so that a
 resumed run keeps it.
 """
 
+import dataclasses
 import functools
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from caedfkd_jax.synthesis import conditional_generator as cgen, losses
-from caedfkd_jax import models
-from caedfkd_jax.io.bundle import Bundle
-from caedfkd_jax.io.embeddings import EmbeddingTable
-from caedfkd_jax.methods import bank_kd
-from caedfkd_jax.methods.base import Method, fold, teacher_judgement
+from caedfkd_jax.methods import bank_kd, cpsc_losses
+from caedfkd_jax.methods.base import (LOW_CONFIDENCE, STUDENT_OPTIMIZER, Method, Phase, Setup,
+                                      TrainState, check_positive, constrain_batch, fold,
+                                      student_optimizer, teacher_judgement)
 from caedfkd_jax.models.adapter import ADAPTER_HEADS, FeatureAdapter
-from caedfkd_jax.engine.steps import Phase, Setup, TrainState, constrain_batch, student_optimizer
+from caedfkd_jax.synthesis import conditional_generator as cgen, losses
 
 PyTree = Any
 ADAPTERS = ("none",) + ADAPTER_HEADS
@@ -90,7 +90,7 @@ def adapter_module(setup: Setup) -> FeatureAdapter | None:
   head = setup.config.cpsc.adapter
   if head == "none":
     return None
-  return FeatureAdapter(feature_width(setup.teacher, setup.generator.img_size), head)
+  return FeatureAdapter(feature_width(setup.teacher, setup.image_size), head)
 
 
 def student_features(setup: Setup, features_BxD: jax.Array, adapter_params: PyTree) -> jax.Array:
@@ -143,7 +143,7 @@ def generator_loss(params: PyTree, setup: Setup, teacher_vars: PyTree, student: 
   else:
     s_logits, s_aux = setup.student.apply(student, x, train=False)
     batch_stats = student["batch_stats"]
-  loss, terms = losses.cpsc_generator_loss(
+  loss, terms = cpsc_losses.cpsc_generator_loss(
       t_logits, s_logits, l2_normalize(t_aux["features"]),
       student_features(setup, s_aux["features"], adapter_params), labels_B, bn,
       alpha=c.alpha, beta=c.beta, gamma=c.gamma, eta=c.eta, ikd_form=c.generator_ikd,
@@ -212,7 +212,7 @@ def student_loss(params: PyTree, batch_stats: PyTree, setup: Setup, x: jax.Array
   c = setup.config.cpsc
   (s_logits, _), new = setup.student.apply({"params": params, "batch_stats": batch_stats}, x,
                                            train=True, mutable=["batch_stats"])
-  loss, terms = losses.cpsc_student_loss(
+  loss, terms = cpsc_losses.cpsc_student_loss(
       t_logits, s_logits, labels_B, alpha=c.alpha, eta=c.eta, ikd_form=c.student_ikd,
       ce_form="probabilities" if c.ce_on_probabilities else "logits")
   agree = jnp.mean(jnp.argmax(s_logits, -1) == jnp.argmax(t_logits, -1))
@@ -249,42 +249,36 @@ def epoch_plan(config, epoch: int) -> tuple[str, ...]:
   return ("round", "kd") * config.cpsc.epoch_itrs
 
 
-def create_setup(config, teacher: Bundle, table: EmbeddingTable) -> Setup:
-  from caedfkd_jax.engine.train import compute_dtype   # The dtype rule is the launcher's.
-  dtype = compute_dtype(config.compute_dtype)
-  c, spec = config.cpsc, teacher.spec
-  if config.student_arch not in models.ARCHS:
-    raise ValueError(f"Unknown student_arch {config.student_arch!r}. Known archs: "
-                     f"{', '.join(sorted(models.ARCHS))}.")
-  teacher_model = models.create_model(spec.arch, spec.num_classes, dtype)
-  student_model = models.create_model(config.student_arch, spec.num_classes, dtype)
-  t_width = feature_width(teacher_model, spec.image_size)
-  s_width = feature_width(student_model, spec.image_size)
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CPSCSetup(Setup):
+  generator: cgen.ConditionalGenerator
+  generator_tx: optax.GradientTransformation
+
+
+def create_setup(base: Setup) -> CPSCSetup:
+  config, c = base.config, base.config.cpsc
+  t_width = feature_width(base.teacher, base.image_size)
+  s_width = feature_width(base.student, base.image_size)
   if s_width != t_width and c.adapter == "none":
     raise ValueError(
         f"CPSC's SupCon pairs student and teacher features, but the {config.student_arch} "
-        f"student's are {s_width}-d and the {spec.arch} teacher's {t_width}-d: set "
+        f"student's are {s_width}-d and the {base.teacher_arch} teacher's {t_width}-d: set "
         "--config.cpsc.adapter=mlp (the authors' head for WRN-16-1/40-1 students).")
   schedule = student_lr_schedule(config)
-  return Setup(
-      teacher=teacher_model, student=student_model,
-      generator=cgen.ConditionalGenerator(num_classes=spec.num_classes, img_size=spec.image_size,
-                                          nz=c.nz, ngf=c.ngf, dtype=dtype),
-      table_KxD=jnp.asarray(table.vectors, jnp.float32),   # Unused: CPSC draws z, not embeddings.
-      mean=tuple(spec.mean), std=tuple(spec.std),
-      student_tx=student_optimizer(schedule, config.student),
-      generator_tx=optax.adam(c.generator_lr, b1=c.generator_b1, b2=c.generator_b2),
-      config=config, method=METHOD, student_lr=schedule, num_classes=spec.num_classes,
-      synthesis_batch=c.batch_size, group_size=1)
+  return CPSCSetup.extend(
+      base, student_tx=student_optimizer(schedule, config.student), student_lr=schedule,
+      generator=cgen.ConditionalGenerator(num_classes=base.num_classes, img_size=base.image_size,
+                                          nz=c.nz, ngf=c.ngf, dtype=base.dtype),
+      generator_tx=optax.adam(c.generator_lr, b1=c.generator_b1, b2=c.generator_b2))
 
 
-def init_state(setup: Setup, teacher_vars: PyTree, rng: jax.Array, image_size: int) -> CPSCState:
+def init_state(setup: CPSCSetup, teacher_vars: PyTree, rng: jax.Array) -> CPSCState:
   rng_g, rng_a = jax.random.split(rng)
   params = cgen.init_conditional_generator(rng_g, setup.generator, 2)["params"]
   adapter = adapter_module(setup)
   adapter_params = None
   if adapter is not None:
-    width = feature_width(setup.student, image_size)
+    width = feature_width(setup.student, setup.image_size)
     adapter_params = adapter.init(rng_a, jnp.zeros((1, width), jnp.float32))["params"]
   opt_state = (None if setup.config.cpsc.reset_generator_adam_every_step
                else setup.generator_tx.init(params))
@@ -310,59 +304,92 @@ def phases(setup: Setup, mesh: Mesh | None) -> dict[str, Phase]:
   return {
       "round": Phase(start=functools.partial(start_round, setup=setup),
                      step=functools.partial(generator_step, setup=setup, mesh=mesh),
-                     finish=functools.partial(finish_round, setup=setup), num_steps=c.g_steps),
+                     finish=functools.partial(finish_round, setup=setup), num_steps=c.g_steps,
+                     label="generator round", makes_images=True, per_class=(LOW_CONFIDENCE,),
+                     shows=("gen/loss", "gen/ce", "gen/bn", "gen/teacher_acc",
+                            LOW_CONFIDENCE.mean_key)),
       "kd": Phase(start=bank_kd.start_kd,
                   step=functools.partial(student_step, setup=setup, mesh=mesh),
-                  finish=bank_kd.finish_kd, num_steps=c.s_steps, trains_student=True)}
+                  finish=bank_kd.finish_kd, num_steps=c.s_steps, label="student round",
+                  trains_student=True, shows=("kd/kl", "kd/ikd", "kd/agreement"))}
 
 
-def check_config(config, num_devices: int) -> None:
+def own_config() -> ml_collections.ConfigDict:
+  """The `cpsc` section (METHOD.md b.5): the authors' README run (CPSC_DFKD.py at 1c6ade1);
+  configs/cpsc_cifar.py sets the rest. CPSC also reads student.lr/momentum/weight_decay."""
+  config = ml_collections.ConfigDict()
+  config.cpsc = ml_collections.ConfigDict()
+  config.cpsc.epoch_itrs = 50            # (generator, student) iterations per epoch.
+  config.cpsc.g_steps = 6                # Generator steps per iteration (README; code default 1).
+  config.cpsc.s_steps = 5                # Student steps per iteration.
+  config.cpsc.batch_size = 512           # Fresh z and labels per step, generator and student.
+  config.cpsc.nz = 256                   # Width of z.
+  config.cpsc.ngf = 64                   # GeneratorD's width.
+  config.cpsc.generator_lr = 1e-3        # Adam, betas (generator_b1, generator_b2).
+  config.cpsc.generator_b1 = 0.5
+  config.cpsc.generator_b2 = 0.999
+  config.cpsc.alpha = 5.0                # IKD (logit discrepancy) weight.
+  config.cpsc.beta = 1.0                 # Teacher BN-statistics weight (summed over layers).
+  config.cpsc.gamma = 0.7                # SupCon weight, [student, teacher] features as 2 views.
+  config.cpsc.eta = 0.7                  # CE-to-the-sampled-label weight.
+  config.cpsc.temperature = 0.07         # SupCon's tau.
+  config.cpsc.generator_ikd = "mse"      # losses.IKD_FORMS. Code: "log_mse" on CIFAR-10 (set by
+  config.cpsc.student_ikd = "mse"        # configs/cpsc_cifar.py), "mse" elsewhere, as the paper;
+                                         # the student's CIFAR-10 form is "log_l2".
+  config.cpsc.ce_on_probabilities = True # Code: CE(softmax(logits), y), softmax twice; the paper's
+                                         # CE on logits is False.
+  config.cpsc.reset_generator_adam_every_step = True  # Code: a new Adam at every generator
+                                         # step (its first, sign-like step each time); False:
+                                         # one Adam for the whole run.
+  config.cpsc.student_bn_train_in_generator_steps = True  # Code: the student stays in train
+                                         # mode: batch statistics, running averages updated on
+                                         # the generator's batches too. False: eval mode there.
+  config.cpsc.adapter = "none"           # Student-feature head to the teacher's width for
+                                         # SupCon: "none", "mlp" (code, WRN-16-1/40-1 students)
+                                         # or "linear"; fixed random, never trained (as the code).
+  config.cpsc.lr_warmup_epochs = 10      # Student LR: lr * e / W for epochs e = 1..W, then
+                                         # cosine to 0 over `epochs`, stepped per epoch (code).
+
+  return config
+
+
+def check_config(config, num_devices: int, num_classes: int, swept) -> None:
   """CPSC's own fields; the teacher-dependent adapter check is in `create_setup`."""
   c = config.cpsc
-  for name in ("epoch_itrs", "g_steps", "s_steps", "batch_size", "nz", "ngf", "generator_lr",
-               "temperature"):
-    if not c[name] > 0:
-      raise ValueError(f"config.cpsc.{name}={c[name]!r} must be positive.")
-  for name in ("alpha", "beta", "gamma", "eta", "lr_warmup_epochs"):
-    if not c[name] >= 0:
-      raise ValueError(f"config.cpsc.{name}={c[name]!r} must be >= 0.")
+  check_positive(config, "cpsc", ("epoch_itrs", "g_steps", "s_steps", "batch_size", "nz", "ngf",
+                                  "generator_lr", "temperature"))
+  check_positive(config, "cpsc", ("alpha", "beta", "gamma", "eta", "lr_warmup_epochs"),
+                 strict=False)
   for name in ("generator_b1", "generator_b2"):
     if not 0 <= c[name] < 1:
       raise ValueError(f"config.cpsc.{name}={c[name]!r} must lie in [0, 1).")
   for name in ("generator_ikd", "student_ikd"):
-    if c[name] not in losses.IKD_FORMS:
-      raise ValueError(f"config.cpsc.{name}={c[name]!r}: use one of {', '.join(losses.IKD_FORMS)} "
-                       "(the code: log_mse for the generator and log_l2 for the student on "
-                       "CIFAR-10, mse elsewhere).")
+    if c[name] not in cpsc_losses.IKD_FORMS:
+      raise ValueError(f"config.cpsc.{name}={c[name]!r}: use one of "
+                       f"{', '.join(cpsc_losses.IKD_FORMS)} (the code: log_mse for the generator "
+                       "and log_l2 for the student on CIFAR-10, mse elsewhere).")
   if c.adapter not in ADAPTERS:
     raise ValueError(f"config.cpsc.adapter={c.adapter!r}: use one of {', '.join(ADAPTERS)}.")
   if c.batch_size % num_devices:
     raise ValueError(f"config.cpsc.batch_size={c.batch_size} is not divisible by the "
                      f"{num_devices} devices.")
-  if 2 * c.epoch_itrs >= 10_000:   # Checkpoint steps are epoch * 10_000 + unit (train._save).
-    raise ValueError(f"config.cpsc.epoch_itrs={c.epoch_itrs}: at most 4999 iterations an epoch.")
-  if config.warmup_epochs:
-    raise ValueError(f"config.warmup_epochs={config.warmup_epochs}: CPSC has no generator-only "
-                     "warm-up epochs (its warm-up is the student LR's, cpsc.lr_warmup_epochs); "
-                     "set --config.warmup_epochs=0.")
 
 
 def bundle_fields(config) -> dict:
   return {"cpsc": config.cpsc.to_dict()}
 
 
-# Fields CPSC never reads: sweeping one is refused (config_checks.validate_config).
-IGNORES = ("cend.", "loss.", "generator.", "cmi.", "student.cncl_", "student.temperature",
-           "student.eta_min", "student.batch_groups", "student.sampler", "student.kd_steps",
-           "student.steps_per_call", "num_groups", "g_loops", "warmup_g_loops", "bank_capacity")
-
 METHOD = Method(
     name="cpsc_dfkd",
     summary="CPSC-DFKD (PR 2023): a class-conditional generator against the student (KL, logit "
             "discrepancy) with BN, CE and student-teacher SupCon terms; no bank.",
+    reads=(*STUDENT_OPTIMIZER, "low_confidence", "cpsc."),
     create_setup=create_setup, init_state=init_state, phases=phases, epoch_plan=epoch_plan,
-    unit_labels={"round": "generator round", "kd": "student round"},
     latest_images=latest_images, epoch_scalars=lambda synth: {},
     finite_parts=lambda synth: {"generator params": synth.generator_params,
                                 "generator optimiser state": synth.generator_opt_state},
-    bundle_fields=bundle_fields, ignores=IGNORES, check_config=check_config)
+    bundle_fields=bundle_fields, check_config=check_config, own_config=own_config,
+    # Its own loop's sizes, 100 images a step; the code's 10-class IKD forms.
+    quick={"cpsc.batch_size": 100, "cpsc.epoch_itrs": 10, "cpsc.g_steps": 2,
+           "cpsc.lr_warmup_epochs": 1, "cpsc.generator_ikd": "log_mse",
+           "cpsc.student_ikd": "log_l2"})

@@ -38,19 +38,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import struct
 from jax.sharding import Mesh
 
-from caedfkd_jax.synthesis import losses, memory_bank
-from caedfkd_jax import models
-from caedfkd_jax.io.bundle import Bundle, normalize
 from caedfkd_jax.diffusion import latent_mix, scheduler
-from caedfkd_jax.io.embeddings import EmbeddingTable
-from caedfkd_jax.methods import bank_kd, nayer
-from caedfkd_jax.methods.base import Method, fold, teacher_judgement
-from caedfkd_jax.engine.steps import (Phase, Setup, TrainState, constrain_batch, hparam,
-                               student_optimizer, student_schedule)
+from caedfkd_jax.io.bundle import normalize
+from caedfkd_jax.methods import bank_kd
+from caedfkd_jax.methods.base import (Method, Phase, Setup, TrainState, check_positive,
+                                      constrain_batch, fold, hparam, student_optimizer,
+                                      student_schedule, teacher_judgement)
+from caedfkd_jax.runtime.platform import compute_dtype
+from caedfkd_jax.synthesis import losses, memory_bank
 
 PyTree = Any
 
@@ -224,19 +224,48 @@ def on_teacher(phase: Phase) -> Phase:
       finish=lambda state, carry, ctx, frozen: phase.finish(state, carry, ctx, frozen["teacher"]))
 
 
-def phases(setup: Setup, mesh: Mesh | None) -> dict[str, Phase]:
-  step = functools.partial(denoise_step, setup=setup, mesh=mesh)
-  finish = functools.partial(finish_round, setup=setup)
-  round_phase = lambda warmup: Phase(
-      start=functools.partial(start_round, setup=setup, warmup=warmup, mesh=mesh),
-      step=step, finish=finish, num_steps=setup.config.diffdfkd.steps)
-  return {"warmup_round": round_phase(True), "round": round_phase(False),
+def phases(setup: "DiffusionSetup", mesh: Mesh | None) -> dict[str, Phase]:
+  return {**bank_kd.round_phases(setup, mesh, start_round=start_round, step=denoise_step,
+                                 finish=finish_round, num_steps=setup.config.diffdfkd.steps,
+                                 label="synthesis round"),
           "kd": on_teacher(bank_kd.kd_phase(setup, mesh, with_cncl=False))}
 
 
 # --------------------------------------------------------------------------- #
 # Setup, state, frozen networks
 # --------------------------------------------------------------------------- #
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DiffusionSetup(bank_kd.BankSetup):
+  generator: LatentDiffusion
+
+
+def own_config() -> ml_collections.ConfigDict:
+  """The `diffdfkd` section (METHOD.md b.6). Its loss weights are loss.ce / loss.bn / loss.adv
+  (the code's oh / bn / adv); KD reads student.* with the batch below; the epoch plan is
+  NAYER's (warm-up rounds without L_adv, then g_loops synthesis rounds and the KD calls).
+  configs/diffdfkd_cifar.py sets the paper's CIFAR values."""
+  config = ml_collections.ConfigDict()
+  config.diffdfkd = ml_collections.ConfigDict()
+  config.diffdfkd.weights = ""               # Bundle from `caedfkd convert-diffusion SD_DIR`.
+  config.diffdfkd.prompt = "a realistic photo of {class}"
+  config.diffdfkd.steps = 10                 # Denoising steps (CIFAR: 10; DomainNet: 70).
+  config.diffdfkd.guidance_scale = 3.0       # Classifier-free guidance (CIFAR: 3; DomainNet: 7).
+  config.diffdfkd.latent_size = 64           # Latent side: 64 -> 512-px images in SD v1.x.
+  config.diffdfkd.batch = 10                 # Images per synthesis round (the code: 1).
+  config.diffdfkd.one_class_per_round = True # A round is one class, the classes in turn (the
+                                             # code); False: every row its own class in turn.
+  config.diffdfkd.latent_lr = 1.0            # z <- z - latent_lr * dL/dz (the code: 1).
+  config.diffdfkd.grad_through_unet = True   # The paper; False: the UNet's eps held fixed.
+  config.diffdfkd.latent_mix = "cutmix"      # cutmix (the paper), mixup, none (code default).
+  config.diffdfkd.mix_every = 0              # Steps between mixes; 0: steps // 5 (the code).
+  config.diffdfkd.mix_alpha = 1.0            # lam0 ~ Beta(a, a), lam ~ Beta(lam0, lam0) (code).
+  config.diffdfkd.kd_batch = 256             # Bank images per KD step (the code: 256).
+  config.diffdfkd.attention = "xla"          # UNet attention: xla (T x T logits per head) or
+                                             # cudnn (fused flash attention; GPU, bf16; not yet
+                                             # run on a GPU here).
+  return config
 
 
 def load_weights(config):
@@ -249,47 +278,34 @@ def load_weights(config):
   return weights.load_bundle(config.diffdfkd.weights)
 
 
-def create_setup(config, teacher: Bundle, table: EmbeddingTable) -> Setup:
-  sd = load_weights(config)
-  return make_setup(config, teacher, sd.config("unet"), sd.config("vae"), sd.scheduler_config,
-                    table)
+def create_setup(base: Setup) -> DiffusionSetup:
+  sd = load_weights(base.config)
+  return make_setup(base, sd.config("unet"), sd.config("vae"), sd.scheduler_config)
 
 
-def make_setup(config, teacher: Bundle, unet_config, vae_config, scheduler_config: dict,
-               table: EmbeddingTable | None = None) -> Setup:
+def make_setup(base: Setup, unet_config, vae_config, scheduler_config: dict) -> DiffusionSetup:
   """The setup from the networks' configs (create_setup reads them from the bundle; the
   speed benchmark passes Stable Diffusion v1.x's own, with random weights)."""
   from caedfkd_jax.diffusion import unet as unet_lib, vae as vae_lib
-  from caedfkd_jax.engine.train import compute_dtype   # The dtype rule is the launcher's.
-  dtype = compute_dtype(config.compute_dtype)
-  c, spec = config.diffdfkd, teacher.spec
-  if config.student_arch not in models.ARCHS:
-    raise ValueError(f"Unknown student_arch {config.student_arch!r}. Known archs: "
-                     f"{', '.join(sorted(models.ARCHS))}.")
-  if not spec.class_names:
+  config, c = base.config, base.config.diffdfkd
+  if not base.class_names:
     raise ValueError(f"The teacher bundle {config.teacher} has no class names, and DiffDFKD "
                      "prompts with them: convert the teacher again with --class-names FILE.")
   synth = LatentDiffusion(
-      unet=unet_lib.UNet(unet_config, dtype=dtype,
+      unet=unet_lib.UNet(unet_config, dtype=base.dtype,
                          attention=None if c.attention == "xla" else c.attention),
-      vae=vae_lib.VAEDecoder(vae_config, dtype=dtype),
+      vae=vae_lib.VAEDecoder(vae_config, dtype=base.dtype),
       schedule=scheduler.DDPMSchedule.create(scheduler_config, c.steps),
       scaling_factor=float(vae_config.scaling_factor),
       latent_channels=int(vae_config.latent_channels), latent_size=c.latent_size,
-      image_size=spec.image_size, prompts=class_prompts(c.prompt, spec.class_names))
-  schedule = student_schedule(config.student, nayer.total_kd_steps(config))
-  table_KxD = None if table is None else jnp.asarray(table.vectors, jnp.float32)
-  return Setup(
-      teacher=models.create_model(spec.arch, spec.num_classes, dtype),
-      student=models.create_model(config.student_arch, spec.num_classes, dtype),
-      generator=synth, table_KxD=table_KxD,   # Unused: DiffDFKD prompts with class names.
-      mean=tuple(spec.mean), std=tuple(spec.std),
-      student_tx=student_optimizer(schedule, config.student), generator_tx=None,
-      config=config, method=METHOD, student_lr=schedule, num_classes=spec.num_classes,
-      synthesis_batch=c.batch, group_size=1, kd_batch=c.kd_batch)
+      image_size=base.image_size, prompts=class_prompts(c.prompt, base.class_names))
+  schedule = student_schedule(config.student, bank_kd.total_kd_steps(config))
+  return DiffusionSetup.extend(
+      base, student_tx=student_optimizer(schedule, config.student), student_lr=schedule,
+      generator=synth, synthesis_batch=c.batch, kd_batch=c.kd_batch)
 
 
-def frozen_vars(setup: Setup, teacher_vars: PyTree) -> dict[str, Any]:
+def frozen_vars(setup: DiffusionSetup, teacher_vars: PyTree) -> dict[str, Any]:
   """The teacher, the UNet and VAE weights, and the prompts' text embeddings (computed once)."""
   from caedfkd_jax.diffusion import clip_text
   sd = load_weights(setup.config)
@@ -301,19 +317,15 @@ def frozen_vars(setup: Setup, teacher_vars: PyTree) -> dict[str, Any]:
           "uncond": hidden[0], "text": hidden[1:]}
 
 
-def init_state(setup: Setup, teacher_vars: PyTree, rng: jax.Array,
-               image_size: int) -> DiffusionState:
-  capacity = setup.config.bank_capacity or nayer.default_bank_capacity(setup.config,
-                                                                      setup.synthesis_batch)
-  return DiffusionState(memory_bank.create_bank(capacity, (image_size, image_size, 3)),
+def init_state(setup: DiffusionSetup, teacher_vars: PyTree, rng: jax.Array) -> DiffusionState:
+  capacity = bank_kd.bank_capacity(setup.config, setup.synthesis_batch)
+  return DiffusionState(memory_bank.create_bank(capacity, (setup.image_size,) * 2 + (3,)),
                         jnp.int32(0))
 
 
-def check_config(config, num_devices: int) -> None:
+def check_config(config, num_devices: int, num_classes: int, swept) -> None:
   c = config.diffdfkd
-  for name in ("steps", "batch", "kd_batch", "latent_size", "mix_alpha"):
-    if not c[name] > 0:
-      raise ValueError(f"config.diffdfkd.{name}={c[name]!r} must be positive.")
+  check_positive(config, "diffdfkd", ("steps", "batch", "kd_batch", "latent_size", "mix_alpha"))
   if c.mix_every < 0:
     raise ValueError(f"config.diffdfkd.mix_every={c.mix_every} must be >= 0 (0: steps // 5).")
   if c.latent_mix not in latent_mix.MODES:
@@ -322,25 +334,22 @@ def check_config(config, num_devices: int) -> None:
   if c.attention not in ("xla", "cudnn"):
     raise ValueError(f"config.diffdfkd.attention={c.attention!r}: use xla (any platform) or "
                      "cudnn (GPUs, bfloat16).")
-  if c.attention == "cudnn":
-    from caedfkd_jax.engine.train import compute_dtype
-    if jax.default_backend() != "gpu" or compute_dtype(config.compute_dtype) == jnp.float32:
-      raise ValueError("config.diffdfkd.attention=cudnn (fused flash attention) needs a GPU and "
-                       "16-bit compute (--config.compute_dtype=auto or bfloat16); use xla here.")
+  if c.attention == "cudnn" and (jax.default_backend() != "gpu"
+                                 or compute_dtype(config.compute_dtype) == jnp.float32):
+    raise ValueError("config.diffdfkd.attention=cudnn (fused flash attention) needs a GPU and "
+                     "16-bit compute (--config.compute_dtype=auto or bfloat16); use xla here.")
   if config.student.sampler != "uniform":
     raise ValueError("config.method=diffdfkd banks images without CNCL groups: use "
                      "--config.student.sampler=uniform.")
-  if config.bank_capacity and config.bank_capacity < c.batch:
-    raise ValueError(f"config.bank_capacity={config.bank_capacity} is smaller than one synthesis "
-                     f"round (diffdfkd.batch={c.batch}); raise it, or set 0 to keep every image.")
   for name in ("batch", "kd_batch"):
     if c[name] % num_devices:
       raise ValueError(f"config.diffdfkd.{name}={c[name]} is not divisible by the "
                        f"{num_devices} devices.")
+  bank_kd.check_schedule(config, c.batch, "diffdfkd.batch")
   class_prompts(c.prompt, ["x"])
 
 
-def latest_images(setup: Setup, state: DiffusionState) -> tuple[jax.Array, jax.Array]:
+def latest_images(setup: DiffusionSetup, state: DiffusionState) -> tuple[jax.Array, jax.Array]:
   """The last K rounds' images (the epoch's grid): with one class a round, every class's latest."""
   n = min(setup.num_classes * setup.synthesis_batch, state.bank.images.shape[0])
   images_u8, labels = memory_bank.latest(state.bank, n)
@@ -357,14 +366,10 @@ METHOD = Method(
     name="diffdfkd",
     summary="DiffDFKD (ICME 2025): Stable Diffusion latents steered by the teacher at every "
             "denoising step fill a bank; KD by KL.",
+    reads=(*bank_kd.READS, "loss.ce", "loss.bn", "loss.adv", "loss.bn_reduce", "diffdfkd."),
+    sweepable=("loss.ce", "loss.bn", "loss.adv", "student.temperature"),
     create_setup=create_setup, init_state=init_state, phases=phases,
-    epoch_plan=nayer.epoch_plan, unit_labels={**bank_kd.UNIT_LABELS,
-                                              "warmup_round": "synthesis round",
-                                              "round": "synthesis round"},
-    latest_images=latest_images,
+    epoch_plan=bank_kd.epoch_plan, latest_images=latest_images,
     epoch_scalars=lambda s: {"bank/size": s.bank.size},
-    finite_parts=lambda s: {},
-    bundle_fields=bundle_fields,
-    ignores=("cend.", "student.cncl_", "student.batch_groups", "num_groups", "loss.bn_momentum",
-             "generator.", "cmi.", "cpsc."),
-    check_config=check_config, frozen_vars=frozen_vars)
+    bundle_fields=bundle_fields, check_config=check_config, own_config=own_config,
+    frozen_vars=frozen_vars, requires="Stable Diffusion v1.x weights (config.diffdfkd.weights)")

@@ -11,9 +11,9 @@ is fed, and whether the student loss adds CNCL. CAE-DFKD (cae_dfkd.py) is this b
 with CEND inputs and CNCL; NAYER itself feeds the clean embeddings and adds nothing.
 """
 
+import dataclasses
 import functools
-import math
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import jax
 import jax.numpy as jnp
@@ -21,16 +21,19 @@ import optax
 from flax import struct
 from jax.sharding import Mesh
 
-from caedfkd_jax.synthesis import augment, cend, generator as generator_lib, losses, memory_bank
-from caedfkd_jax import models
-from caedfkd_jax.io.bundle import Bundle, normalize
-from caedfkd_jax.io.embeddings import EmbeddingTable, check_table_matches_classes
+from caedfkd_jax.io.bundle import normalize
 from caedfkd_jax.methods import bank_kd
-from caedfkd_jax.methods.base import Method, fold, teacher_judgement
-from caedfkd_jax.engine.steps import (Phase, Setup, TrainState, constrain_batch, hparam,
-                               student_optimizer, student_schedule)
+from caedfkd_jax.methods.base import (Method, Phase, Setup, TrainState, constrain_batch, fold,
+                                      hparam, student_optimizer, student_schedule,
+                                      teacher_judgement)
+from caedfkd_jax.synthesis import augment, cend, generator as generator_lib, losses, memory_bank
 
 PyTree = Any
+# What the NAYER base reads besides KD from the bank: its generator, its loss, the embedding
+# table and the batch layout (num_groups groups of K * (N + 1) rows, clean views on NAYER).
+READS = (*bank_kd.READS, "embeddings", "num_groups", "cend.num_sources", "student.batch_groups",
+         "generator.", "loss.")
+SWEEPABLE = ("loss.ce", "loss.bn", "loss.adv", "loss.bn_momentum", "student.temperature")
 # Given (setup, the run's swept hparams, rng), the generator's inputs for one round.
 GeneratorInputs = Callable[[Setup, dict, jax.Array], cend.GeneratorBatch]
 RENEW = 2**31 - 1   # Folded into the rng for the generator's own draws (init and renewal).
@@ -166,12 +169,14 @@ def finish_round(state: TrainState, carry: RoundCarry, ctx: RoundContext, teache
 # --------------------------------------------------------------------------- #
 
 
-def epoch_plan(config, epoch: int) -> tuple[str, ...]:
-  """An epoch's units: warm-up rounds only, then `g_loops` rounds and the KD calls."""
-  if epoch < config.warmup_epochs:
-    return ("warmup_round",) * config.warmup_g_loops
-  kd_calls = config.student.kd_steps // config.student.steps_per_call
-  return ("round",) * config.g_loops + ("kd",) * kd_calls
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NayerSetup(bank_kd.BankSetup):
+  """The NAYER base's static parts (the CMI base's too, with its own generator)."""
+  generator: Any            # synthesis.generator.Generator (the noisy-layer NLGenerator)
+  generator_tx: optax.GradientTransformation
+  table_KxD: jax.Array | None = None     # The class embeddings (None: the method reads none).
+  noise_scale_D: jax.Array | None = None  # cend.noise_scale(table, cend.magnitude_scale), for
+                                          # inputs that read it; None: magnitudes in table units.
 
 
 def renews_generator(config, epoch: int) -> bool:
@@ -185,100 +190,118 @@ def renews_generator(config, epoch: int) -> bool:
   return epoch > 0 and ((epoch - warmup) % life == 0 or epoch % life == 0)
 
 
-def total_kd_steps(config) -> int:
-  kd_calls = sum(epoch_plan(config, e).count("kd") for e in range(config.epochs))
-  return kd_calls * config.student.steps_per_call
+def table_fields(base: Setup) -> dict[str, Any]:
+  """The embedding table, and CEND's noise scale where the method reads it (NayerSetup's)."""
+  if base.table is None:
+    return {}
+  vectors = base.table.vectors
+  scaled = base.method.reads_field("cend.magnitude_scale")
+  return {"table_KxD": jnp.asarray(vectors, jnp.float32),
+          "noise_scale_D": (cend.noise_scale(vectors, base.config.cend.magnitude_scale)
+                            if scaled else None)}
 
 
-def default_bank_capacity(config, synthesis_batch: int) -> int:
-  rounds = sum(len(epoch_plan(config, e)) - epoch_plan(config, e).count("kd")
-               for e in range(config.epochs))
-  return rounds * synthesis_batch
-
-
-def create_setup(config, teacher: Bundle, table: EmbeddingTable, *, method: Method) -> Setup:
-  from caedfkd_jax.engine.train import compute_dtype   # The dtype rule is the launcher's.
-  dtype = compute_dtype(config.compute_dtype)
-  num_classes = teacher.spec.num_classes
-  if table.vectors.shape[0] != num_classes:
-    raise ValueError(
-        f"The embedding table {config.embeddings!r} has {table.vectors.shape[0]} classes but the "
-        f"teacher has {num_classes}; make a table for the teacher's classes with `caedfkd embed`.")
-  check_table_matches_classes(table, teacher.spec.class_names, config.embeddings)
-  if config.student_arch not in models.ARCHS:
-    raise ValueError(f"Unknown student_arch {config.student_arch!r}. Known archs: "
-                     f"{', '.join(sorted(models.ARCHS))}.")
-  schedule = student_schedule(config.student, total_kd_steps(config))
-  group_size = num_classes * (config.cend.num_sources + 1)   # A CEND group: K anchors, K*N views.
+def create_setup(base: Setup) -> NayerSetup:
+  config = base.config
+  schedule = student_schedule(config.student, bank_kd.total_kd_steps(config))
+  group_size = base.num_classes * (config.cend.num_sources + 1)   # K anchors, K*N views.
   g = config.generator
-  return Setup(
-      teacher=models.create_model(teacher.spec.arch, num_classes, dtype),
-      student=models.create_model(config.student_arch, num_classes, dtype),
+  return NayerSetup.extend(
+      base, student_tx=student_optimizer(schedule, config.student), student_lr=schedule,
       generator=generator_lib.Generator(
-          num_classes=num_classes, img_size=teacher.spec.image_size,
-          noise_dim=g.noise_dim, ngf=g.ngf, dtype=dtype,
+          num_classes=base.num_classes, img_size=base.image_size,
+          noise_dim=g.noise_dim, ngf=g.ngf, dtype=base.dtype,
           noisy_chunk_rows=generator_lib.noisy_chunk_rows(
-              g.noisy_chunks, num_classes, config.cend.num_sources + 1)),
-      table_KxD=jnp.asarray(table.vectors, jnp.float32),
-      mean=tuple(teacher.spec.mean), std=tuple(teacher.spec.std),
-      student_tx=student_optimizer(schedule, config.student),
-      generator_tx=optax.adam(g.lr, b1=g.b1, b2=g.b2), config=config,
-      noise_scale_D=cend.noise_scale(table.vectors, config.cend.magnitude_scale),
-      method=method, student_lr=schedule, num_classes=num_classes, group_size=group_size,
-      synthesis_batch=config.num_groups * group_size,
+              g.noisy_chunks, base.num_classes, config.cend.num_sources + 1)),
+      generator_tx=optax.adam(g.lr, b1=g.b1, b2=g.b2), **table_fields(base),
+      synthesis_batch=config.num_groups * group_size, group_size=group_size,
       kd_batch=config.student.batch_groups * group_size)
 
 
-def new_generator_params(setup: Setup, rng: jax.Array) -> PyTree:
+def new_generator_params(setup: NayerSetup, rng: jax.Array) -> PyTree:
   return generator_lib.init_generator(rng, setup.generator, setup.synthesis_batch,
                                       setup.table_KxD.shape[1])
 
 
-def init_state(setup: Setup, teacher_vars: PyTree, rng: jax.Array,
-               image_size: int) -> SynthesisState:
-  config = setup.config
-  capacity = config.bank_capacity or default_bank_capacity(config, setup.synthesis_batch)
-  capacity = math.ceil(capacity / setup.group_size) * setup.group_size
+def init_state(setup: NayerSetup, teacher_vars: PyTree, rng: jax.Array) -> SynthesisState:
+  capacity = bank_kd.bank_capacity(setup.config, setup.synthesis_batch, setup.group_size)
   return SynthesisState(
       generator_params=new_generator_params(setup, rng),
       bn_ema=jax.tree.map(jnp.zeros_like, teacher_vars["batch_stats"]),
       bn_ema_valid=jnp.bool_(False),
-      bank=memory_bank.create_bank(capacity, (image_size, image_size, 3)))
+      bank=memory_bank.create_bank(capacity, (setup.image_size, setup.image_size, 3)))
 
 
-def renewed_generator(setup: Setup, state: TrainState) -> TrainState:
+def renewed_generator(setup: NayerSetup, state: TrainState) -> TrainState:
   """A whole new generator, where `renews_generator` says (NAYER's g_life)."""
   params = new_generator_params(setup, fold(state.rng, state.epoch, RENEW))
   return state.replace(method=state.method.replace(generator_params=params))
 
 
-def make_method(name: str, summary: str, inputs: GeneratorInputs, with_cncl: bool,
-                bundle_fields: Callable[[Any], dict] = lambda config: {},
-                ignores: tuple[str, ...] = ()) -> Method:
-  """A method on the NAYER base, given its generator inputs and whether it adds CNCL."""
+def check_base(config, num_devices: int, num_classes: int, swept: Collection[str], *,
+               method: Method) -> None:
+  """The base's own checks: the generator, its loss, the batch layout and the bank schedule."""
+  noisy_chunks = config.generator.noisy_chunks
+  if noisy_chunks not in generator_lib.NOISY_CHUNKS:
+    raise ValueError(f"config.generator.noisy_chunks={noisy_chunks!r}: use per_view (NAYER: one "
+                     "noisy Linear per K rows) or per_group (one per CNCL group of K*(N+1) rows).")
+  # Clean views of one group through one shared Linear are N+1 copies of one image per class:
+  # per_view's images at 1/(N+1) of the diversity, for the same compute. Refused.
+  # cend.magnitude=0 (or a zero in cend.magnitudes) makes such copies too, but is allowed: it is
+  # the end point of a magnitude sweep.
+  clean = not method.reads_field("cend.mode") or config.cend.mode == "clean"
+  if noisy_chunks == "per_group" and clean:
+    raise ValueError("config.generator.noisy_chunks='per_group' with config.cend.mode='clean' "
+                     "would send each group's N+1 identical clean views through one Linear: "
+                     "N+1 identical images per class and group. Use "
+                     "--config.generator.noisy_chunks=per_view for clean embeddings (NAYER), or "
+                     "cend.mode=cend.")
+  if config.loss.bn_reduce not in losses.BN_REDUCTIONS:
+    raise ValueError(f"config.loss.bn_reduce={config.loss.bn_reduce!r}: use sum (NAYER) or "
+                     "mean (averaged over the teacher's BN layers).")
+  group = num_classes * (config.cend.num_sources + 1)
+  synthesis = config.num_groups * group
+  bank_kd.check_schedule(config, synthesis, "num_groups*K*(N+1)")
+  cncl = (bank_kd.cncl_subbatch_groups(config, swept) * group
+          if method.reads_field("student.cncl_weight") else 0)
+  bank_kd.check_divisible(
+      num_devices, [("synthesis batch (num_groups*K*(N+1))", synthesis),
+                    ("KD batch (student.batch_groups*K*(N+1))", config.student.batch_groups * group),
+                    ("CNCL sub-batch (student.cncl_groups*K*(N+1))", cncl)],
+      "num_groups / student.batch_groups / student.cncl_groups")
 
-  def phases(setup: Setup, mesh: Mesh | None) -> dict[str, Phase]:
+
+def make_method(name: str, summary: str, inputs: GeneratorInputs, with_cncl: bool, *,
+                reads: tuple[str, ...] = READS, sweepable: tuple[str, ...] = SWEEPABLE,
+                check: Callable | None = None,
+                bundle_fields: Callable[[Any], dict] = lambda config: {}, **fields) -> Method:
+  """A method on the NAYER base, given its generator inputs and whether it adds CNCL.
+
+  `check(config, num_devices, num_classes, swept)` adds the inputs' own checks to the base's.
+  """
+
+  def phases(setup: NayerSetup, mesh: Mesh | None) -> dict[str, Phase]:
     return bank_kd.rounds_then_kd(setup, mesh, start_round=start_round,
                                   generator_step=generator_step, finish_round=finish_round,
                                   inputs=inputs, with_cncl=with_cncl)
 
-  method = Method(  # create_setup records `method` in the Setup it makes.
-      name=name, summary=summary,
-      create_setup=lambda config, teacher, table: create_setup(config, teacher, table,
-                                                               method=method),
-      init_state=init_state, phases=phases, epoch_plan=epoch_plan,
-      unit_labels=bank_kd.UNIT_LABELS,
+  def check_config(config, num_devices: int, num_classes: int, swept: Collection[str]) -> None:
+    if check is not None:
+      check(config, num_devices, num_classes, swept)
+    check_base(config, num_devices, num_classes, swept, method=method)
+
+  method = Method(
+      name=name, summary=summary, reads=reads, create_setup=create_setup,
+      init_state=init_state, phases=phases, epoch_plan=bank_kd.epoch_plan,
       latest_images=bank_kd.latest_images,
       epoch_scalars=lambda synth: {"bank/size": synth.bank.size},
       finite_parts=lambda synth: {"generator params": synth.generator_params,
                                   "teacher BN-statistics EMA": synth.bn_ema},
-      bundle_fields=bundle_fields, ignores=ignores, renews=renews_generator,
-      renew=renewed_generator)
+      bundle_fields=bundle_fields, check_config=check_config, sweepable=sweepable,
+      embeddings=True, renews=renews_generator, renew=renewed_generator, **fields)
   return method
 
 
 METHOD = make_method(
     "nayer", "NAYER (CVPR 2024): clean label embeddings through a noisy-layer generator; a bank; "
-    "KD by KL.", inputs=clean_inputs, with_cncl=False,
-    ignores=("cend.mode", "cend.magnitude", "cend.magnitudes", "cend.magnitude_scale",
-             "cend.sources", "student.cncl_"))
+    "KD by KL.", inputs=clean_inputs, with_cncl=False)

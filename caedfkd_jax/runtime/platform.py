@@ -1,0 +1,38 @@
+"""Choices that follow the platform: the activation dtype, and JAX's persistent compile cache."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+
+
+def compute_dtype(name: str, platform: str | None = None):
+  """The activation dtype: "auto" is bfloat16 on accelerators and float32 on CPUs.
+
+  XLA:CPU has no fast bfloat16 convolutions, so "auto" keeps CPUs in float32.
+  """
+  if name == "auto":
+    platform = platform or jax.default_backend()
+    return jnp.float32 if platform == "cpu" else jnp.bfloat16
+  try:
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}[name]
+  except KeyError:
+    raise ValueError(f"compute_dtype {name!r}: use auto, float32, bfloat16 or float16") from None
+
+
+def enable_compilation_cache(directory: str) -> str | None:
+  """Points JAX's persistent compilation cache at `directory` ("auto": the user cache).
+
+  JAX fixes the directory once a process first uses the cache, so a directory
+  already configured (e.g. by JAX_COMPILATION_CACHE_DIR) is kept. Returns the
+  directory in use, or None when off.
+  """
+  current = jax.config.jax_compilation_cache_dir
+  if not directory or current:
+    return current or None
+  if directory == "auto":
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    directory = os.path.join(base, "caedfkd_jax", "xla")
+  directory = os.path.abspath(os.path.expanduser(directory))
+  jax.config.update("jax_compilation_cache_dir", directory)
+  return directory
