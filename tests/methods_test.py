@@ -87,3 +87,48 @@ def test_a_nayer_run_records_its_method_and_cannot_resume_as_another(teacher_dir
   config.method = "cae_dfkd"
   with pytest.raises(ValueError, match="holds a nayer run; a checkpoint cannot switch methods"):
     train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_only_a_method_that_reads_embeddings_gets_a_table(teacher_dir, table_path, tmp_path):
+  """CMI draws z: a table for other classes (here 3 against the teacher's 4) is no reason to
+  refuse it, and it gets none; CAE-DFKD over CMI reads the table, so it refuses that one."""
+  from caedfkd_jax.io import embeddings
+  import numpy as np
+  other = embeddings.EmbeddingTable(np.ones((3, 16), np.float32), ["a", "b", "c"], {})
+  other.save(str(tmp_path / "other.npy"))
+  teacher = bundle_lib.load_bundle(teacher_dir)
+  config = tiny_config(teacher_dir, table_path, "cmi")
+  config.embeddings = str(tmp_path / "other.npy")
+  assert train.create_setup(config, teacher).table is None
+  config = tiny_config(teacher_dir, str(tmp_path / "other.npy"), "cae_dfkd_cmi")
+  with pytest.raises(ValueError, match="has 3 classes but the teacher has 4"):
+    train.create_setup(config, teacher)
+
+
+def test_a_field_the_method_does_not_read_is_refused_only_when_set(teacher_dir, table_path):
+  config = tiny_config(teacher_dir, table_path, "nayer")
+  checks.validate_config(config, 1, 4)                 # cend.magnitude at its default: fine
+  config.cend.magnitude = 0.3                          # NAYER feeds clean embeddings: refused
+  with pytest.raises(ValueError, match=r"config.cend.magnitude is set to 0.3, but method nayer "
+                                       r"does not read it"):
+    checks.validate_config(config, 1, 4)
+  config = tiny_config(teacher_dir, table_path, "cae_dfkd")
+  config.cend.magnitude = 0.3                          # read by CAE-DFKD
+  checks.validate_config(config, 1, 4)
+  with config.unlocked():
+    config.student.lrr = 0.2                           # a typo is no field at all
+  with pytest.raises(ValueError, match="config.student.lrr is not a config field"):
+    checks.validate_config(config, 1, 4)
+
+
+def test_the_launcher_refuses_an_unread_field_in_one_line(teacher_dir, tmp_path, capsys):
+  """The resnet56 config sets NAYER's batch layout; switched to CMI, which draws its own."""
+  from caedfkd_jax.cli.main import main
+  code = main(["distill", "--config", "cifar10_resnet56_resnet20.py", "--workdir",
+               str(tmp_path / "w"), f"--config.teacher={teacher_dir}",
+               "--config.teacher_arch_expected=",
+               "--config.student_arch=resnet_tiny_a", "--config.method=cmi",
+               "--config.student.sampler=uniform"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1
+  assert "config.num_groups is set to 2, but method cmi does not read it" in err[0]

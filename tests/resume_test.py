@@ -202,3 +202,16 @@ def test_bad_values_reach_the_cli_as_one_line(teacher_dir, table_path, tmp_path,
                     f"--config.embeddings={table_path}", "--config.student.steps_per_call=0"])
   err = capsys.readouterr().err.strip().splitlines()
   assert code == 2 and len(err) == 1 and "steps_per_call=0 must be positive" in err[0]
+
+
+def test_the_device_count_may_change_on_resume(teacher_dir, table_path, tmp_path):
+  """The state is replicated and every batch sharded, so a run saved on one device continues on
+  two (as a preempted job restarts on another machine)."""
+  config = tiny_config(teacher_dir, table_path)
+  config.num_devices = 1
+  _start(config, tmp_path, units=3)
+  config = tiny_config(teacher_dir, table_path)
+  config.num_devices = 2
+  result = train.train_and_evaluate(config, str(tmp_path))
+  assert result["epoch"] == config.epochs and not result["stopped_early"]
+  assert "config_changes" not in bundle_lib.load_bundle(result["student"]).spec.extra

@@ -25,7 +25,7 @@ from absl import flags
 from ml_collections import config_dict
 from ml_collections import config_flags
 
-from caedfkd_jax.config import defaults
+from caedfkd_jax.config import defaults, fields
 from caedfkd_jax.methods import registry
 
 PROG = "caedfkd distill"
@@ -190,17 +190,6 @@ def field_docs(source: str) -> tuple[dict[str, str], dict[str, int], dict[int, s
   return docs, first_line, sections
 
 
-def _leaves(config: config_dict.ConfigDict, prefix: str = "") -> dict[str, Any]:
-  out = {}
-  for key in config.keys():
-    value = config[key]
-    if isinstance(value, config_dict.ConfigDict):
-      out.update(_leaves(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
 def _read(path: str) -> str:
   with open(path, encoding="utf-8") as f:
     return f.read()
@@ -224,8 +213,8 @@ def help_text(config: config_dict.ConfigDict | None = None, config_file: str | N
   when None), the default where it differs, and the field's comment from config/defaults.py,
   the method's file (its own section) or `config_file`."""
   method = defaults.DEFAULT_METHOD if config is None else config.method
-  reference = _leaves(defaults.get_config(method if _method_docs(method) else None))
-  values = reference if config is None else _leaves(config)
+  reference = fields.flatten(defaults.get_config(method if _method_docs(method) else None))
+  values = reference if config is None else fields.flatten(config)
   docs, order, sections = field_docs(_read(defaults.__file__))
   after = max(order.values(), default=0) + 1  # Then the method's own fields, then the others.
   own = _method_docs(method)

@@ -205,8 +205,7 @@ def read_rows(run_dir: str) -> list[dict[str, Any]]:
 
 
 def format_epoch(epoch: int, epochs: int, runs: Sequence[Run],
-                 summaries: Sequence[dict[str, Any]],
-                 keys: Sequence[str] = ("eval/top1", "kd/kl", "gen/loss")) -> str:
+                 summaries: Sequence[dict[str, Any]], keys: Sequence[str]) -> str:
   """One line per epoch for all runs: each sweep point's mean (± std over seeds) of `keys`."""
   parts = []
   for p in sorted({run.point for run in runs}):

@@ -11,7 +11,6 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-ROUNDINGS = ("truncate", "nearest")
 SAMPLERS = ("groups", "uniform")  # How a KD batch is drawn: `sample_groups` or `sample`.
 
 
@@ -38,22 +37,16 @@ def create_bank(capacity: int, image_shape: tuple[int, int, int]) -> MemoryBank:
                     jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
 
-def quantize(images01: jax.Array, rounding: str = "truncate") -> jax.Array:
+def quantize(images01: jax.Array) -> jax.Array:
   """[0, 1] floats -> uint8 as NAYER stores its PNGs.
 
-  NAYER's save_image_batch does `(x.clamp(0, 1) * 255).astype('uint8')`, which
-  truncates; "nearest" rounds instead (round half to even).
+  NAYER's save_image_batch does `(x.clamp(0, 1) * 255).astype('uint8')`, which truncates.
   """
-  scaled = jnp.clip(images01.astype(jnp.float32), 0.0, 1.0) * 255.0
-  if rounding == "truncate":
-    return jnp.floor(scaled).astype(jnp.uint8)
-  if rounding == "nearest":
-    return jnp.round(scaled).astype(jnp.uint8)
-  raise ValueError(f"Unknown rounding {rounding!r}; choose from {ROUNDINGS}.")
+  return jnp.floor(jnp.clip(images01.astype(jnp.float32), 0.0, 1.0) * 255.0).astype(jnp.uint8)
 
 
 def add(bank: MemoryBank, images01_BxHxWxC: jax.Array, labels: jax.Array,
-        source_index: jax.Array, group: jax.Array, rounding: str = "truncate") -> MemoryBank:
+        source_index: jax.Array, group: jax.Array) -> MemoryBank:
   """Writes a batch at the cursor, wrapping around and overwriting the oldest images.
 
   Jittable for a static batch size; one scatter per field, so a donated bank
@@ -72,7 +65,7 @@ def add(bank: MemoryBank, images01_BxHxWxC: jax.Array, labels: jax.Array,
   slots = (bank.cursor + jnp.arange(b)) % bank.capacity
   write = lambda buffer, values: buffer.at[slots].set(values, unique_indices=True)
   return bank.replace(
-      images=write(bank.images, quantize(images01_BxHxWxC, rounding)),
+      images=write(bank.images, quantize(images01_BxHxWxC)),
       labels=write(bank.labels, labels.astype(jnp.int32)),
       source_index=write(bank.source_index, source_index.astype(jnp.int32)),
       group=write(bank.group, group.astype(jnp.int32)),
