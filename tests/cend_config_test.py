@@ -8,8 +8,8 @@ import pytest
 
 from caedfkd_jax.io import bundle as bundle_lib
 from caedfkd_jax.io import class_names, embeddings
-from caedfkd_jax.config import checks, defaults
-from caedfkd_jax.cli import distill as launch, main
+from caedfkd_jax.config import checks, defaults, fields
+from caedfkd_jax.cli import distill, main
 from caedfkd_jax.synthesis import memory_bank
 from caedfkd_jax.engine import runs, steps, train
 from caedfkd_jax.synthesis.generator import NOISY_LAYER
@@ -36,9 +36,7 @@ def _validate(config):
     ("cend.sources", ("gaussian", "uniform", "laplace", "cauchy"), r"unknown \['cauchy'\]"),
 ])
 def test_bad_cend_switches_are_refused_naming_them(field, value, message):
-  config = defaults.get_config()
-  section, name = field.split(".")
-  config[section][name] = value
+  config = fields.set_fields(defaults.get_config(), {field: value})
   with pytest.raises(ValueError, match=message):
     _validate(config)
 
@@ -71,7 +69,7 @@ def test_switches_from_the_command_line(tmp_path, monkeypatch):
   assert config.cend.magnitudes == (0.1, 0.2, 0.05, 0.1)
   assert (config.cend.magnitude_scale, config.generator.noisy_chunks) == ("relative", "per_group")
   _validate(config)
-  assert "cend.magnitudes = None" in launch.help_text()
+  assert "cend.magnitudes = None" in distill.help_text()
 
 
 def test_magnitudes_and_a_magnitude_sweep_are_refused_together():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from caedfkd_jax.io import bundle as bundle_lib
-from caedfkd_jax.config import defaults as default_config
+from caedfkd_jax.config import defaults, fields
 from caedfkd_jax.cli import demo
 from caedfkd_jax.engine import train
 from tiny_run import NUM_CLASSES, tiny_config
@@ -50,17 +50,10 @@ sys.exit(main.main(sys.argv[1:]))
 '''
 
 
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-  return out
-
-
 def _write_config(path, config):
   """A config file: the defaults updated with `config`'s differing fields."""
-  defaults, fields = _flat(default_config.get_config().to_dict()), _flat(config.to_dict())
-  changed = {k: v for k, v in fields.items() if defaults.get(k) != v}
+  default = fields.flatten(defaults.get_config().to_dict())
+  changed = {k: v for k, v in fields.flatten(config.to_dict()).items() if default.get(k) != v}
   path.write_text("from caedfkd_jax.config import defaults\n\n\ndef get_config():\n"
                   "  config = defaults.get_config()\n"
                   f"  config.update_from_flattened_dict({changed!r})\n  return config\n")

@@ -7,20 +7,12 @@ import tomllib
 
 import pytest
 
-from caedfkd_jax.config import defaults
-from caedfkd_jax.cli import distill as launch
+from caedfkd_jax.config import defaults, fields
+from caedfkd_jax.cli import distill
 from caedfkd_jax.cli import main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO_ROOT, "configs")
-
-
-def _fields(config, prefix=""):
-  for key in config.keys():
-    if hasattr(config[key], "keys"):
-      yield from _fields(config[key], f"{prefix}{key}.")
-    else:
-      yield f"{prefix}{key}", config[key]
 
 
 def _help(capsys, *args):
@@ -34,7 +26,7 @@ def test_help_lists_every_config_field_with_its_default_and_comment(capsys, flag
   out, lines = _help(capsys, flag)
   assert out.startswith("usage: caedfkd distill --config")
   assert "example:\n  caedfkd distill --config cifar10_resnet56_resnet20 --workdir" in out
-  for name, value in _fields(defaults.get_config()):
+  for name, value in fields.flatten(defaults.get_config()).items():
     assert name in lines, f"--help does not list {name}"
     assert f"{name} = {value!r}" in lines[name]
   assert "Path of the teacher bundle (`caedfkd convert`). Required." in lines["teacher"]
@@ -87,7 +79,7 @@ def test_help_shows_fields_a_config_file_adds_with_its_comment(capsys, tmp_path)
 def test_config_names_resolve_to_the_installed_configs_from_any_directory(tmp_path, monkeypatch,
                                                                           spec, name, arg):
   monkeypatch.chdir(tmp_path)
-  resolved = launch.resolve_config_path(spec)
+  resolved = distill.resolve_config_path(spec)
   path = resolved.partition(":")[0]
   assert os.path.isabs(path) and os.path.isfile(path)
   assert os.path.samefile(path, os.path.join(CONFIGS, f"{name}.py"))
@@ -99,17 +91,17 @@ def test_an_existing_path_wins_over_an_installed_config(tmp_path, monkeypatch):
   os.makedirs("configs")
   with open("configs/paper_cifar.py", "w") as f:
     f.write("def get_config(arg=''):\n  return None\n")
-  assert launch.resolve_config_path("configs/paper_cifar.py:x") == "configs/paper_cifar.py:x"
+  assert distill.resolve_config_path("configs/paper_cifar.py:x") == "configs/paper_cifar.py:x"
   # A mistyped folder is not silently replaced by the installed config of the same name.
   with pytest.raises(ValueError, match="no file 'elsewhere/paper_cifar.py'"):
-    launch.resolve_config_path("elsewhere/paper_cifar.py")
+    distill.resolve_config_path("elsewhere/paper_cifar.py")
 
 
 def test_an_unknown_config_name_lists_the_installed_configs(tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
   installed = "cifar10_resnet56_resnet20, cmi_cifar, cpsc_cifar, diffdfkd_cifar, paper_cifar"
   with pytest.raises(ValueError, match=installed):
-    launch.resolve_config_path("cifar10_resnet56:full")
+    distill.resolve_config_path("cifar10_resnet56:full")
   assert main.main(["distill", "--config", "nope", "--workdir", str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip()
   assert "\n" not in err
@@ -170,4 +162,4 @@ def test_pyproject_installs_every_package_and_the_configs():
              os.listdir(os.path.join(REPO_ROOT, "caedfkd_jax", "io", "embedding_tables")))
   assert os.path.isfile(os.path.join(CONFIGS, "__init__.py"))
   shipped = {name[:-3] for name in os.listdir(CONFIGS) if name.endswith(".py") and name[0] != "_"}
-  assert set(launch.installed_configs()) == shipped
+  assert set(distill.installed_configs()) == shipped

@@ -17,7 +17,8 @@ import pytest
 
 from caedfkd_jax.synthesis import augment
 from caedfkd_jax.io import bundle as bundle_lib
-from caedfkd_jax.config import checks, defaults as default_config
+from caedfkd_jax.config import checks, defaults
+from caedfkd_jax.config import fields as config_fields
 from caedfkd_jax.cli import demo
 from caedfkd_jax.io import embeddings
 from caedfkd_jax.config import ladder
@@ -158,7 +159,7 @@ def test_uniform_without_cncl_draws_no_group_rows_unless_the_weight_is_swept(
 
 
 def test_config_checks_name_a_bad_sampler_and_an_indivisible_cncl_sub_batch():
-  config = default_config.get_config()
+  config = defaults.get_config()
   config.student.sampler = "random"
   with pytest.raises(ValueError, match=r"config\.student\.sampler='random': use groups .* uniform"):
     checks.validate_config(config, 1, 10)
@@ -179,16 +180,6 @@ def test_config_checks_name_a_bad_sampler_and_an_indivisible_cncl_sub_batch():
     checks.validate_config(config, 100, 10)
 
 
-def _flat(config) -> dict:
-  out = {}
-  for section, value in config.items():
-    if hasattr(value, "items"):
-      out.update({f"{section}.{k}": v for k, v in value.items()})
-    else:
-      out[section] = value
-  return out
-
-
 def _readme_ladder_rows() -> dict[str, str]:
   text = open(os.path.join(REPO, "README.md")).read()
   section = text.split("### The ablation ladder", 1)[1].split("\n#", 1)[0]
@@ -196,18 +187,18 @@ def _readme_ladder_rows() -> dict[str, str]:
 
 
 def test_ladder_arms_set_exactly_their_documented_fields():
-  defaults = _flat(default_config.get_config())
+  default = config_fields.flatten(defaults.get_config())
   rows = _readme_ladder_rows()
   assert sorted(rows) == sorted(ladder.ARMS)
   for arm, fields in ladder.ARMS.items():
-    changed = _flat(ladder.apply_arm(default_config.get_config(), arm))
-    assert {k for k in defaults if changed[k] != defaults[k]} <= set(fields), arm
+    changed = config_fields.flatten(ladder.apply_arm(defaults.get_config(), arm))
+    assert {k for k in default if changed[k] != default[k]} <= set(fields), arm
     for name, value in fields.items():
       assert changed[name] == value, (arm, name)
       shown = f"{value:g}" if isinstance(value, float) else str(value)
       assert f"{name}={shown}" in rows[arm], (arm, name)
   # The full method is today's defaults; NAYER's base differs in CEND, sampler and CNCL.
-  assert all(defaults[k] == v for k, v in ladder.ARMS["cend_cncl"].items())
+  assert all(default[k] == v for k, v in ladder.ARMS["cend_cncl"].items())
 
 
 def _config_module(name):
@@ -221,7 +212,7 @@ def test_config_arguments_take_an_arm_and_an_unknown_one_names_the_arms():
   r56, paper = _config_module("cifar10_resnet56_resnet20"), _config_module("paper_cifar")
   for module, plain, with_arm in ((r56, "full", "full,base"), (r56, "cpu", "base"),
                                   (paper, "cifar100,wrn40_2,wrn16_1", "cifar100,wrn40_2,wrn16_1,base")):
-    assert _flat(module.get_config(with_arm)) == _flat(ladder.apply_arm(module.get_config(plain),
+    assert config_fields.flatten(module.get_config(with_arm)) == config_fields.flatten(ladder.apply_arm(module.get_config(plain),
                                                                         "base"))
   arms = r"base, cend, cend_cncl, gaussian"
   for module, arg in ((r56, "cpu,nayer"), (paper, "cifar10,resnet34,resnet18,nayer")):
@@ -230,7 +221,7 @@ def test_config_arguments_take_an_arm_and_an_unknown_one_names_the_arms():
   with pytest.raises(ValueError, match=f"schedule 'nayer'.*{arms}"):
     r56.get_config("nayer")
   with pytest.raises(ValueError, match="Unknown ablation arm"):
-    ladder.apply_arm(default_config.get_config(), "full")
+    ladder.apply_arm(defaults.get_config(), "full")
 
 
 def test_demo_records_an_arm_and_refuses_to_resume_with_another(tmp_path):

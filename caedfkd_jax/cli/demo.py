@@ -15,14 +15,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from PIL import Image
 from tqdm.auto import tqdm
 
 from caedfkd_jax import models
 from caedfkd_jax.config import defaults, fields, ladder
 from caedfkd_jax.engine import train
-from caedfkd_jax.eval import evaluate
+from caedfkd_jax.eval import evaluate, supervised
 from caedfkd_jax.io import atomic_files, bundle as bundle_lib
 from caedfkd_jax.methods import registry
 
@@ -58,31 +57,19 @@ def teacher_spec() -> bundle_lib.ModelSpec:
 def train_teacher(x_train, y_train, spec: bundle_lib.ModelSpec, epochs: int, seed: int):
   """Plain supervised training (SGD, cosine, crop+flip-free: digits are not mirror-symmetric)."""
   model = models.create_model(spec.arch, spec.num_classes)
-  variables = bundle_lib.init_variables(spec, seed)
+  variables = jax.tree.map(jnp.array, bundle_lib.init_variables(spec, seed))  # the step donates
   batch = 128
   steps_per_epoch = len(x_train) // batch
-  tx = optax.chain(optax.add_decayed_weights(5e-4),
-                   optax.sgd(optax.cosine_decay_schedule(0.1, epochs * steps_per_epoch), momentum=0.9))
+  tx = supervised.optimizer(0.1, 0.9, 5e-4, epochs * steps_per_epoch)
   opt_state = tx.init(variables["params"])
-  mean, std = jnp.asarray(spec.mean), jnp.asarray(spec.std)
-
-  @jax.jit
-  def step(variables, opt_state, x, y):
-    def loss_fn(params):
-      (logits, _), new = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                     (x - mean) / std, train=True, mutable=["batch_stats"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), new
-    (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-    updates, opt_state = tx.update(grads, opt_state, variables["params"])
-    return {"params": optax.apply_updates(variables["params"], updates),
-            "batch_stats": new["batch_stats"]}, opt_state, loss
+  step = supervised.make_step(model, tx, spec.mean, spec.std, padding=None)  # float images in [0, 1]
 
   rng = np.random.default_rng(seed)
   for _ in tqdm(range(epochs), desc="teacher", unit="epoch"):
     order = rng.permutation(len(x_train))
     for i in range(steps_per_epoch):
       idx = order[i * batch:(i + 1) * batch]
-      variables, opt_state, _ = step(variables, opt_state, x_train[idx], y_train[idx])
+      variables, opt_state, _ = step(variables, opt_state, x_train[idx], y_train[idx], None)
   return variables
 
 

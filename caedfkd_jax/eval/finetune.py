@@ -12,12 +12,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import traverse_util
 from tqdm.auto import tqdm
 
-from caedfkd_jax.synthesis import augment
 from caedfkd_jax import models
+from caedfkd_jax.eval import supervised
 from caedfkd_jax.io import bundle as bundle_lib
 
 
@@ -60,27 +59,10 @@ def with_fresh_head(bundle: bundle_lib.Bundle, num_classes: int, rng: jax.Array 
 
 @functools.lru_cache(maxsize=8)
 def _train_step(model, config: FinetuneConfig, total_steps: int, mean: tuple, std: tuple):
-  """One jitted SGD step; cached so that every draw of the same size reuses the compilation."""
-  tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
-                   optax.sgd(optax.cosine_decay_schedule(config.learning_rate, total_steps),
-                             momentum=config.momentum))
-  mean_a, std_a = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
-
-  def step(variables, opt_state, images_uint8, labels, rng):
-    x01 = augment.random_crop_flip(rng, images_uint8.astype(jnp.float32) / 255.0, config.padding)
-    x = (x01 - mean_a) / std_a
-
-    def loss_fn(params):
-      (logits, _), new = model.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                                     x, train=True, mutable=["batch_stats"])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), new
-
-    (loss, new), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-    updates, opt_state = tx.update(grads, opt_state, variables["params"])
-    return ({"params": optax.apply_updates(variables["params"], updates),
-             "batch_stats": new["batch_stats"]}, opt_state, loss)
-
-  return tx, jax.jit(step, donate_argnums=(0, 1))
+  """(optimizer, jitted step); cached so that every draw of the same size reuses the compilation."""
+  tx = supervised.optimizer(config.learning_rate, config.momentum, config.weight_decay,
+                            total_steps)
+  return tx, supervised.make_step(model, tx, mean, std, padding=config.padding)
 
 
 def finetune(bundle: bundle_lib.Bundle, images_uint8: np.ndarray, labels: np.ndarray,

@@ -10,6 +10,10 @@ CMI's contrastive features are the *per-instance* means (over H, W) of the same
 BN inputs; they go into a second collection, `bn_instance_means`, and only when
 a caller makes it mutable (`cmi_contrast.teacher_instance_features`), so every
 other caller traces exactly the graph it traced before.
+
+`BasicBlock` is the residual block of both ResNet families: the DFKD zoo's
+(option-B shortcut, `resnet.py`) and akamaster's CIFAR ResNets (option-A
+shortcut, `resnet_cifar.py`); only the shortcut differs.
 """
 
 from functools import partial
@@ -115,6 +119,43 @@ def linear(features: int, fan_in: int, dtype: Any = jnp.float32,
 
 def global_avg_pool(x_BxHxWxC: jax.Array) -> jax.Array:
   return jnp.mean(x_BxHxWxC.astype(jnp.float32), axis=(1, 2))
+
+
+def option_a_shortcut(x_BxHxWxC: jax.Array, planes: int) -> jax.Array:
+  """Parameter-free shortcut: subsample by 2, zero-pad channels on both sides."""
+  pad = planes // 4
+  x = x_BxHxWxC[:, ::2, ::2, :]
+  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (pad, pad)))
+
+
+class BasicBlock(nn.Module):
+  """conv3x3-bn-relu-conv3x3-bn, + shortcut, relu (He et al. 2016).
+
+  Where the shape changes, `shortcut="B"` projects with a 1x1 conv + BN (params
+  `shortcut_0`, `shortcut_1`: DFKD zoo, torchvision) and `shortcut="A"`
+  subsamples and zero-pads channels, without parameters (akamaster's CIFAR
+  ResNets).
+  """
+  planes: int
+  stride: int = 1
+  dtype: Any = jnp.float32
+  shortcut: str = "B"
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    if self.shortcut not in ("A", "B"):
+      raise ValueError(f"BasicBlock shortcut={self.shortcut!r}: use 'A' or 'B'.")
+    out = conv3x3(self.planes, self.stride, dtype=self.dtype, name="conv1")(x)
+    out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, not train))
+    out = conv3x3(self.planes, dtype=self.dtype, name="conv2")(out)
+    out = BatchNorm(dtype=self.dtype, name="bn2")(out, not train)
+    if self.stride != 1 or x.shape[-1] != self.planes:
+      if self.shortcut == "A":
+        x = option_a_shortcut(x, self.planes)
+      else:
+        x = conv1x1(self.planes, self.stride, dtype=self.dtype, name="shortcut_0")(x)
+        x = BatchNorm(dtype=self.dtype, name="shortcut_1")(x, not train)
+    return nn.relu(out + x)
 
 
 def bn(dtype: Any = None, name: str | None = None) -> BatchNorm:

@@ -3,7 +3,9 @@
 Names mirror the PyTorch state dicts (Fast/CMI/NAYER `resnet.py`, torchvision
 `resnet50`), so the converter maps `layer1.0.shortcut.0.weight` to
 `layer1_0/shortcut_0/kernel` and `layer2.0.downsample.1.*` to
-`layer2_0/downsample_1/*`. Submodules are created in PyTorch's order.
+`layer2_0/downsample_1/*`. Submodules are created in PyTorch's order. The
+basic block is `layers.BasicBlock` (shared with `resnet_cifar`) with its
+option-B shortcut, a 1x1 conv + BN.
 """
 
 from functools import partial
@@ -13,26 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from caedfkd_jax.models.layers import (BatchNorm, conv1x1, conv3x3, conv_init,
+from caedfkd_jax.models.layers import (BasicBlock, BatchNorm, conv1x1, conv3x3, conv_init,
                                       global_avg_pool, linear)
-
-
-class BasicBlock(nn.Module):
-  """conv3x3-bn-relu-conv3x3-bn, + option-B shortcut (1x1 conv + BN), relu."""
-  planes: int
-  stride: int = 1
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    out = conv3x3(self.planes, self.stride, dtype=self.dtype, name="conv1")(x)
-    out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, not train))
-    out = conv3x3(self.planes, dtype=self.dtype, name="conv2")(out)
-    out = BatchNorm(dtype=self.dtype, name="bn2")(out, not train)
-    if self.stride != 1 or x.shape[-1] != self.planes:
-      x = conv1x1(self.planes, self.stride, dtype=self.dtype, name="shortcut_0")(x)
-      x = BatchNorm(dtype=self.dtype, name="shortcut_1")(x, not train)
-    return nn.relu(out + x)
 
 
 class Bottleneck(nn.Module):

@@ -2,6 +2,7 @@
 
 Layout and names follow akamaster/pytorch_resnet_cifar10 so that the
 converter maps `layer{L}.{j}.conv1.weight` to `layer{L}_{j}/conv1/kernel`.
+The block is `layers.BasicBlock` with its parameter-free option-A shortcut.
 """
 
 from functools import partial
@@ -11,30 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from caedfkd_jax.models.layers import BatchNorm, conv3x3, global_avg_pool, linear
-
-
-def option_a_shortcut(x_BxHxWxC: jax.Array, planes: int) -> jax.Array:
-  """Parameter-free shortcut: subsample by 2, zero-pad channels on both sides."""
-  pad = planes // 4
-  x = x_BxHxWxC[:, ::2, ::2, :]
-  return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (pad, pad)))
-
-
-class BasicBlockA(nn.Module):
-  planes: int
-  stride: int = 1
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    out = conv3x3(self.planes, self.stride, dtype=self.dtype, name="conv1")(x)
-    out = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(out, not train))
-    out = conv3x3(self.planes, dtype=self.dtype, name="conv2")(out)
-    out = BatchNorm(dtype=self.dtype, name="bn2")(out, not train)
-    if self.stride != 1 or x.shape[-1] != self.planes:
-      x = option_a_shortcut(x, self.planes)
-    return nn.relu(out + x)
+from caedfkd_jax.models.layers import BasicBlock, BatchNorm, conv3x3, global_avg_pool, linear
 
 
 class CifarResNet(nn.Module):
@@ -52,7 +30,8 @@ class CifarResNet(nn.Module):
       planes = self.width * 2**i
       for j in range(num_blocks):
         stride = 2 if (i > 0 and j == 0) else 1
-        x = BasicBlockA(planes, stride, self.dtype, name=f"layer{i + 1}_{j}")(x, train)
+        x = BasicBlock(planes, stride, self.dtype, shortcut="A",
+                       name=f"layer{i + 1}_{j}")(x, train)
     features = global_avg_pool(x)
     logits = linear(self.num_classes, features.shape[-1], name="linear")(features)
     return logits.astype(jnp.float32), {"features": features}
