@@ -25,13 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from caedfkd_jax.io import bundle as bundle_lib
 from caedfkd_jax.config import defaults
-from caedfkd_jax.engine import steps, train
 from caedfkd_jax.diffusion import scheduler, unet as unet_lib, vae as vae_lib
+from caedfkd_jax.engine import steps, train
+from caedfkd_jax.io import bundle as bundle_lib
 from caedfkd_jax.methods import diffdfkd
-from caedfkd_jax.runtime.mesh import make_mesh
 from caedfkd_jax.runtime import platform
+from caedfkd_jax.runtime.mesh import make_mesh
 
 TINY_UNET = unet_lib.UNetConfig(block_out_channels=(16, 32), layers_per_block=1,
                                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),

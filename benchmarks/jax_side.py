@@ -16,12 +16,12 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from benchmarks import flops as flops_lib
-from caedfkd_jax.io import bundle as bundle_lib
 from caedfkd_jax.config import checks
 from caedfkd_jax.engine import steps, train
+from caedfkd_jax.io import bundle as bundle_lib
 from caedfkd_jax.methods import bank_kd
-from caedfkd_jax.runtime.mesh import make_mesh
 from caedfkd_jax.methods.base import Setup, TrainState
+from caedfkd_jax.runtime.mesh import make_mesh
 
 
 def _timed(fn, *args):

@@ -36,10 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from caedfkd_jax.io import atomic_files, bundle as bundle_lib
 from caedfkd_jax.cli import demo
 from caedfkd_jax.config import fields, ladder
 from caedfkd_jax.engine import runs as runs_lib, train
+from caedfkd_jax.io import atomic_files, bundle as bundle_lib
 
 LEVELS = (80.0, 90.0)
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from benchmarks import flops, time_to_accuracy, torch_side
-from caedfkd_jax.synthesis import augment, generator as generator_lib, losses
-from caedfkd_jax.io import convert, torch_zoo
 from caedfkd_jax import models
+from caedfkd_jax.io import convert, torch_zoo
 from caedfkd_jax.methods import bank_kd
 from caedfkd_jax.models.layers import BN_STATS
+from caedfkd_jax.synthesis import augment, generator as generator_lib, losses
 
 def test_torch_crop_flip_matches_jax():
   rng = np.random.default_rng(0)

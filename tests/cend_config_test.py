@@ -6,15 +6,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caedfkd_jax.io import bundle as bundle_lib
-from caedfkd_jax.io import class_names, embeddings
-from caedfkd_jax.config import checks, defaults, fields
 from caedfkd_jax.cli import distill, main
-from caedfkd_jax.synthesis import memory_bank
-from caedfkd_jax.engine import runs, steps, train
-from caedfkd_jax.synthesis.generator import NOISY_LAYER
+from caedfkd_jax.config import checks, defaults, fields
+from caedfkd_jax.engine import runs, train
+from caedfkd_jax.io import bundle as bundle_lib, class_names, embeddings
 from caedfkd_jax.methods import nayer
 from caedfkd_jax.methods.base import TrainState
+from caedfkd_jax.synthesis import memory_bank
+from caedfkd_jax.synthesis.generator import NOISY_LAYER
 from tiny_run import NUM_CLASSES, tiny_config
 
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from caedfkd_jax.synthesis import cmi_contrast
-from caedfkd_jax.io import convert, torch_zoo
 from caedfkd_jax import models
+from caedfkd_jax.io import convert, torch_zoo
 from caedfkd_jax.models.layers import BN_INSTANCE_MEANS, BN_STATS
+from caedfkd_jax.synthesis import cmi_contrast
 
 D = 6
 TEMPERATURE = 0.1

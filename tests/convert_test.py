@@ -14,9 +14,8 @@ from PIL import Image
 from torch import nn
 from torch.nn import functional as F
 
-from caedfkd_jax.io import bundle as bundle_lib
-from caedfkd_jax.io import class_names, convert
 from caedfkd_jax.cli.main import main
+from caedfkd_jax.io import bundle as bundle_lib, class_names, convert
 
 # Stage sizes of the akamaster ResNets; resnet_tiny_a is 1 block a stage, width 4.
 AKAMASTER = {"resnet20": 3, "resnet32": 5, "resnet44": 7, "resnet56": 9}

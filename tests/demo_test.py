@@ -12,10 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from caedfkd_jax.io import bundle as bundle_lib
 from caedfkd_jax.cli import demo
-from caedfkd_jax.engine import train
 from caedfkd_jax.cli.main import main
+from caedfkd_jax.engine import train
+from caedfkd_jax.io import bundle as bundle_lib
 
 
 def _cheap_variables(spec, seed):

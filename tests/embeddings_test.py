@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from caedfkd_jax.io import class_names, embeddings
 from caedfkd_jax.cli import main
+from caedfkd_jax.io import class_names, embeddings
 
 HAS_TEXT = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
 needs_text = pytest.mark.skipif(

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from caedfkd_jax.io import bundle as bundle_lib
-from caedfkd_jax.io import convert
-from caedfkd_jax.eval import evaluate
 from caedfkd_jax.cli import main
+from caedfkd_jax.eval import evaluate
+from caedfkd_jax.io import bundle as bundle_lib, convert
 
 
 def _folder(root, n_per_class=3, classes=("a", "b")):

@@ -7,9 +7,8 @@ import safetensors.numpy
 import torch
 from torch import nn
 
-from caedfkd_jax.io import bundle as bundle_lib
-from caedfkd_jax.io import convert, export
 from caedfkd_jax.cli.main import main
+from caedfkd_jax.io import bundle as bundle_lib, convert, export
 
 # The PyTorch reference model lives with the converter's tests.
 from convert_test import randomized, torch_logits, torch_model  # pylint: disable=g-bad-import-order

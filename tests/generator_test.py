@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from caedfkd_jax.synthesis import generator as generator_lib
-from caedfkd_jax.synthesis.generator import NOISY_LAYER, Generator, init_generator, reinit_noisy_layer
+from caedfkd_jax.synthesis.generator import (Generator, init_generator, NOISY_LAYER,
+                                             reinit_noisy_layer)
 
 K, D = 3, 5
 

@@ -20,10 +20,10 @@ import jax
 import numpy as np
 import optax
 
-from caedfkd_jax.io import bundle as bundle_lib, embeddings
 from caedfkd_jax.engine import steps, train
-from caedfkd_jax.runtime.mesh import make_mesh
+from caedfkd_jax.io import bundle as bundle_lib, embeddings
 from caedfkd_jax.methods.base import Setup, TrainState
+from caedfkd_jax.runtime.mesh import make_mesh
 from tiny_run import NUM_CLASSES, round_and_kd, tiny_config
 
 GOLDEN = pathlib.Path(__file__).parent / "golden" / "cae_dfkd_tiny.msgpack.gz"

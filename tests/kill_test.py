@@ -12,10 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from caedfkd_jax.io import bundle as bundle_lib
-from caedfkd_jax.config import defaults, fields
 from caedfkd_jax.cli import demo
+from caedfkd_jax.config import defaults, fields
 from caedfkd_jax.engine import train
+from caedfkd_jax.io import bundle as bundle_lib
 from tiny_run import NUM_CLASSES, tiny_config
 from xla_test_flags import FAST_COMPILE
 

@@ -7,9 +7,8 @@ import tomllib
 
 import pytest
 
+from caedfkd_jax.cli import distill, main
 from caedfkd_jax.config import defaults, fields
-from caedfkd_jax.cli import distill
-from caedfkd_jax.cli import main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO_ROOT, "configs")

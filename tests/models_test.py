@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from caedfkd_jax.io import convert, torch_zoo
 from caedfkd_jax import models
+from caedfkd_jax.io import convert, torch_zoo
 from caedfkd_jax.models import wrn
 
 TINY = ("resnet_tiny_a", "resnet_tiny_b", "wrn_tiny")

@@ -45,7 +45,7 @@ def _one_generator_step(out_path: str) -> None:
   from jax.sharding import NamedSharding, PartitionSpec as P
   from caedfkd_jax.io import bundle as bundle_lib, embeddings
   from caedfkd_jax.config import defaults
-  from caedfkd_jax.engine import steps, train
+  from caedfkd_jax.engine import train
 
   config = defaults.get_config()
   config.student_arch = "resnet20"

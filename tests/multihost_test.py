@@ -18,10 +18,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from caedfkd_jax.io import bundle as bundle_lib
-from caedfkd_jax.io import embeddings
+from caedfkd_jax.engine import train
+from caedfkd_jax.io import bundle as bundle_lib, embeddings
 from caedfkd_jax.runtime import multihost
-from caedfkd_jax.engine import steps, train
 from caedfkd_jax.runtime.mesh import make_mesh
 from xla_test_flags import FAST_COMPILE
 

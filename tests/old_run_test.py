@@ -12,8 +12,8 @@ import tarfile
 import jax
 import numpy as np
 
-from caedfkd_jax.io import bundle as bundle_lib
 from caedfkd_jax.engine import train
+from caedfkd_jax.io import bundle as bundle_lib
 from tiny_run import tiny_config
 
 ARCHIVE = pathlib.Path(__file__).parent / "golden" / "old_run.tar.gz"

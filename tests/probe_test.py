@@ -10,10 +10,10 @@ import pytest
 from flax import traverse_util
 from PIL import Image
 
-from caedfkd_jax.io import bundle as bundle_lib
-from caedfkd_jax.eval import fewshot, finetune, probe
-from caedfkd_jax.cli import main
 from caedfkd_jax import models
+from caedfkd_jax.cli import main
+from caedfkd_jax.eval import fewshot, finetune, probe
+from caedfkd_jax.io import bundle as bundle_lib
 
 COLOURS = ((220, 40, 40), (40, 200, 40), (40, 40, 220))
 

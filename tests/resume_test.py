@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from caedfkd_jax.io import bundle as bundle_lib
 from caedfkd_jax.engine import checkpoint, clock as clock_lib, steps, train
+from caedfkd_jax.io import bundle as bundle_lib
 from tiny_run import tiny_config
 
 

@@ -15,18 +15,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caedfkd_jax.synthesis import augment
-from caedfkd_jax.io import bundle as bundle_lib
-from caedfkd_jax.config import checks, defaults
-from caedfkd_jax.config import fields as config_fields
 from caedfkd_jax.cli import demo
-from caedfkd_jax.io import embeddings
-from caedfkd_jax.config import ladder
-from caedfkd_jax.synthesis import losses, memory_bank
-from caedfkd_jax.engine import steps, train
-from caedfkd_jax.methods import bank_kd, nayer
+from caedfkd_jax.config import checks, defaults, fields as config_fields, ladder
+from caedfkd_jax.engine import train
+from caedfkd_jax.io import bundle as bundle_lib, embeddings
 from caedfkd_jax.io.bundle import normalize
+from caedfkd_jax.methods import bank_kd, nayer
 from caedfkd_jax.methods.base import Setup, TrainState
+from caedfkd_jax.synthesis import augment, losses, memory_bank
 from tiny_run import NUM_CLASSES, tiny_config
 
 GROUP = NUM_CLASSES * 2        # tiny_config: 4 classes x (1 source + anchor)

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caedfkd_jax.config import checks, defaults
 from caedfkd_jax import models
+from caedfkd_jax.config import checks, defaults
 from caedfkd_jax.runtime import xla_cpu
 
 needs_switch = pytest.mark.skipif(

@@ -19,7 +19,6 @@ import sys
 import textwrap
 import tokenize
 import traceback
-from typing import Any
 
 from absl import flags
 from ml_collections import config_dict

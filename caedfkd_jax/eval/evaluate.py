@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from caedfkd_jax.io import bundle as bundle_lib
-from caedfkd_jax.io import data as data_lib
+from caedfkd_jax.io import bundle as bundle_lib, data as data_lib
 from caedfkd_jax.runtime import xla_cpu
 
 

@@ -23,11 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caedfkd_jax.io import atomic_files
-from caedfkd_jax.eval import evaluate, fewshot
-from caedfkd_jax.io import bundle as bundle_lib
-from caedfkd_jax.io import data as data_lib
-from caedfkd_jax.eval import finetune as finetune_lib
+from caedfkd_jax.eval import evaluate, fewshot, finetune as finetune_lib
+from caedfkd_jax.io import atomic_files, bundle as bundle_lib, data as data_lib
 
 PROTOCOLS = ("linear", "knn", "finetune")
 ALL = "all"

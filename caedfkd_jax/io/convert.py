@@ -24,9 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from caedfkd_jax.io import bundle as bundle_lib
-from caedfkd_jax.io import class_names as class_names_lib
 from caedfkd_jax import models
+from caedfkd_jax.io import bundle as bundle_lib, class_names as class_names_lib
 
 DATA_PARALLEL_PREFIX = "module."
 NUM_BATCHES_TRACKED = "num_batches_tracked"

@@ -11,8 +11,7 @@ from typing import Mapping
 
 import numpy as np
 
-from caedfkd_jax.io import bundle as bundle_lib
-from caedfkd_jax.io import convert
+from caedfkd_jax.io import bundle as bundle_lib, convert
 
 FORMATS = ("torch", "safetensors")
 _SUFFIX_FORMAT = {".safetensors": "safetensors", ".pt": "torch", ".pth": "torch",

@@ -10,7 +10,7 @@ the ablation arms ("clean" and 0 give the base's maths on the NAYER base).
 from collections.abc import Collection
 
 from caedfkd_jax.methods import nayer
-from caedfkd_jax.methods.base import Setup, hparam
+from caedfkd_jax.methods.base import hparam, Setup
 from caedfkd_jax.synthesis import cend
 
 # What the plug-ins read on top of a base: every CEND field, and CNCL's.

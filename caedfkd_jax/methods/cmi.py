@@ -37,8 +37,8 @@ from caedfkd_jax.methods import bank_kd, nayer
 from caedfkd_jax.methods.base import (Method, Phase, Setup, TrainState, check_positive,
                                       constrain_batch, fold, hparam, student_optimizer,
                                       student_schedule, teacher_judgement)
-from caedfkd_jax.synthesis import augment, cend, cmi_contrast, generator as generator_lib, losses
-from caedfkd_jax.synthesis import memory_bank
+from caedfkd_jax.synthesis import (augment, cend, cmi_contrast, generator as generator_lib,
+                                   losses, memory_bank)
 
 PyTree = Any
 GeneratorInputs = Callable[[Setup, dict, jax.Array], cend.GeneratorBatch]
@@ -110,7 +110,7 @@ def generator_loss(trainables: Trainables, head_params: PyTree, setup: Setup,
   """L_G = bn * L_BN + ce * CE + adv * L_adv + cr * L_cr. Returns (loss, aux)."""
   hp = functools.partial(hparam, setup, hparams or {})
   c = setup.config.cmi
-  inputs = trainables.inputs if c.learn_inputs else jax.lax.stop_gradient(trainables.inputs)
+  inputs = jax.lax.stop_gradient(trainables.inputs)
   images = setup.generator.apply({"params": trainables.generator}, inputs)
   images = constrain_batch(images, mesh)
   rng_global, rng_local = jax.random.split(rng)
