@@ -110,7 +110,7 @@ def generator_loss(trainables: Trainables, head_params: PyTree, setup: Setup,
   """L_G = bn * L_BN + ce * CE + adv * L_adv + cr * L_cr. Returns (loss, aux)."""
   hp = functools.partial(hparam, setup, hparams or {})
   c = setup.config.cmi
-  inputs = jax.lax.stop_gradient(trainables.inputs)
+  inputs = trainables.inputs if c.learn_inputs else jax.lax.stop_gradient(trainables.inputs)
   images = setup.generator.apply({"params": trainables.generator}, inputs)
   images = constrain_batch(images, mesh)
   rng_global, rng_local = jax.random.split(rng)
