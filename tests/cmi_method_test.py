@@ -8,13 +8,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caedfkd_jax.synthesis import augment, cmi_contrast
-from caedfkd_jax.io import bundle as bundle_lib, embeddings
 from caedfkd_jax.config import checks
-from caedfkd_jax.synthesis import losses
 from caedfkd_jax.engine import steps, train
+from caedfkd_jax.io import bundle as bundle_lib, embeddings
 from caedfkd_jax.io.bundle import normalize
 from caedfkd_jax.runtime.mesh import make_mesh
+from caedfkd_jax.synthesis import augment, cmi_contrast, losses
 from tiny_run import tiny_config
 
 BATCH = 16
@@ -92,6 +91,31 @@ def test_a_step_computes_cmis_loss_from_its_parts(after_a_round):
            + c.cmi.cr * ref["gen/cr"])
   np.testing.assert_allclose(metrics["gen/loss"], total, rtol=1e-4)
   assert abs(ref["swapped_views"] - ref["gen/cr"]) > 1e-3, "the check tells the views apart"
+
+
+def test_learn_inputs_false_keeps_z_while_the_generator_learns(after_a_round):
+  """`cmi.learn_inputs=False`: a round's Adam steps leave its inputs (CMI's z) as drawn and still
+  train the generator; with True (CMI's) they move the inputs too."""
+  import dataclasses
+  setup, teacher_vars, _, state, _ = after_a_round
+  assert setup.config.cmi.learn_inputs   # The default.
+  moved = {}
+  for learn in (True, False):
+    config = setup.config.copy_and_resolve_references()
+    config.cmi.learn_inputs = learn
+    phase = setup.method.phases(dataclasses.replace(setup, config=config), None)["round"]
+    carry, ctx = jax.jit(phase.start)(state)
+    first = jax.device_get(carry.trainables)
+    step = jax.jit(phase.step)
+    for i in range(phase.num_steps):
+      carry, _ = step(carry, ctx, jnp.int32(i), state, teacher_vars)
+    last = jax.device_get(carry.trainables)
+    moved[learn] = {
+        "inputs": float(np.abs(last.inputs - first.inputs).max()),
+        "generator": max(float(np.abs(a - b).max()) for a, b in zip(
+            jax.tree.leaves(last.generator), jax.tree.leaves(first.generator)))}
+  assert moved[False]["inputs"] == 0.0 and moved[False]["generator"] > 0, moved
+  assert moved[True]["inputs"] > 0 and moved[True]["generator"] > 0, moved
 
 
 def test_cmi_refuses_grouped_kd_batches_it_cannot_make(teacher_dir, table_path):

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from caedfkd_jax.io import bundle as bundle_lib, embeddings
 from caedfkd_jax.config import checks
-from caedfkd_jax.synthesis import losses
 from caedfkd_jax.engine import steps, train
-from caedfkd_jax.synthesis.conditional_generator import sample_inputs
+from caedfkd_jax.io import bundle as bundle_lib, embeddings
 from caedfkd_jax.methods import cpsc_dfkd, cpsc_losses
 from caedfkd_jax.runtime.mesh import make_mesh
+from caedfkd_jax.synthesis import losses
+from caedfkd_jax.synthesis.conditional_generator import sample_inputs
 from tiny_run import tiny_config
 
 SIZES = {"batch_size": 8, "nz": 8, "ngf": 4, "epoch_itrs": 2, "g_steps": 2, "s_steps": 2,
@@ -195,6 +195,31 @@ def test_fused_scans_compute_what_per_step_calls_compute(units):
     for x, y in zip(_compared_leaves(getattr(a["after_kd"], name)),
                     _compared_leaves(getattr(b["after_kd"], name))):
       np.testing.assert_allclose(x, y, rtol=1e-4, atol=atol, err_msg=name)
+
+
+def test_student_bn_in_eval_mode_in_generator_steps_keeps_its_averages(start, units):
+  """`cpsc.student_bn_train_in_generator_steps=False`: a generator round leaves the student's BN
+  running averages as they were; True (the code's, `units`) moves them. G learns either way, and
+  the student's params are the KD round's alone."""
+  import dataclasses
+  setup, tv, state = start
+  assert setup.config.cpsc.student_bn_train_in_generator_steps   # The default.
+  config = setup.config.copy_and_resolve_references()
+  config.cpsc.student_bn_train_in_generator_steps = False
+  phase = setup.method.phases(dataclasses.replace(setup, config=config), None)["round"]
+  carry, rng = jax.jit(phase.start)(state)
+  step = jax.jit(phase.step)
+  for i in range(phase.num_steps):
+    carry, _ = step(carry, rng, jnp.int32(i), state, tv)
+  eval_mode = jax.device_get(jax.jit(phase.finish)(state, carry, rng, tv)[0])
+  train_mode = units[False]["after_round"]
+  moved = lambda a, b: max(float(np.abs(x - y).max())
+                           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  assert moved(eval_mode.student["batch_stats"], state.student["batch_stats"]) == 0.0
+  assert moved(train_mode.student["batch_stats"], state.student["batch_stats"]) > 1e-4
+  for after in (eval_mode, train_mode):
+    assert moved(after.student["params"], state.student["params"]) == 0.0
+    assert moved(after.method.generator_params, state.method.generator_params) > 0
 
 
 def test_a_persistent_generator_adam_is_made_carried_and_kept(start):

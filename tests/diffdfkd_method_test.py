@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from caedfkd_jax.io import bundle as bundle_lib, embeddings
-from caedfkd_jax.config import checks
-from caedfkd_jax.engine import steps, train
-from caedfkd_jax.diffusion import clip_text, latent_mix, scheduler, weights
 from caedfkd_jax.cli.main import main
+from caedfkd_jax.config import checks
+from caedfkd_jax.diffusion import clip_text, latent_mix, scheduler, weights
+from caedfkd_jax.engine import steps, train
+from caedfkd_jax.io import bundle as bundle_lib, embeddings
 from caedfkd_jax.methods import bank_kd, diffdfkd
 from caedfkd_jax.runtime.mesh import make_mesh
 from tiny_run import tiny_config
@@ -171,6 +171,26 @@ def test_cutmix_box_permutation_and_schedule():
   config = diffdfkd_config("t", "e", "w")
   config.diffdfkd.update({"steps": 10, "mix_every": 0})
   assert [i for i in range(10) if diffdfkd.mixes_after(config, i)] == [1, 3, 5, 7]
+
+
+def test_round_labels_one_class_per_round_or_every_class_in_turn(start):
+  """`diffdfkd.one_class_per_round`: True (the code's) labels a whole round with class
+  rounds % K; False gives row i of round r the class (r * B + i) % K. A batch of 6 for the 4
+  classes, so that False's rounds start at different classes and differ from True's."""
+  import dataclasses
+  setup, _, _ = start
+  assert setup.config.diffdfkd.one_class_per_round and setup.num_classes == 4
+  labels = {}
+  for one_class in (True, False):
+    config = setup.config.copy_and_resolve_references()
+    config.diffdfkd.one_class_per_round = one_class
+    flagged = dataclasses.replace(setup, config=config, synthesis_batch=6)
+    labels[one_class] = [np.asarray(diffdfkd.round_labels(flagged, jnp.int32(r)))
+                         for r in range(6)]
+  for r in range(6):
+    np.testing.assert_array_equal(labels[True][r], [r % 4] * 6)
+  np.testing.assert_array_equal(np.stack(labels[False]), [[0, 1, 2, 3, 0, 1], [2, 3, 0, 1, 2, 3]] * 3)
+  assert all(label.dtype == np.int32 for label in labels[True] + labels[False])
 
 
 def test_synthesis_rounds_fill_the_bank_one_class_after_another(start):

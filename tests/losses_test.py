@@ -23,13 +23,16 @@ def _np_kl(t, s, temp=1.0):
   return np.array(out)
 
 
-def _np_cncl(f, y, src, tau, form):
+def _np_cncl(f, y, src, tau, form, group=None):
+  """Eq. 4 as its docstring says; with `group`, positives only from the anchor's own group (the
+  other groups' same-class views then count as neither positives nor negatives)."""
   f = f / np.linalg.norm(f, axis=1, keepdims=True)
   vals = []
   for a in range(len(f)):
     if src[a] != 0:
       continue
-    pos = [j for j in range(len(f)) if y[j] == y[a] and src[j] >= 1]
+    pos = [j for j in range(len(f)) if y[j] == y[a] and src[j] >= 1
+           and (group is None or group[j] == group[a])]
     neg = [j for j in range(len(f)) if y[j] != y[a]]
     if not pos:
       continue
@@ -51,15 +54,20 @@ def test_cross_entropy_hand_computed():
 def test_kl_and_adversarial_against_float64_loops():
   r = np.random.default_rng(0)
   t, s = r.normal(size=(16, 10)) * 3, r.normal(size=(16, 10)) * 3
+  # Some rows agree: these independent draws alone had none, which left the masked term 0
+  # whatever its KL.
+  s[:6] = t[:6] + r.normal(size=(6, 10))
   kl = _np_kl(t, s, 20.0)
   np.testing.assert_allclose(losses.kl_divergence(jnp.asarray(t, jnp.float32), jnp.asarray(s, jnp.float32), 20.0),
                              400 * kl.mean(), rtol=1e-4)
   agree = t.argmax(1) == s.argmax(1)
+  assert 0 < agree.sum() < len(agree)
   expected = -np.mean(np.where(agree, _np_kl(t, s), 0.0))
   np.testing.assert_allclose(losses.adversarial_loss(jnp.asarray(t, jnp.float32), jnp.asarray(s, jnp.float32)),
                              expected, rtol=1e-5)
   # Identical logits: KL 0, and the adversarial term is 0 (agreement but no divergence).
   assert abs(float(losses.kl_divergence(jnp.asarray(t), jnp.asarray(t), 1.0))) < 1e-6
+  assert abs(float(losses.adversarial_loss(jnp.asarray(t), jnp.asarray(t)))) < 1e-6
 
 
 def test_bn_statistics_loss_is_sum_of_plain_l2_norms():
@@ -123,6 +131,72 @@ def test_cncl_gradient_is_finite_and_matches_finite_differences():
   # Zero features and anchors without positives: finite, and 0 when nothing is valid.
   chex.assert_tree_all_finite(jax.grad(losses.cncl_loss)(jnp.zeros((6, 4)), y, src))
   assert float(losses.cncl_loss(f, y, jnp.zeros(6, jnp.int32))) == 0.0
+
+
+def test_cncl_same_group_positives_against_float64_loop():
+  """Positives from the anchor's own group only: 2 groups of K=2 anchors and their N=1 views, so
+  each anchor loses the other group's same-class view from its positives (and its denominator),
+  while every other class's image, in either group, stays a negative."""
+  r = np.random.default_rng(4)
+  k, n, groups = 2, 1, 2
+  y = np.tile(np.arange(k), (n + 1) * groups)                 # 0 1 0 1 | 0 1 0 1
+  src = np.tile(np.repeat(np.arange(n + 1), k), groups)       # 0 0 1 1 | 0 0 1 1
+  group = np.repeat(np.arange(groups), k * (n + 1))           # 0 0 0 0 | 1 1 1 1
+  f = r.normal(size=(len(y), 3))
+  args = lambda: (jnp.asarray(f, jnp.float32), jnp.asarray(y), jnp.asarray(src), 0.5)
+  for form in ("infonce", "supcon"):
+    own = losses.cncl_loss(*args(), group_B=jnp.asarray(group), same_group_positives=True,
+                           form=form)
+    every = losses.cncl_loss(*args(), group_B=jnp.asarray(group), same_group_positives=False,
+                             form=form)
+    np.testing.assert_allclose(own, _np_cncl(f, y, src, 0.5, form, group), rtol=1e-5,
+                               err_msg=form)
+    np.testing.assert_allclose(every, _np_cncl(f, y, src, 0.5, form), rtol=1e-5, err_msg=form)
+    assert abs(float(own) - float(every)) > 1e-2, f"{form}: the restriction changes the value"
+
+
+def test_a_kd_step_passes_student_cncl_same_group_to_cncl():
+  """`student.cncl_same_group` reaches the KD loss: on a batch of two groups, kd/cncl with the
+  flag on is CNCL with own-group positives on the student's features, and differs from off."""
+  import dataclasses
+  import golden_pin
+  from caedfkd_jax.io import bundle as bundle_lib
+  from caedfkd_jax.methods import bank_kd
+  from caedfkd_jax.synthesis import cend
+  teacher, table = golden_pin.tiny_teacher_and_table()
+  setup = golden_pin.tiny_setup(teacher, table)
+  cfg = setup.config.student
+  assert cfg.cncl_weight > 0 and cfg.sampler == "groups" and not cfg.cncl_same_group
+  batch = cend.build_generator_batch(jax.random.key(0), table.vectors, 2, 1, mode="clean")
+  assert set(np.asarray(batch.group_B)) == {0, 1}
+  r = np.random.default_rng(5)
+  x = jnp.asarray(r.normal(size=(len(batch.labels_B), 32, 32, 3)), jnp.float32)
+  t_logits = jnp.asarray(r.normal(size=(len(batch.labels_B), 4)) * 3, jnp.float32)
+  student = bundle_lib.init_variables(bundle_lib.ModelSpec(setup.config.student_arch, 4, 32), 0)
+
+  def kd_metrics(same_group: bool) -> dict:
+    config = setup.config.copy_and_resolve_references()
+    config.student.cncl_same_group = same_group
+    flagged = dataclasses.replace(setup, config=config)
+    loss = jax.jit(lambda s: bank_kd.student_loss(
+        s["params"], s["batch_stats"], flagged, x, t_logits, batch.labels_B,
+        batch.source_index_B, batch.group_B)[1][1])
+    return jax.device_get(loss(student))
+
+  @jax.jit
+  def cncl_on_features(s):
+    (_, aux), _ = setup.student.apply(s, x, train=True, mutable=["batch_stats"])
+    return [losses.cncl_loss(aux["features"], batch.labels_B, batch.source_index_B,
+                             cfg.cncl_temperature, group_B=batch.group_B,
+                             same_group_positives=same, form=cfg.cncl_form)
+            for same in (False, True)]
+
+  off, on = kd_metrics(False), kd_metrics(True)
+  expected_off, expected_on = jax.device_get(cncl_on_features(student))
+  np.testing.assert_allclose(on["kd/cncl"], expected_on, rtol=1e-5)
+  np.testing.assert_allclose(off["kd/cncl"], expected_off, rtol=1e-5)
+  assert abs(float(on["kd/cncl"]) - float(off["kd/cncl"])) > 1e-3
+  np.testing.assert_allclose(on["kd/kl"], off["kd/kl"], rtol=1e-6)   # CNCL's alone.
 
 
 def test_config_takes_the_bn_reductions_and_names_a_bad_one():

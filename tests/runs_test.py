@@ -11,9 +11,9 @@ import numpy as np
 import optax
 import pytest
 
-from caedfkd_jax.io import bundle as bundle_lib, embeddings
 from caedfkd_jax.cli import demo
 from caedfkd_jax.engine import runs, steps, train
+from caedfkd_jax.io import bundle as bundle_lib, embeddings
 from caedfkd_jax.runtime.mesh import make_mesh
 from tiny_run import NUM_CLASSES, assert_same_round_and_kd, step_outputs, tiny_config
 
@@ -201,6 +201,99 @@ def test_two_seeds_write_their_runs_and_a_killed_job_resumes(teacher_dir, table_
     for x, y in zip(jax.tree.leaves(students[name].variables), jax.tree.leaves(resumed[name].variables)):
       np.testing.assert_array_equal(x, y)
   assert [runs.read_rows(os.path.join(cut, "runs", n)) for n in names][1][-1]["kd/loss"] == rows[1][-1]["kd/loss"]
+
+
+def _cmi_job(teacher_dir, table_path):
+  """Two seeds of a tiny CMI: its own method state (head, its Adam, a feature memory) gets the
+  run axis beside the student; 8 images a round."""
+  config = tiny_config(teacher_dir, table_path, "cmi")
+  config.num_runs = 2
+  config.student.sampler = "uniform"
+  config.cmi.update({"nz": 8, "synthesis_batch": 8, "memory_size": 16, "negatives": 8,
+                     "head_dim": 8})
+  return config
+
+
+def _first_unit(fns, state, teacher_vars) -> dict:
+  """Host copies of what a warm-up round (the first unit) computes from `state` (copied: donated)."""
+  after, metrics, outputs = fns["warmup_round"](jax.tree.map(jnp.copy, state), teacher_vars)
+  return jax.device_get({"gen_metrics": metrics, "images": outputs["images"],
+                         "low_conf": outputs["low_conf"], "method": after.method,
+                         "unit": after.unit})
+
+
+def test_each_cmi_run_s_first_unit_is_its_lone_run_s(teacher_dir, table_path):
+  """A method other than CAE-DFKD: run r of a two-seed CMI job computes, in its first unit, what
+  the lone run of seed r computes (per-step calls, runs traced one after another: the CPU way)."""
+  config = _cmi_job(teacher_dir, table_path)
+  teacher, table = bundle_lib.load_bundle(teacher_dir), embeddings.load_table(table_path)
+  plan = runs.plan_runs(config)
+  assert [run.seed for run in plan] == [0, 1]
+  mesh = make_mesh(jax.devices("cpu")[:1])
+  setup = _setup(config, teacher, table)
+  fns = steps.make_step_fns(setup, mesh, fuse=False,
+                            over_runs=functools.partial(runs.over_runs, num_runs=len(plan),
+                                                        vectorize=False))
+  together = _first_unit(fns, train.create_run_states(setup, teacher.variables, plan),
+                         teacher.variables)
+  assert together["gen_metrics"]["gen/cr"].shape == (len(plan), config.generator.steps)
+  lone = []
+  for run in plan:
+    lone_setup = _setup(runs.run_config(config, run), teacher, table)
+    lone.append(_first_unit(steps.make_step_fns(lone_setup, mesh, fuse=False),
+                            train.create_state(lone_setup, teacher.variables), teacher.variables))
+  for r, alone in enumerate(lone):
+    ours = runs.unstack(together, r)
+    assert int(ours["unit"]) == int(alone["unit"]) == 1
+    for name in alone["gen_metrics"]:
+      np.testing.assert_allclose(ours["gen_metrics"][name], alone["gen_metrics"][name], rtol=1e-4,
+                                 atol=1e-5, err_msg=f"run {r}: {name}")
+    np.testing.assert_allclose(ours["low_conf"], alone["low_conf"], atol=1e-6)
+    np.testing.assert_allclose(ours["images"], alone["images"], atol=1e-4, err_msg=f"run {r}")
+    method, lone_method = ours["method"], alone["method"]
+    np.testing.assert_allclose(method.bank.images.astype(int), lone_method.bank.images.astype(int),
+                               atol=1)
+    np.testing.assert_array_equal(method.bank.labels, lone_method.bank.labels)
+    assert int(method.memory.size) == int(lone_method.memory.size) == config.cmi.synthesis_batch
+    for part in ("head_params", "head_opt_state", "memory"):
+      for x, y in zip(jax.tree.leaves(getattr(method, part)), jax.tree.leaves(getattr(lone_method, part))):
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=f"run {r}: {part}")
+  # The seeds differ, and so do the runs: the comparison above is per run, not of one run twice.
+  assert np.abs(lone[0]["images"] - lone[1]["images"]).max() > 1e-2
+
+
+@pytest.mark.slow
+def test_a_two_seed_cmi_job_writes_each_run_and_the_summary(teacher_dir, table_path, tmp_path):
+  config = _cmi_job(teacher_dir, table_path)
+  config.eval_data = _eval_folder(tmp_path / "eval")
+  config.epochs = 2                               # warm-up (2 rounds), then 1 round, 2 KD calls
+  config.num_devices = 1                          # the run axis is the point, not the mesh
+  workdir = str(tmp_path / "job")
+  result = train.train_and_evaluate(config, workdir)
+
+  names = ["run_00", "run_01"]
+  students = _students(workdir, names)
+  for seed, name in enumerate(names):
+    extra = students[name].spec.extra
+    assert extra["method"] == "cmi" and extra["run"]["seed"] == seed
+    assert extra["config"]["seed"] == seed and extra["config"]["num_runs"] == 1
+    assert os.listdir(os.path.join(workdir, "runs", name, "samples"))
+  rows = [runs.read_rows(os.path.join(workdir, "runs", n)) for n in names]
+  for run_rows in rows:
+    assert [r["epoch"] for r in run_rows] == [1, 2]
+    assert "gen/cr" in run_rows[0] and "kd/kl" not in run_rows[0] and "kd/kl" in run_rows[1]
+    assert run_rows[-1]["memory/size"] == 16 and "eval/top1" in run_rows[-1]
+  assert rows[0][-1]["kd/loss"] != rows[1][-1]["kd/loss"]
+  a, b = (jax.tree.leaves(students[n].variables["params"]) for n in names)
+  assert not all(np.array_equal(x, y) for x, y in zip(a, b))
+
+  summary = json.load(open(os.path.join(workdir, "summary.json")))
+  assert summary == json.loads(json.dumps(result["summary"]))
+  assert summary["runs"] == 2 and summary["num_runs"] == 2
+  stats = summary["points"][0]["final_top1"]
+  finals = np.array([r[-1]["eval/top1"] for r in rows])
+  assert stats["n"] == 2
+  np.testing.assert_allclose([stats["mean"], stats["std"]], [finals.mean(), finals.std(ddof=1)])
 
 
 def test_interval_and_time_to_level_against_numpy():

@@ -9,12 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caedfkd_jax.io import bundle as bundle_lib
-from caedfkd_jax.config import defaults as default_config
-from caedfkd_jax.io import embeddings
+from caedfkd_jax.config import defaults
 from caedfkd_jax.engine import steps, train
-from caedfkd_jax.runtime.mesh import make_mesh
+from caedfkd_jax.io import bundle as bundle_lib, embeddings
 from caedfkd_jax.runtime import platform
+from caedfkd_jax.runtime.mesh import make_mesh
 from tiny_run import NUM_CLASSES, assert_same_round_and_kd, round_and_kd, tiny_config
 from xla_test_flags import FAST_COMPILE
 
@@ -35,8 +34,12 @@ def test_run_writes_student_logs_samples_and_checkpoints(teacher_dir, table_path
   assert 0.0 <= lines[1]["gen/low_confidence_share"] <= 1.0
   assert sorted(os.listdir(tmp_path / "samples")) == [f"epoch_{e:04d}.png" for e in (1, 2, 3)]
   assert os.listdir(tmp_path / "tensorboard")
-  # The student learnt something from the teacher: its params moved.
-  init = bundle_lib.init_variables(student.spec, 0)
+  # The student learnt something from the teacher: its params moved from this run's own first
+  # student (same config and seed), which only KD steps change.
+  teacher = bundle_lib.load_bundle(teacher_dir)
+  setup = train.create_setup(config, teacher, embeddings.load_table(table_path))
+  init = train.create_state(setup, teacher.variables).student
+  assert jax.tree.structure(init["params"]) == jax.tree.structure(student.variables["params"])
   assert any(not np.allclose(a, b) for a, b in zip(_leaves(init["params"]), _leaves(student.variables["params"])))
 
 
@@ -179,11 +182,11 @@ def test_tuned_cpu_kernels_compute_what_xla_default_computes(teacher_dir, table_
   import dataclasses
   setup, teacher_vars, state = _same_start(teacher_dir, table_path)
   cpu = jax.devices("cpu")[:1]
-  default_config = setup.config.copy_and_resolve_references()
-  default_config.cpu_kernels = "xla_default"
+  xla_config = setup.config.copy_and_resolve_references()
+  xla_config.cpu_kernels = "xla_default"
   assert setup.config.cpu_kernels == "tuned"
   tuned = round_and_kd(setup, teacher_vars, state, cpu, fuse=False)
-  default = round_and_kd(dataclasses.replace(setup, config=default_config), teacher_vars, state,
+  default = round_and_kd(dataclasses.replace(setup, config=xla_config), teacher_vars, state,
                           cpu, fuse=False)
   assert_same_round_and_kd(tuned, default)
 
@@ -205,11 +208,11 @@ def test_resnet56_config_has_a_cpu_and_a_full_schedule():
   spec = importlib.util.spec_from_file_location("r56_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  cpu, full, defaults = module.get_config(), module.get_config("full"), default_config.get_config()
+  cpu, full, default = module.get_config(), module.get_config("full"), defaults.get_config()
   assert cpu.num_groups == 2 and cpu.epochs == 16
   assert full.teacher_arch_expected == "resnet56" and full.student_arch == "resnet20"
   for name in ("num_groups", "g_loops", "warmup_g_loops", "warmup_epochs", "epochs"):
-    assert full[name] == defaults[name], name
+    assert full[name] == default[name], name
   assert full.generator.steps == 30 and full.student.kd_steps == 400 and full.student.batch_groups == 10
   with pytest.raises(ValueError, match="schedule 'paper'"):
     module.get_config("paper")
@@ -221,7 +224,7 @@ def test_platform_picks_dtype_and_fusion_unless_the_config_says():
   assert platform.compute_dtype("bfloat16", "cpu") == jnp.bfloat16
   with pytest.raises(ValueError, match="compute_dtype 'fp8'"):
     platform.compute_dtype("fp8")
-  config = default_config.get_config()
+  config = defaults.get_config()
   assert config.fuse_steps is None
   assert steps.resolve_fuse(config, platform="cpu") is False     # CPU: per-step calls
   assert steps.resolve_fuse(config, platform="gpu") is True
@@ -260,9 +263,8 @@ def test_a_rerun_reuses_the_persistent_compilation_cache(teacher_dir, table_path
 
 
 def test_generator_is_renewed_on_nayers_g_life_schedule():
-  from caedfkd_jax.config import defaults as default_config
   from caedfkd_jax.methods import nayer
-  config = default_config.get_config()
+  config = defaults.get_config()
   renewed = lambda: [e for e in range(45) if nayer.renews_generator(config, e)]
   config.warmup_epochs, config.generator.life_epochs = 20, 10   # NAYER's CIFAR scripts
   assert renewed() == [10, 20, 30, 40]
