@@ -162,3 +162,14 @@ def test_pyproject_installs_every_package_and_the_configs():
   assert os.path.isfile(os.path.join(CONFIGS, "__init__.py"))
   shipped = {name[:-3] for name in os.listdir(CONFIGS) if name.endswith(".py") and name[0] != "_"}
   assert set(distill.installed_configs()) == shipped
+
+
+def test_a_method_section_on_a_config_made_for_another_method_names_its_method(capsys):
+  """`cmi.*` exists only in a config made for CMI (its own section): the error says so."""
+  code = main.main(["distill", "--config", "cifar10_resnet56_resnet20.py", "--workdir", "w",
+                        "--config.cmi.nz=5"])
+  err = capsys.readouterr().err.strip().splitlines()
+  assert code == 2 and len(err) == 1
+  assert ("--config.cmi.nz: the config has no section 'cmi', which only method cmi or "
+          "cae_dfkd_cmi reads; use a config made for that method (its get_config calls "
+          "defaults.get_config('cmi'))") in err[0]

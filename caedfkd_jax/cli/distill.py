@@ -130,6 +130,11 @@ def _parse_error(error: Exception, argv: list[str]) -> str:
         field = ".".join(parents + [key.group()])
         hint = re.search(r'Did you mean "(\w+)"', message)
         guess = f" (did you mean {'.'.join(parents + [hint.group(1)])!r}?)" if hint else ""
+        owners = [] if parents else _section_owners(key.group())
+        if owners:
+          return (f"{name}: the config has no section {field!r}, which only method "
+                  f"{' or '.join(owners)} reads; use a config made for that method (its "
+                  f"get_config calls defaults.get_config({owners[0]!r})).")
         return (f"{name}: the config has no field {field!r}{guess}; `{PROG} --config "
                 f"{installed.get(config_file, config_file) or 'CONFIG'} --help` lists its fields.")
   if isinstance(error, AttributeError) and "get_config" in message:
@@ -140,6 +145,17 @@ def _parse_error(error: Exception, argv: list[str]) -> str:
                if os.path.abspath(frame.filename) == os.path.abspath(config_file)), "")
   return (f"--config {config_file}: loading it raised {type(error).__name__}{line}: "
           f"{message.splitlines()[0] if message else ''}")
+
+
+def _section_owners(section: str) -> list[str]:
+  """The methods whose own config holds `section` (imports them: only on this error's path)."""
+  owners = []
+  for name in registry.names():
+    own = registry.get(name).own_config
+    if own is not None and section in own():
+      owners.append(name)
+  # The method whose file declares the section first (cmi before cae_dfkd_cmi).
+  return sorted(owners, key=lambda n: not registry.get(n).own_config.__module__.endswith("." + n))
 
 
 # --help: the config fields, their values and the comments their files give them.

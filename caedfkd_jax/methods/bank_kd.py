@@ -19,8 +19,9 @@ from flax import struct
 from jax.sharding import Mesh
 
 from caedfkd_jax.io.bundle import normalize
-from caedfkd_jax.methods.base import (LOW_CONFIDENCE, STUDENT_OPTIMIZER, Phase, Setup,
-                                      TrainState, constrain_batch, fold, hparam)
+from caedfkd_jax.methods.base import (LOW_CONFIDENCE, STUDENT_OPTIMIZER, Phase, Setup, TrainState,
+                                      fold, hparam)
+from caedfkd_jax.runtime.mesh import constrain_batch
 from caedfkd_jax.synthesis import augment, losses, memory_bank
 
 PyTree = Any

@@ -17,8 +17,6 @@ import ml_collections
 import optax
 from flax import struct
 
-from caedfkd_jax.runtime.mesh import constrain_batch  # noqa: F401 (the methods' sharding helper)
-
 PyTree = Any
 
 # Config fields every method reads: the student's optimiser.

@@ -41,9 +41,10 @@ from jax.sharding import Mesh
 
 from caedfkd_jax.methods import bank_kd, cpsc_losses
 from caedfkd_jax.methods.base import (LOW_CONFIDENCE, STUDENT_OPTIMIZER, Method, Phase, Setup,
-                                      TrainState, check_positive, constrain_batch, fold,
-                                      student_optimizer, teacher_judgement)
+                                      TrainState, check_positive, fold, student_optimizer,
+                                      teacher_judgement)
 from caedfkd_jax.models.adapter import ADAPTER_HEADS, FeatureAdapter
+from caedfkd_jax.runtime.mesh import constrain_batch
 from caedfkd_jax.synthesis import conditional_generator as cgen, losses
 
 PyTree = Any

@@ -46,9 +46,10 @@ from jax.sharding import Mesh
 from caedfkd_jax.diffusion import latent_mix, scheduler
 from caedfkd_jax.io.bundle import normalize
 from caedfkd_jax.methods import bank_kd
-from caedfkd_jax.methods.base import (Method, Phase, Setup, TrainState, check_positive,
-                                      constrain_batch, fold, hparam, student_optimizer,
-                                      student_schedule, teacher_judgement)
+from caedfkd_jax.methods.base import (Method, Phase, Setup, TrainState, check_positive, fold,
+                                      hparam, student_optimizer, student_schedule,
+                                      teacher_judgement)
+from caedfkd_jax.runtime.mesh import constrain_batch
 from caedfkd_jax.runtime.platform import compute_dtype
 from caedfkd_jax.synthesis import losses, memory_bank
 

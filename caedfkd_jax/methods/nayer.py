@@ -23,9 +23,9 @@ from jax.sharding import Mesh
 
 from caedfkd_jax.io.bundle import normalize
 from caedfkd_jax.methods import bank_kd
-from caedfkd_jax.methods.base import (Method, Phase, Setup, TrainState, constrain_batch, fold,
-                                      hparam, student_optimizer, student_schedule,
-                                      teacher_judgement)
+from caedfkd_jax.methods.base import (Method, Phase, Setup, TrainState, fold, hparam,
+                                      student_optimizer, student_schedule, teacher_judgement)
+from caedfkd_jax.runtime.mesh import constrain_batch
 from caedfkd_jax.synthesis import augment, cend, generator as generator_lib, losses, memory_bank
 
 PyTree = Any
