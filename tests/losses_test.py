@@ -208,3 +208,10 @@ def test_config_takes_the_bn_reductions_and_names_a_bad_one():
   config.loss.bn_reduce = "max"
   with pytest.raises(ValueError, match="config.loss.bn_reduce='max'"):
     checks.validate_config(config, 1, 10)
+  # Every method that reads it, DiffDFKD too; CPSC, which sums always, does not read it.
+  for method in ("cmi", "diffdfkd"):
+    config = defaults.get_config(method)
+    config.student.sampler = "uniform"
+    config.loss.bn_reduce = "max"
+    with pytest.raises(ValueError, match="config.loss.bn_reduce='max'"):
+      checks.validate_config(config, 1, 10)

@@ -12,6 +12,7 @@ from caedfkd_jax.config import defaults, fields
 from caedfkd_jax.methods import registry
 from caedfkd_jax.methods.base import Method
 from caedfkd_jax.runtime import xla_cpu
+from caedfkd_jax.synthesis import losses
 
 # Fields that must be >= 1 (ints) or > 0 (floats), fields that must be >= 0, and fractions in
 # [0, 1]; each is checked where the engine or the method reads it.
@@ -83,6 +84,9 @@ def validate_config(config, num_devices: int, num_classes: int,
     if not 0 < level <= 1:
       raise ValueError(f"config.accuracy_levels={tuple(config.accuracy_levels)!r}: each is a "
                        "fraction of the teacher's top-1 in (0, 1], e.g. (0.5, 0.75, 0.9).")
+  if reads(method, "loss.bn_reduce") and config.loss.bn_reduce not in losses.BN_REDUCTIONS:
+    raise ValueError(f"config.loss.bn_reduce={config.loss.bn_reduce!r}: use sum (NAYER) or "
+                     "mean (averaged over the teacher's BN layers).")
   if config.get("cpu_kernels", "tuned") not in xla_cpu.CHOICES:
     raise ValueError(f"config.cpu_kernels={config.cpu_kernels!r}: use tuned (measured faster on "
                      "CPUs) or xla_default (XLA's own CPU kernels).")

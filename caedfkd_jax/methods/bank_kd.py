@@ -93,6 +93,21 @@ def check_schedule(config, synthesis_batch: int, what: str) -> None:
                      f"warmup_epochs={config.warmup_epochs}")
 
 
+def check_grouped(config, num_devices: int, num_classes: int, swept: Collection[str],
+                  with_cncl: bool) -> None:
+  """The schedule and the batches of a method that banks whole CEND groups of K * (N + 1) rows
+  (NAYER's layout, also CAE-DFKD over CMI): each splits evenly over the devices."""
+  group = num_classes * (config.cend.num_sources + 1)
+  synthesis = config.num_groups * group
+  check_schedule(config, synthesis, "num_groups*K*(N+1)")
+  cncl = cncl_subbatch_groups(config, swept) * group if with_cncl else 0
+  check_divisible(num_devices,
+                  [("synthesis batch (num_groups*K*(N+1))", synthesis),
+                   ("KD batch (student.batch_groups*K*(N+1))", config.student.batch_groups * group),
+                   ("CNCL sub-batch (student.cncl_groups*K*(N+1))", cncl)],
+                  "num_groups / student.batch_groups / student.cncl_groups")
+
+
 def check_divisible(num_devices: int, batches: Sequence[tuple[str, int]], fields: str) -> None:
   """Each (name, size) batch splits evenly over the devices; `fields` says what sets them."""
   for name, size in batches:

@@ -264,18 +264,8 @@ def check_base(config, num_devices: int, num_classes: int, swept: Collection[str
   if not 0 < low <= high <= 1:
     raise ValueError(f"config.cmi.local_scale={tuple(c.local_scale)!r}: the local view's crop "
                      "area range (min, max) within (0, 1], e.g. (0.25, 1.0) as CMI.")
-  if config.loss.bn_reduce not in losses.BN_REDUCTIONS:
-    raise ValueError(f"config.loss.bn_reduce={config.loss.bn_reduce!r}: use sum (NAYER) or "
-                     "mean (averaged over the teacher's BN layers).")
-  views = num_classes * (config.cend.num_sources + 1)
-  kd = ("KD batch (student.batch_groups*K*(N+1))", config.student.batch_groups * views)
   if grouped:
-    synthesis = config.num_groups * views
-    bank_kd.check_schedule(config, synthesis, "num_groups*K*(N+1)")
-    cncl = bank_kd.cncl_subbatch_groups(config, swept) * views
-    bank_kd.check_divisible(num_devices, [("synthesis batch (num_groups*K*(N+1))", synthesis), kd,
-                                          ("CNCL sub-batch (student.cncl_groups*K*(N+1))", cncl)],
-                            "num_groups / student.batch_groups / student.cncl_groups")
+    bank_kd.check_grouped(config, num_devices, num_classes, swept, with_cncl=True)
     return
   if config.student.sampler != "uniform":
     raise ValueError("config.method=cmi banks images without CNCL groups: use "
@@ -285,7 +275,9 @@ def check_base(config, num_devices: int, num_classes: int, swept: Collection[str
     raise ValueError(f"config.cmi.synthesis_batch={c.synthesis_batch} is not divisible by the "
                      f"{num_devices} devices.")
   bank_kd.check_schedule(config, c.synthesis_batch, "cmi.synthesis_batch")
-  bank_kd.check_divisible(num_devices, [kd], "student.batch_groups")
+  kd = config.student.batch_groups * num_classes * (config.cend.num_sources + 1)
+  bank_kd.check_divisible(num_devices, [("KD batch (student.batch_groups*K*(N+1))", kd)],
+                          "student.batch_groups")
 
 
 def make_method(name: str, summary: str, inputs: GeneratorInputs, with_cncl: bool,

@@ -256,19 +256,8 @@ def check_base(config, num_devices: int, num_classes: int, swept: Collection[str
                      "N+1 identical images per class and group. Use "
                      "--config.generator.noisy_chunks=per_view for clean embeddings (NAYER), or "
                      "cend.mode=cend.")
-  if config.loss.bn_reduce not in losses.BN_REDUCTIONS:
-    raise ValueError(f"config.loss.bn_reduce={config.loss.bn_reduce!r}: use sum (NAYER) or "
-                     "mean (averaged over the teacher's BN layers).")
-  group = num_classes * (config.cend.num_sources + 1)
-  synthesis = config.num_groups * group
-  bank_kd.check_schedule(config, synthesis, "num_groups*K*(N+1)")
-  cncl = (bank_kd.cncl_subbatch_groups(config, swept) * group
-          if method.reads_field("student.cncl_weight") else 0)
-  bank_kd.check_divisible(
-      num_devices, [("synthesis batch (num_groups*K*(N+1))", synthesis),
-                    ("KD batch (student.batch_groups*K*(N+1))", config.student.batch_groups * group),
-                    ("CNCL sub-batch (student.cncl_groups*K*(N+1))", cncl)],
-      "num_groups / student.batch_groups / student.cncl_groups")
+  bank_kd.check_grouped(config, num_devices, num_classes, swept,
+                        with_cncl=method.reads_field("student.cncl_weight"))
 
 
 def make_method(name: str, summary: str, inputs: GeneratorInputs, with_cncl: bool, *,

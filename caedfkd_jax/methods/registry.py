@@ -9,6 +9,7 @@ runs it (tests/toy_method.py is one).
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 import re
@@ -24,8 +25,9 @@ _DEFINES_METHOD = re.compile(r"^METHOD = ", re.MULTILINE)
 _registered: dict[str, Method] = {}
 
 
+@functools.cache
 def builtin_names() -> tuple[str, ...]:
-  """The methods shipped in methods/, by file name."""
+  """The methods shipped in methods/, by file name (read once a process)."""
   names = []
   for entry in sorted(os.listdir(_FOLDER)):
     if entry.endswith(".py") and not entry.startswith("_"):
