@@ -35,20 +35,25 @@ _HELP_FLAGS = ("-h", "--help", "-help")
 _CONFIG_FLAGS = ("--config", "-config")
 
 
-def installed_configs() -> dict[str, str]:
-  """Config name -> file, for the configs installed with the package (`caedfkd_jax.configs`)."""
+TRAIN_PREFIX = "train_"   # configs/train_*.py are `caedfkd train`'s; the others `distill`'s.
+
+
+def installed_configs(command: str = "distill") -> dict[str, str]:
+  """Config name -> file, for `command`'s configs installed with the package
+  (`caedfkd_jax.configs`): train_*.py for `train`, the others for `distill`."""
   spec = importlib.util.find_spec("caedfkd_jax.configs")
   if spec is None or not spec.submodule_search_locations:
     return {}
   found = {}
   for folder in spec.submodule_search_locations:
     for entry in sorted(os.listdir(folder)):
-      if entry.endswith(".py") and not entry.startswith("_"):
+      if (entry.endswith(".py") and not entry.startswith("_")
+          and entry.startswith(TRAIN_PREFIX) == (command == "train")):
         found.setdefault(entry[:-3], os.path.join(folder, entry))
   return found
 
 
-def resolve_config_path(spec: str) -> str:
+def resolve_config_path(spec: str, command: str = "distill") -> str:
   """`--config PATH[:ARG]` or `NAME[.py][:ARG]` -> `FILE[:ARG]`: an existing path wins, then an
   installed config of that name (also for `configs/NAME.py`, the repository-root spelling)."""
   path, colon, arg = spec.partition(":")  # ml_collections splits at the first colon too.
@@ -56,14 +61,19 @@ def resolve_config_path(spec: str) -> str:
     return spec
   folder, name = os.path.split(path)
   name = name[:-3] if name.endswith(".py") else name
-  installed = installed_configs()
+  installed = installed_configs(command)
   if folder in ("", "configs") and name in installed:
     return installed[name] + colon + arg
+  other = "distill" if command == "train" else "train"
+  if folder in ("", "configs") and name in installed_configs(other):
+    raise ValueError(f"--config {spec}: {name!r} is a config of `caedfkd {other}`; `caedfkd "
+                     f"{command}` takes one of: {', '.join(installed)}")
   raise ValueError(f"--config {spec}: no file {path!r} and no installed config {name!r}; give a "
                    f"config file's path or one of: {', '.join(installed) or '(none installed)'}")
 
 
-def _split_argv(argv: list[str]) -> tuple[bool, list[str], str | None]:
+def _split_argv(argv: list[str], command: str = "distill"
+                ) -> tuple[bool, list[str], str | None]:
   """Takes out the help flags and resolves every --config value; returns (help?, argv, config file)."""
   wants_help, out, config_file = False, [argv[0]], None
   rest = iter(argv[1:])
@@ -81,7 +91,7 @@ def _split_argv(argv: list[str]) -> tuple[bool, list[str], str | None]:
         if value is None:
           raise ValueError("--config needs a value: a config file's path or an installed config's "
                            "name, e.g. --config cifar10_resnet56_resnet20")
-      value = resolve_config_path(value)
+      value = resolve_config_path(value, command)
       config_file = value.partition(":")[0]
       arg = f"{name}={value}"
     out.append(arg)
@@ -101,25 +111,26 @@ def _parse(argv: list[str]):
   return config, workdir
 
 
-def _one_line(error: Exception) -> str:
+def _one_line(error: Exception, prog: str = PROG) -> str:
   """ml_collections wraps a get_config error in its whole traceback: keep the flag and the error."""
   message = str(error)
   if message.startswith("Unknown command line flag"):
     return (f"{message.replace(' ?', '?')}; the flags are --config and --workdir, and config "
-            f"fields are set with --config.FIELD=VALUE (`{PROG} --help` lists them).")
+            f"fields are set with --config.FIELD=VALUE (`{prog} --help` lists them).")
   if "Traceback" not in message:
     return message
   lines = [line for line in message.splitlines() if line.strip()]
   return f"{lines[0].split(': Error whilst')[0]}: {lines[-1]}"
 
 
-def _parse_error(error: Exception, argv: list[str]) -> str:
+def _parse_error(error: Exception, argv: list[str], prog: str = PROG,
+                 command: str = "distill") -> str:
   """Any other error of loading the config, in one line: an override of a field the config
   lacks (ml_collections raises a bare KeyError/AttributeError), or the config file's own error."""
   message = str(error).replace("\\n", " ")
   config_file = next((a.partition("=")[2].partition(":")[0] for a in argv
                       if a.startswith(("--config=", "-config="))), "")
-  installed = {path: name for name, path in installed_configs().items()}
+  installed = {path: name for name, path in installed_configs(command).items()}
   key = re.search(r"\w+", message)
   if isinstance(error, (KeyError, AttributeError)) and key:
     for arg in argv:
@@ -130,12 +141,12 @@ def _parse_error(error: Exception, argv: list[str]) -> str:
         field = ".".join(parents + [key.group()])
         hint = re.search(r'Did you mean "(\w+)"', message)
         guess = f" (did you mean {'.'.join(parents + [hint.group(1)])!r}?)" if hint else ""
-        owners = [] if parents else _section_owners(key.group())
+        owners = [] if parents or command != "distill" else _section_owners(key.group())
         if owners:
           return (f"{name}: the config has no section {field!r}, which only method "
                   f"{' or '.join(owners)} reads; use a config made for that method (its "
                   f"get_config calls defaults.get_config({owners[0]!r})).")
-        return (f"{name}: the config has no field {field!r}{guess}; `{PROG} --config "
+        return (f"{name}: the config has no field {field!r}{guess}; `{prog} --config "
                 f"{installed.get(config_file, config_file) or 'CONFIG'} --help` lists its fields.")
   if isinstance(error, AttributeError) and "get_config" in message:
     return (f"--config {config_file}: the file defines no get_config(); a config file is Python "

@@ -1,7 +1,7 @@
 """The `caedfkd` command: one subcommand per job, each living in its own module.
 
 Each command module exposes `add_arguments(parser)` and `run(args) -> int`;
-`distill` hands its arguments to the absl/ml_collections launcher instead.
+`distill` and `train` hand their arguments to the absl/ml_collections launcher instead.
 """
 
 import argparse
@@ -18,6 +18,8 @@ COMMANDS = {
     "probe": ("caedfkd_jax.eval.probe", "linear, kNN and fine-tuning probes of a bundle's features"),
     "embed": ("caedfkd_jax.io.embeddings", "class-name embeddings from a local text encoder"),
     "distill": ("caedfkd_jax.cli.distill", "CAE-DFKD: teacher bundle -> student bundle, no real data"),
+    "train": ("caedfkd_jax.cli.train", "supervised training of a zoo network: a teacher, or the "
+              "data-accessible student"),
     "demo": ("caedfkd_jax.cli.demo", "offline end-to-end demo on scikit-learn's digits"),
 }
 
@@ -44,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv)  # --help, or one error line naming the unknown command; exits
   name, rest = argv[0], argv[1:]
   module = importlib.import_module(COMMANDS[name][0])
-  if name == "distill":
-    return module.main(["caedfkd distill", *rest])
+  if name in ("distill", "train"):
+    return module.main([f"caedfkd {name}", *rest])
   cmd_parser = OneLineErrorParser(prog=f"caedfkd {name}", description=COMMANDS[name][1])
   module.add_arguments(cmd_parser)
   args = cmd_parser.parse_args(rest)

@@ -1,0 +1,132 @@
+"""`caedfkd train`: supervised training of any zoo network, for teachers and for the
+data-accessible student of the transfer tables.
+
+    caedfkd train --config train_cifar:resnet20 --workdir runs/teacher \
+        --config.data=PATH/cifar10 --config.time_budget_minutes=30
+
+The same conventions as `caedfkd distill` (whose launcher pieces it uses): an ml_collections
+config file or installed config name, `--config.FIELD=VALUE` overrides, `--help` listing the
+fields without importing JAX, and a rerun with the same workdir resuming the run.
+"""
+
+import sys
+import textwrap
+
+from absl import flags
+
+from caedfkd_jax.cli import distill as launcher
+from caedfkd_jax.config import fields, train_defaults
+
+PROG = "caedfkd train"
+COMMAND = "train"
+USAGE = f"usage: {PROG} --config CONFIG[:ARG] --workdir DIR --config.data=SPEC [--config.FIELD=VALUE ...]"
+EXAMPLE = (f"  {PROG} --config train_cifar:resnet20 --workdir runs/teacher "
+           "--config.data=PATH/cifar10")
+
+
+def help_text(config=None, config_file: str | None = None) -> str:
+  """Usage, flags, the recipes and every field with its comment from config/train_defaults.py."""
+  reference = fields.flatten(train_defaults.get_config())
+  values = reference if config is None else fields.flatten(config)
+  docs, order, sections = launcher.field_docs(launcher._read(train_defaults.__file__))
+  late = max(order.values(), default=0) + 1
+  out = [USAGE, "",
+         "Supervised training of a zoo network on labelled images: a teacher for `caedfkd distill`,",
+         "or the data-accessible student. Rerunning with the same --workdir resumes the run; the",
+         "epoch kept is chosen on a held-out part of the train split, never on the test split.", "",
+         "example:", EXAMPLE, "",
+         "flags:",
+         "  --config CONFIG[:ARG]  a config file's path, or an installed config's name: "
+         + ", ".join(launcher.installed_configs(COMMAND)) + ".",
+         "                         train_cifar:ARCH[,RECIPE], RECIPE cosine, nayer_steps or cmi_steps.",
+         "  --workdir DIR          checkpoints, metrics.jsonl, TensorBoard, result.json and the",
+         "                         bundle (DIR/model); an existing one is resumed.",
+         "  --config.FIELD=VALUE   override one config field (below); repeatable.",
+         "  -h, --help             this help; with --config, that config's values.", "",
+         "config fields, from " + (f"{config_file} (defaults: " if config_file else "(")
+         + "caedfkd_jax/config/train_defaults.py):"]
+  pending = sorted(sections.items())
+  for name in sorted(values, key=lambda n: (order.get(n, late), n)):
+    while pending and pending[0][0] <= order.get(name, late):
+      out += ["", f"  # {pending.pop(0)[1]}"]
+    field = f"  {name} = {values[name]!r}"
+    if name in reference and values[name] != reference[name]:
+      field += f"  (default: {reference[name]!r})"
+    doc = docs.get(name, "")
+    if not doc:
+      out.append(field)
+    elif len(field) <= 38:
+      out += textwrap.wrap(doc, 100, initial_indent=field.ljust(40), subsequent_indent=" " * 40)
+    else:
+      out += [field, *textwrap.wrap(doc, 100, initial_indent=" " * 40, subsequent_indent=" " * 40)]
+  return "\n".join(out)
+
+
+def main(argv: list[str]) -> int:
+  try:
+    wants_help, argv, config_file = launcher._split_argv(argv, COMMAND)
+    if config_file is None and not wants_help:
+      raise ValueError(f"--config is missing: give a config file or an installed config's name "
+                       f"({', '.join(launcher.installed_configs(COMMAND))}), e.g. "
+                       f"{EXAMPLE.strip()}")
+    config, workdir = launcher._parse(argv)
+  except (flags.Error, ValueError) as e:
+    print(f"{PROG}: error: {launcher._one_line(e, PROG)}", file=sys.stderr)
+    return 2
+  except Exception as e:  # noqa: BLE001 - the config file's own error, or an unknown field
+    print(f"{PROG}: error: {launcher._parse_error(e, argv, PROG, COMMAND)}", file=sys.stderr)
+    return 2
+  if wants_help:
+    print(help_text(config.value, config_file))
+    return 0
+  if workdir.value is None:
+    print(f"{PROG}: error: --workdir is required, e.g. {EXAMPLE.strip()}", file=sys.stderr)
+    return 2
+  if "arch" not in config.value or "method" in config.value:
+    print(f"{PROG}: error: --config {config_file} is not a `caedfkd train` config (it has no "
+          "`arch` field); use train_cifar or a file whose get_config() starts from "
+          "caedfkd_jax.config.train_defaults.get_config().", file=sys.stderr)
+    return 2
+  from caedfkd_jax.engine import train_supervised  # Late: flag errors should not wait for JAX.
+  try:
+    result = train_supervised.train(config.value, workdir.value)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"{PROG}: error: {e}", file=sys.stderr)
+    return 2
+  except train_supervised.NonFiniteLossError as e:
+    print(f"{PROG}: stopped: {e}", file=sys.stderr)
+    return 3
+  except KeyboardInterrupt as e:
+    print(f"{PROG}: {e or 'interrupted; rerun the same command to resume.'}", file=sys.stderr)
+    return 130
+  print(summary(result, config.value))
+  return 0
+
+
+def summary(result: dict, config) -> str:
+  """What the run did, in a few lines: the chosen epoch's scores, per class, and what next."""
+  lines = []
+  per_class = result.get("per_class")
+  if per_class:
+    width = max(len(n) for n in per_class["top1"])
+    lines.append(f"per-class top-1 ({per_class['split']} split):")
+    lines += [f"  {name:<{width}}  {acc:6.2f}%" for name, acc in per_class["top1"].items()]
+  scores = " ".join(f"{what} {result[k]:.2f}%" for what, k in (("held-out", "holdout_top1"),
+                                                               ("test", "test_top1"))
+                    if result.get(k) is not None)
+  if "model" in result:
+    chosen = result["selected"]
+    lines.append(f"Model bundle: {result['model']} (epoch {chosen['epoch']}, chosen by "
+                 f"{chosen['by']}; {scores}).")
+  else:
+    lines.append("No epoch finished, so no model bundle was written.")
+  if result["stopped_early"]:
+    fix = ("rerun the same command with a larger --config.time_budget_minutes"
+           if result["stop_reason"] == "the time budget" else "rerun the same command")
+    lines.append(f"Stopped by {result['stop_reason']} after {result['epochs_done']} of "
+                 f"{result['epochs']} epochs ({result['minutes']:.1f} min); {fix} to continue.")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
