@@ -103,6 +103,8 @@ LEGEND = {
     "NOT_PYTHON_CONFIG": "a config file that is not Python",
     "RESUME_DIR": "a workdir holding a checkpoint of a tiny `RESUME` run stopped after 1 unit",
     "DEMO_DIR": "a `caedfkd demo` workdir made with --seed 0",
+    "SHUFFLED_CLASSES": "IMAGES with its folders named 0_c1, 1_c0, 2_c2, 3_c3 (c0 and c1 swapped)",
+    "OTHER_CLASSES": "IMAGES with its folders named cat, dog, ship, truck",
 }
 _PLACEHOLDER_OF = {name.lower(): name for name in LEGEND}
 
@@ -116,7 +118,11 @@ TINY_RUN = ("--config.cend.num_sources=1", "--config.num_groups=2", "--config.ge
             "--config.student.kd_steps=2", "--config.student.steps_per_call=1",
             "--config.warmup_epochs=1", "--config.epochs=2", "--config.compilation_cache_dir=")
 RESUME = (*DISTILL[:4], "{resume_dir}", *DISTILL[5:], *TINY_RUN)
-ABBREVIATIONS = {"DISTILL": DISTILL, "RESUME": RESUME}
+# `caedfkd train` on the 2-image-a-class IMAGES folder's only split.
+TRAIN = ("train", "--config", "train_cifar:resnet_tiny_a", "--workdir", "{new_dir}",
+         "--config.data={images}", "--config.train_split=test", "--config.test_split=",
+         "--config.batch_size=8")
+ABBREVIATIONS = {"DISTILL": DISTILL, "RESUME": RESUME, "TRAIN": TRAIN}
 
 
 class _RunsCode:
@@ -243,6 +249,19 @@ class Workspace:
         Image.fromarray(pixels).save(os.path.join(folder, f"{i:04d}.png"))
     return path
 
+  def _named_images(self, path: str, names: list[str]) -> str:
+    """IMAGES' images under other folder names: folder k is `names[k]`."""
+    images = self.path("images")
+    for k, name in enumerate(names):
+      shutil.copytree(os.path.join(images, "test", f"{k}_c{k}"), os.path.join(path, "test", name))
+    return path
+
+  def _make_shuffled_classes(self, path: str) -> str:
+    return self._named_images(path, ["0_c1", "1_c0", "2_c2", "3_c3"])
+
+  def _make_other_classes(self, path: str) -> str:
+    return self._named_images(path, ["cat", "dog", "ship", "truck"])
+
   def _make_images(self, path: str) -> str:
     return self._images(path, NUM_CLASSES, 32)
 
@@ -335,7 +354,7 @@ CASES: list[Case] = [
           "{new_dir}"), "--num-classes: invalid int value: 'ten'"),
     Case("--out holds a bundle, no --overwrite",
          ("convert", "{ckpt}", "--arch", "resnet_tiny_a", "--num-classes", "4", "--out",
-          "{bundle}"), "--out {bundle} already holds a model bundle"),
+          "{bundle}"), "--out {bundle} exists; pass --overwrite to replace it"),
     # export
     Case("export: not a bundle", ("export", "{not_a_bundle}", "--out", "{new_dir}/w.pt"),
          "{not_a_bundle} is not a model bundle"),
@@ -376,6 +395,14 @@ CASES: list[Case] = [
          ("evaluate", "--model", "{teacher}", "--data", "{corrupt_cifar}"),
          "{corrupt_cifar}/batches.meta is not a readable"),
     # probe
+    Case("evaluate: class folders in another order than the model's classes",
+         ("evaluate", "--model", "{teacher}", "--data", "{shuffled_classes}"),
+         "holds the model's classes in another order: label 0 is '0_c1'"),
+    Case("evaluate: class folders of other classes than the model's",
+         ("evaluate", "--model", "{teacher}", "--data", "{other_classes}"),
+         "has other classes than the model"),
+    Case("evaluate: --model is a PyTorch checkpoint", ("evaluate", "--model", "{ckpt}", "--data",
+                                                       "{images}"), "convert it first"),
     Case("probe: data path missing", ("probe", "--model", "{teacher}", "--data", "{missing}"),
          "{missing} does not exist"),
     Case("probe: unknown --protocol", ("probe", "--model", "{teacher}", "--data", "{images}",
@@ -410,6 +437,13 @@ CASES: list[Case] = [
                                           "--workdir", "{a_file}", "--config.teacher={teacher}"),
          "--workdir {a_file} is a file"),
     Case("distill: wrong type", (*DISTILL, "--config.epochs=abc"), "--config.epochs=abc"),
+    Case("distill: a word for a number", (*DISTILL, "--config.time_budget_minutes=half"),
+         "--config.time_budget_minutes=half: the field takes a number"),
+    Case("distill: --config forgotten", ("distill", "--workdir", "{new_dir}",
+                                         "--config.teacher={teacher}"), "--config is missing"),
+    Case("distill: --config path that does not exist",
+         ("distill", "--config", "{new_dir}/mine.py", "--workdir", "{new_dir}"),
+         "there is no file {new_dir}/mine.py"),
     # distill: files the config names
     Case("distill: teacher missing", (*DISTILL, "--config.teacher={missing}"),
          "{missing} is not a model bundle"),
@@ -429,6 +463,10 @@ CASES: list[Case] = [
          "{missing} does not exist"),
     Case("distill: eval_data of 3 classes", (*DISTILL, "--config.eval_data={three_classes}"),
          "config.eval_data='{three_classes}'"),
+    Case("distill: eval_data's classes in another order than the teacher's",
+         (*DISTILL, "--config.eval_data={shuffled_classes}"), "--config.eval_allow_class_mismatch"),
+    Case("distill: teacher is a PyTorch checkpoint", (*DISTILL, "--config.teacher={ckpt}"),
+         "convert it first"),
     # distill: values
     Case("distill: student.steps_per_call=0", (*DISTILL, "--config.student.steps_per_call=0"),
          "config.student.steps_per_call=0 must be positive"),
@@ -447,6 +485,44 @@ CASES: list[Case] = [
          "student.lr: 0.1 -> 0.05"),
     Case("distill: resume with another teacher", (*RESUME, "--config.teacher={other_teacher}"),
          "distilled from another teacher"),
+    # file writers
+    Case("export: --out exists, no --overwrite", ("export", "{teacher}", "--out", "{ckpt}"),
+         "--out {ckpt} exists; pass --overwrite to replace it"),
+    Case("export: --format disagrees with the suffix of --out",
+         ("export", "{teacher}", "--format", "torch", "--out", "{new_dir}/w.safetensors"),
+         "--format torch does not match --out {new_dir}/w.safetensors (a safetensors suffix)"),
+    Case("export: --out is a directory", ("export", "{teacher}", "--format", "torch", "--out",
+                                          "{empty_dir}"), "--out {empty_dir} is a directory"),
+    Case("convert: --out is a file, no --overwrite",
+         ("convert", "{ckpt}", "--arch", "resnet_tiny_a", "--num-classes", "4", "--out",
+          "{a_file}"), "--out {a_file} exists; pass --overwrite to replace it"),
+    Case("convert: --overwrite onto a file",
+         ("convert", "{ckpt}", "--arch", "resnet_tiny_a", "--num-classes", "4", "--out",
+          "{a_file}", "--overwrite"), "--out {a_file} is a file, not a bundle directory"),
+    Case("embed: --out exists, no --overwrite", ("embed", "--classes", "cifar10", "--out",
+                                                 "{table}"),
+         "--out {table} exists; pass --overwrite to replace it"),
+    Case("convert-diffusion: --out exists, no --overwrite",
+         ("convert-diffusion", "{missing}", "--out", "{bundle}"),
+         "--out {bundle} exists; pass --overwrite to replace it"),
+    Case("convert-diffusion: --overwrite onto a folder that is no diffusion bundle",
+         ("convert-diffusion", "{missing}", "--out", "{bundle}", "--overwrite"),
+         "--out {bundle} is not a diffusion bundle"),
+    # train
+    Case("train: --config missing", ("train", "--workdir", "{new_dir}", "--config.data={images}"),
+         "--config is missing"),
+    Case("train: a distill config", ("train", "--config", "cifar10_resnet56_resnet20",
+                                     "--workdir", "{new_dir}"), "is a config of `caedfkd distill`"),
+    Case("train: unknown recipe", ("train", "--config", "train_cifar:resnet20,fast", "--workdir",
+                                   "{new_dir}"), "the recipe 'fast' is not one of"),
+    Case("train: no data", (*TRAIN[:5],), "config.data is empty"),
+    Case("train: data missing", (*TRAIN[:5], "--config.data={missing}"), "{missing} does not exist"),
+    Case("train: unknown arch", (*TRAIN, "--config.arch=resnet21"), "config.arch='resnet21'"),
+    Case("train: batch larger than the train images", (*TRAIN, "--config.batch_size=128"),
+         "config.batch_size=128 is more than the 4 train images"),
+    Case("train: milestones past the last epoch", (*TRAIN, "--config.schedule=steps",
+                                                   "--config.epochs=10"),
+         "config.milestones=(80, 120, 160)"),
     # demo
     Case("demo: rerun with a changed --seed", ("demo", "--workdir", "{demo_dir}", "--seed", "1"),
          "--seed 0 -> 1"),

@@ -13,10 +13,10 @@ from benchmarks import bad_inputs
 
 
 def _in_process(case: bad_inputs.Case) -> bool:
-  """distill cases but the resume ones run here, not in a process of their own: a JAX start-up
+  """distill and train cases but the resume ones run here, not in a process of their own: a JAX start-up
   less each (their one line is checked all the same; convert, evaluate and the rest stay real
   processes, so a crash or a traceback shows as the user sees it)."""
-  return case.argv[0] == "distill" and "{resume_dir}" not in case.argv
+  return case.argv[0] in ("distill", "train") and "{resume_dir}" not in case.argv
 
 
 @pytest.fixture(scope="module")

@@ -412,8 +412,8 @@ def test_cli_refuses_to_overwrite_a_bundle_unless_asked(tmp_path, capsys):
   argv = ["convert", str(src), "--arch", "resnet_tiny_a", "--num-classes", "10", "--out", str(out)]
   assert main(argv) == 2
   err = capsys.readouterr().err
-  assert err == (f"caedfkd convert: error: --out {out} already holds a model bundle; pass "
-                 "--overwrite to replace it, or give another --out.\n")
+  assert err == (f"caedfkd convert: error: --out {out} exists; pass --overwrite to replace it "
+                 "(or choose another --out).\n")
   kept = bundle_lib.load_bundle(str(out))
   assert kept.spec.extra == {"mine": True}
   jax.tree.map(np.testing.assert_array_equal, kept.variables, old)

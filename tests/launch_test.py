@@ -92,7 +92,7 @@ def test_an_existing_path_wins_over_an_installed_config(tmp_path, monkeypatch):
     f.write("def get_config(arg=''):\n  return None\n")
   assert distill.resolve_config_path("configs/paper_cifar.py:x") == "configs/paper_cifar.py:x"
   # A mistyped folder is not silently replaced by the installed config of the same name.
-  with pytest.raises(ValueError, match="no file 'elsewhere/paper_cifar.py'"):
+  with pytest.raises(ValueError, match="there is no file .*elsewhere/paper_cifar.py"):
     distill.resolve_config_path("elsewhere/paper_cifar.py")
 
 
@@ -104,8 +104,8 @@ def test_an_unknown_config_name_lists_the_installed_configs(tmp_path, monkeypatc
   assert main.main(["distill", "--config", "nope", "--workdir", str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip()
   assert "\n" not in err
-  assert err.startswith("caedfkd distill: error: --config nope: no file 'nope' and no installed "
-                        "config 'nope'") and err.endswith(installed)
+  assert err.startswith("caedfkd distill: error: --config nope: no installed config 'nope' (and "
+                        "no file of that name here)") and err.endswith(installed)
   assert main.main(["distill", "--config", "nope", "--help"]) == 2   # --help does not hide it
 
 
@@ -161,7 +161,8 @@ def test_pyproject_installs_every_package_and_the_configs():
              os.listdir(os.path.join(REPO_ROOT, "caedfkd_jax", "io", "embedding_tables")))
   assert os.path.isfile(os.path.join(CONFIGS, "__init__.py"))
   shipped = {name[:-3] for name in os.listdir(CONFIGS) if name.endswith(".py") and name[0] != "_"}
-  assert set(distill.installed_configs()) == shipped
+  assert set(distill.installed_configs()) | set(distill.installed_configs("train")) == shipped
+  assert all(name.startswith("train_") for name in distill.installed_configs("train"))
 
 
 def test_a_method_section_on_a_config_made_for_another_method_names_its_method(capsys):

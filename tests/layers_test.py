@@ -1,4 +1,4 @@
-"""The package's layers import downward only (README, "Architecture"), and nothing is flat."""
+"""The package's layers import downward only (docs/architecture.md), and nothing is flat."""
 
 import ast
 import pathlib

@@ -35,7 +35,9 @@ def test_the_toy_method_runs_through_the_launcher_and_resumes(teacher_dir, table
                                                               capsys):
   workdir = tmp_path / "w"
   assert _distill(workdir, teacher_dir, table_path, "--config.max_units=3") == 0   # mid-epoch
-  assert "stopped with 1 of 3 epochs done" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "Stopped by max_units at epoch 1, unit 1 of 3 epochs." in out
+  assert "To continue: caedfkd distill --config" in out
   assert _distill(workdir, teacher_dir, table_path) == 0
   out = capsys.readouterr().out
   assert "Resumed from" in out and "at epoch 1, unit 1." in out

@@ -238,6 +238,46 @@ def test_a_run_learns_and_its_bundle_is_a_teacher(full_run, colour_folder):
                                                  if r["holdout/top1"] == best)
 
 
+def test_the_bundle_is_a_teacher_for_distill(full_run):
+  """`distill` takes the bundle as it is: its config checks and its setup (classes, input size,
+  normalisation) read it."""
+  from tiny_run import tiny_config as distill_config
+  from caedfkd_jax.config import checks
+  from caedfkd_jax.engine import train as distill_engine
+  _, result = full_run
+  teacher = bundle_lib.load_bundle(result["model"])
+  config = distill_config(result["model"], None, method="cmi")
+  config.student.sampler = "uniform"       # CMI's pool sampling: no CNCL groups
+  checks.validate_config(config, 1, teacher.spec.num_classes)
+  setup = distill_engine.create_setup(config, teacher)
+  assert setup.class_names == ("blue", "green", "red") and setup.image_size == 8
+  assert setup.mean == tuple(teacher.spec.mean) and setup.teacher_arch == "resnet_tiny_a"
+
+
+def test_one_step_is_the_same_on_one_device_and_on_eight():
+  """Data-parallel: the batch split over 8 devices gives the one-device step (BatchNorm over the
+  global batch), to float rounding."""
+  from caedfkd_jax.runtime import mesh as mesh_lib
+  config = tiny_config("unused")
+  spec = bundle_lib.ModelSpec(config.arch, 3, 8)
+  model = models.create_model(config.arch, 3)
+  tx, _ = ts.make_optimizer(config, steps_per_epoch=4)
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+  labels = rng.integers(0, 3, (64,)).astype(np.int32)
+  idx = rng.permutation(64)[:2 * 16].reshape(2, 16)
+  outs = []
+  for devices in (jax.devices()[:1], jax.devices()[:8]):
+    mesh = mesh_lib.make_mesh(devices)
+    unit, _ = ts.make_step_fns(model, tx, config, (0.5,) * 3, (0.25,) * 3, mesh)
+    variables = jax.tree.map(jnp.array, bundle_lib.init_variables(spec, 0))
+    out = unit(variables, tx.init(variables["params"]), jnp.asarray(images), jnp.asarray(labels),
+               jnp.asarray(idx), jnp.int32(0), jnp.int32(0))
+    outs.append(jax.device_get(out))
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_a_stopped_run_resumes_bit_for_bit(full_run, colour_folder, tmp_path):
   workdir = str(tmp_path / "resumed")
   first = ts.train(tiny_config(colour_folder, max_units=4), workdir, log=lambda s: None)

@@ -1,7 +1,9 @@
 """The engine end to end on tiny models: runs, resumes identically, shards, stops on NaN."""
 
+import contextlib
 import json
 import os
+from unittest import mock
 
 import chex
 import jax
@@ -12,7 +14,7 @@ import pytest
 from caedfkd_jax.config import defaults
 from caedfkd_jax.engine import steps, train
 from caedfkd_jax.io import bundle as bundle_lib, embeddings
-from caedfkd_jax.runtime import platform
+from caedfkd_jax.runtime import interrupts, platform
 from caedfkd_jax.runtime.mesh import make_mesh
 from tiny_run import NUM_CLASSES, assert_same_round_and_kd, round_and_kd, tiny_config
 from xla_test_flags import FAST_COMPILE
@@ -46,13 +48,30 @@ def test_run_writes_student_logs_samples_and_checkpoints(teacher_dir, table_path
 def test_interrupted_run_resumes_identically(teacher_dir, table_path, tmp_path):
   config = tiny_config(teacher_dir, table_path)
   full = train.train_and_evaluate(config, str(tmp_path / "full"))
-  # Stop after 3 units (mid warm-up epoch / mid KD epoch), then resume twice.
-  for stop_after in (3, 5):
+  # Stop after 1 unit (mid warm-up epoch), then 2 more (mid KD epoch), then resume twice.
+  for stop_after in (1, 2):
     config.max_units = stop_after
     partial = train.train_and_evaluate(config, str(tmp_path / "resumed"))
-    assert partial["stopped_early"]
+    assert partial["stopped_early"] and partial["stop_reason"] == "max_units"
+    record = bundle_lib.load_bundle(partial["student"]).spec
+    assert record.extra["training"]["epochs_done"] == partial["epoch"]
+    if stop_after == 1:   # Still in the first epoch: the bundle says it is untrained.
+      assert partial["epoch"] == 0 and "0 epochs" in bundle_lib.untrained_warning(record)
   config.max_units = 0
+  # Ctrl-C (a stop request, as the first SIGINT makes) checkpoints after the unit it arrives in.
+  class StopAfterTwoUnits(interrupts.StopRequest):
+    checks = 0
+    @property
+    def requested(self):
+      self.checks += 1
+      return self.checks > 2
+  stop = contextlib.contextmanager(lambda *a, **k: iter([StopAfterTwoUnits()]))
+  with mock.patch.object(train.interrupts, "stop_on_signals", stop):
+    interrupted = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert interrupted["stop_reason"] == "interrupted" and interrupted["stopped_early"]
   resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert resumed["stop_reason"] == "completed"
+  assert bundle_lib.untrained_warning(bundle_lib.load_bundle(resumed["student"]).spec) is None
   # Training time adds up across the three invocations.
   assert resumed["train_minutes"] > partial["train_minutes"] > 0
   a = bundle_lib.load_bundle(full["student"]).variables

@@ -148,15 +148,20 @@ def plot_accuracy(metrics_path: str, teacher_top1: float, out_png: str) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--workdir", default="caedfkd_demo", help="where everything is written")
+  parser.add_argument("--workdir", default="caedfkd_demo",
+                      help="where everything is written: teacher/, heldout/, distill/ and the "
+                           "plot (default: caedfkd_demo); a rerun with the same arguments resumes")
   parser.add_argument("--minutes", type=float, default=3.0,
-                      help="distillation time budget; rerun with a larger one to continue a run")
-  parser.add_argument("--teacher-epochs", type=int, default=30)
-  parser.add_argument("--seed", type=int, default=0)
+                      help="distillation time budget in minutes (default: 3); rerun with a "
+                           "larger one to continue a run")
+  parser.add_argument("--teacher-epochs", type=int, default=30,
+                      help="epochs of the digits teacher's supervised training (default: 30)")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="seeds the digits split, the teacher and the distillation (default: 0)")
   parser.add_argument("--arm", choices=list(ladder.ARMS), default=FULL_METHOD,
-                      help="an arm of CAE-DFKD's ablation ladder (README, 'The ablation "
-                           f"ladder'), with --method {DEFAULT_METHOD}; default {FULL_METHOD}, "
-                           "the full method")
+                      help="an arm of CAE-DFKD's ablation ladder (docs/methods.md, 'The "
+                           f"ablation ladder'), with --method {DEFAULT_METHOD}; default "
+                           f"{FULL_METHOD}, the full method")
   skipped = [f"{n} (it needs {registry.get(n).requires})" for n in registry.names()
              if n not in DEMO_METHODS]
   parser.add_argument("--method", choices=DEMO_METHODS, default=DEFAULT_METHOD,

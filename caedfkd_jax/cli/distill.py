@@ -15,6 +15,7 @@ import inspect
 import io
 import os
 import re
+import shlex
 import sys
 import textwrap
 import tokenize
@@ -68,8 +69,31 @@ def resolve_config_path(spec: str, command: str = "distill") -> str:
   if folder in ("", "configs") and name in installed_configs(other):
     raise ValueError(f"--config {spec}: {name!r} is a config of `caedfkd {other}`; `caedfkd "
                      f"{command}` takes one of: {', '.join(installed)}")
-  raise ValueError(f"--config {spec}: no file {path!r} and no installed config {name!r}; give a "
-                   f"config file's path or one of: {', '.join(installed) or '(none installed)'}")
+  listed = ', '.join(installed) or '(none installed)'
+  if folder or path.endswith(".py"):
+    raise ValueError(f"--config {spec}: there is no file {os.path.abspath(path)}; give an existing "
+                     f"config file, or the name of an installed config (no path): {listed}")
+  raise ValueError(f"--config {spec}: no installed config {name!r} (and no file of that name "
+                   f"here); the installed configs are: {listed}")
+
+
+def given_config(argv: list[str]) -> str | None:
+  """The --config value as the user typed it."""
+  for i, arg in enumerate(argv):
+    name, eq, value = arg.partition("=")
+    if name in _CONFIG_FLAGS:
+      return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+  return None
+
+
+def describe_config_file(spec: str, resolved: str) -> str:
+  """One line saying which file `--config spec` runs: a local file or the installed one."""
+  path = resolved.partition(":")[0]
+  if os.path.abspath(spec.partition(":")[0]) == os.path.abspath(path):
+    return f"config: {os.path.abspath(path)}"
+  note = (f" (no {spec.partition(':')[0]} in {os.getcwd()})"
+          if os.sep in spec or spec.partition(":")[0].endswith(".py") else "")
+  return f"config: installed {path}{note}"
 
 
 def _split_argv(argv: list[str], command: str = "distill"
@@ -95,6 +119,12 @@ def _split_argv(argv: list[str], command: str = "distill"
       config_file = value.partition(":")[0]
       arg = f"{name}={value}"
     out.append(arg)
+  if config_file is None and any(a.startswith(("--config.", "-config.")) for a in out):
+    raise ValueError("--config is missing: --config.FIELD=VALUE overrides a field of the config "
+                     "file that --config names, e.g. " + (
+                         "--config train_cifar:resnet20" if command == "train"
+                         else "--config cifar10_resnet56_resnet20") +
+                     f" (`caedfkd {command} --help` lists the installed configs)")
   return wants_help, out, config_file
 
 
@@ -111,9 +141,20 @@ def _parse(argv: list[str]):
   return config, workdir
 
 
+_CONVERSIONS = ((r"could not convert string to float: '(.*)'", "a number, e.g. 30 or 0.5"),
+                (r"invalid literal for int\(\) with base 10: '(.*)'", "a whole number, e.g. 3"),
+                (r"Non-boolean argument to boolean flag", "True or False"))
+
+
 def _one_line(error: Exception, prog: str = PROG) -> str:
   """ml_collections wraps a get_config error in its whole traceback: keep the flag and the error."""
   message = str(error)
+  flag = re.match(r"flag (--config\.[\w.]+)=(.*?): (.*)$", message.splitlines()[0] if message else "")
+  if flag:
+    for pattern, wanted in _CONVERSIONS:
+      if re.search(pattern, flag.group(3), re.IGNORECASE):
+        return (f"{flag.group(1)}={flag.group(2)}: the field takes {wanted} "
+                f"(`{prog} --help` shows each field's value)")
   if message.startswith("Unknown command line flag"):
     return (f"{message.replace(' ?', '?')}; the flags are --config and --workdir, and config "
             f"fields are set with --config.FIELD=VALUE (`{prog} --help` lists them).")
@@ -249,6 +290,14 @@ def help_text(config: config_dict.ConfigDict | None = None, config_file: str | N
     sections[after] = f"Method {method}'s own fields ({_relative(path)})"
     docs.update(own_docs)
     order.update({name: after + line for name, line in own_order.items()})
+  # Lists that have one source are generated from it, not kept in a comment.
+  from caedfkd_jax.io import embeddings   # numpy only: --help stays fast
+  docs["method"] = ("caedfkd_jax/methods/NAME.py (docs/methods.md): " + ", ".join(registry.names())
+                    + ". Each reads the fields its `reads` names; setting one it does not read is "
+                    "refused.")
+  docs["embeddings"] = ("a shipped table (" + ", ".join(embeddings.shipped_tables()) + ") or a "
+                        "path X.npy with X.json beside it (`caedfkd embed` makes one), e.g. "
+                        "NAYER's CLIP ViT-B/32 table; the methods that read it use it.")
   extra_docs = field_docs(_read(config_file))[0] if config_file else {}
   late = max(order.values(), default=0) + 1
   names = sorted(values, key=lambda name: (order.get(name, late), name))
@@ -269,7 +318,7 @@ def help_text(config: config_dict.ConfigDict | None = None, config_file: str | N
          "  --config.FIELD=VALUE   override one config field (below); repeatable.",
          "  -h, --help             this help; with --config or --config.method, that config's",
          "                         values and the method's own fields.", "",
-         "methods (--config.method; README \"Methods\"): " + ", ".join(registry.names()) + ".",
+         "methods (--config.method; docs/methods.md): " + ", ".join(registry.names()) + ".",
          "A method reads only some fields; setting one it does not read is refused.", "",
          f"config fields of method {method}, from {source}:"]
   pending = sorted(sections.items())
@@ -299,6 +348,7 @@ def _relative(path: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+  typed = list(argv)
   try:
     wants_help, argv, config_file = _split_argv(argv)
     config, workdir = _parse(argv)
@@ -325,6 +375,7 @@ def main(argv: list[str]) -> int:
     print(f"{PROG}: error: --workdir {workdir.value} is a file; give a directory (new, or one "
           "to resume).", file=sys.stderr)
     return 2
+  print(describe_config_file(given_config(typed[1:]) or config_file, config_file), flush=True)
   from caedfkd_jax.engine import train  # Imported late: flag errors should not wait for JAX.
   try:
     result = train.train_and_evaluate(config.value, workdir.value)
@@ -334,11 +385,41 @@ def main(argv: list[str]) -> int:
   except train.NonFiniteLossError as e:
     print(f"{PROG}: stopped: {e}", file=sys.stderr)
     return 3
-  print(f"Student bundle: {result['student']}"
-        + (f" (stopped with {result['epoch']} of {config.value.epochs} epochs done, by the time "
-           "budget, max_units or stop_after_epochs; rerun to continue)"
-           if result["stopped_early"] else ""))
-  return 0
+  except KeyboardInterrupt:
+    print(f"{PROG}: interrupted before the next checkpoint; rerun the same command to resume from "
+          "the last one.", file=sys.stderr)
+    return 130
+  print(f"Student bundle: {result['student']}")
+  print(stop_message(result, config.value, typed))
+  return 130 if result.get("stop_reason") == "interrupted" else 0
+
+
+def stop_message(result: dict, config, typed: list[str]) -> str:
+  """Where the run stands, one reason, and the exact command that continues it."""
+  if not result["stopped_early"]:
+    return f"Done: all {config.epochs} epochs."
+  reason = result.get("stop_reason")
+  where = f"epoch {result['epoch']}, unit {result.get('unit', 0)}"
+  command = " ".join(shlex.quote(a) for a in ["caedfkd", "distill", *typed[1:]])
+  if reason == "the time budget":
+    larger = max(2 * config.time_budget_minutes, config.time_budget_minutes + 10)
+    command = " ".join(shlex.quote(a) for a in ["caedfkd", "distill", *[
+        a for a in typed[1:] if not a.startswith("--config.time_budget_minutes")],
+        f"--config.time_budget_minutes={larger:g}"])
+    head = (f"Stopped by the time budget ({config.time_budget_minutes:g} min over all "
+            f"invocations) at {where} of {config.epochs} epochs")
+  elif reason == "interrupted":
+    head = f"Interrupted at {where}; checkpointed"
+  elif reason == "stop_after_epochs":
+    command = " ".join(shlex.quote(a) for a in ["caedfkd", "distill", *[
+        a for a in typed[1:] if not a.startswith("--config.stop_after_epochs")],
+        "--config.stop_after_epochs=0"])
+    head = f"Stopped after epoch {result['epoch']} (stop_after_epochs) of {config.epochs}"
+  else:
+    head = f"Stopped by {reason} at {where} of {config.epochs} epochs"
+  untrained = (" The student bundle holds an untrained network (no epoch finished)."
+               if result["epoch"] == 0 else "")
+  return f"{head}.{untrained} To continue: {command}"
 
 
 if __name__ == "__main__":

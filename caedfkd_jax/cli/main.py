@@ -6,6 +6,7 @@ Each command module exposes `add_arguments(parser)` and `run(args) -> int`;
 
 import argparse
 import importlib
+import importlib.metadata
 import sys
 
 # subcommand -> (module, one-line help)
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   parser = OneLineErrorParser(
       prog="caedfkd", description="Data-free knowledge distillation (CAE-DFKD) in JAX.")
+  parser.add_argument("--version", action="version", version=f"caedfkd {version()}")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
   for name, (_, help_text) in COMMANDS.items():
     sub.add_parser(name, help=help_text, add_help=False)
@@ -46,17 +48,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv)  # --help, or one error line naming the unknown command; exits
   name, rest = argv[0], argv[1:]
   module = importlib.import_module(COMMANDS[name][0])
-  if name in ("distill", "train"):
-    return module.main([f"caedfkd {name}", *rest])
-  cmd_parser = OneLineErrorParser(prog=f"caedfkd {name}", description=COMMANDS[name][1])
-  module.add_arguments(cmd_parser)
-  args = cmd_parser.parse_args(rest)
   try:
+    if name in ("distill", "train"):
+      return module.main([f"caedfkd {name}", *rest])
+    cmd_parser = OneLineErrorParser(prog=f"caedfkd {name}", description=COMMANDS[name][1])
+    module.add_arguments(cmd_parser)
+    args = cmd_parser.parse_args(rest)
     return int(module.run(args) or 0)
   except (ValueError, FileNotFoundError, ImportError) as e:
     # Bad input or a missing optional extra: one clear message, no traceback.
     print(f"caedfkd {name}: error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:   # distill and train checkpoint on the first Ctrl-C; this is the rest.
+    print(f"caedfkd {name}: interrupted; nothing of this invocation was kept beyond what it "
+          "already wrote (rerun the same command).", file=sys.stderr)
+    return 130
+
+
+def version() -> str:
+  """The installed distribution's version (the source tree's when not installed)."""
+  try:
+    return importlib.metadata.version("caedfkd-jax")
+  except importlib.metadata.PackageNotFoundError:
+    return "unknown (not installed)"
 
 
 if __name__ == "__main__":

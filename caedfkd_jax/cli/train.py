@@ -100,6 +100,10 @@ def main(argv: list[str]) -> int:
     print(f"{PROG}: {e or 'interrupted; rerun the same command to resume.'}", file=sys.stderr)
     return 130
   print(summary(result, config.value))
+  if result["stop_reason"] == "interrupted":
+    print(f"{PROG}: interrupted at epoch {result['epochs_done']}, unit {result['unit']} "
+          "(checkpointed); rerun the same command to resume.", file=sys.stderr)
+    return 130
   return 0
 
 
@@ -120,7 +124,7 @@ def summary(result: dict, config) -> str:
                  f"{chosen['by']}; {scores}).")
   else:
     lines.append("No epoch finished, so no model bundle was written.")
-  if result["stopped_early"]:
+  if result["stopped_early"] and result["stop_reason"] != "interrupted":
     fix = ("rerun the same command with a larger --config.time_budget_minutes"
            if result["stop_reason"] == "the time budget" else "rerun the same command")
     lines.append(f"Stopped by {result['stop_reason']} after {result['epochs_done']} of "

@@ -15,6 +15,7 @@ DEFAULT_METHOD = "cae_dfkd"
 ENGINE_FIELDS = frozenset({
     "seed", "method", "teacher", "teacher_arch_expected", "student_arch", "compute_dtype",
     "fuse_steps", "cpu_kernels", "compilation_cache_dir", "epochs", "eval_data", "eval_split",
+    "eval_allow_class_mismatch",
     "eval_every_epochs", "eval_batch_size", "checkpoint_every_minutes", "max_checkpoints",
     "time_budget_minutes", "max_units", "stop_after_epochs", "allow_config_change", "num_runs",
     "sweep", "runs_vectorized", "accuracy_levels", "grid_images_per_class", "num_devices",
@@ -26,7 +27,7 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
   nothing); a named method's own sections are added from its file."""
   config = ml_collections.ConfigDict()
   config.seed = 0
-  config.method = method or DEFAULT_METHOD  # caedfkd_jax/methods/NAME.py (README "Methods"):
+  config.method = method or DEFAULT_METHOD  # caedfkd_jax/methods/NAME.py (docs/methods.md "Methods"):
                                  # cae_dfkd (CEND + CNCL on the NAYER base), nayer, cmi,
                                  # cae_dfkd_cmi, cpsc_dfkd, diffdfkd. Each reads the fields its
                                  # `reads` names; setting one it does not read is refused.
@@ -122,6 +123,8 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
   # Evaluation
   config.eval_data = ""                  # Data spec for periodic evaluation (see `caedfkd evaluate`).
   config.eval_split = "test"
+  config.eval_allow_class_mismatch = False  # Score eval_data even when its class names are not
+                                         # the teacher's (in label order); refused by default.
   config.eval_every_epochs = 1
   config.eval_batch_size = 500
 
@@ -154,7 +157,7 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
   # Logging
   config.grid_images_per_class = 8       # PNG grid of synthetic images per epoch.
 
-  # Multi-host (README "Multi-host"): every process runs the same command, its own process_id.
+  # Multi-host (docs/multihost.md): every process runs the same command, its own process_id.
   config.num_devices = 0                 # Data-parallel over the first N devices (one process);
                                          # 0: every device.
   config.distributed = False             # Call jax.distributed.initialize() before any JAX work.

@@ -12,7 +12,8 @@ import ml_collections
 
 from caedfkd_jax.config import fields
 
-# arm -> {"section.field": value}. The README's "The ablation ladder" lists the same.
+# arm -> {"section.field": value}. docs/methods.md, "The ablation ladder",
+# lists the same.
 ARMS: dict[str, dict[str, Any]] = {
     # NAYER as published: clean label embeddings through its per-view noisy layer, redrawn every
     # round; the KD batch drawn uniformly from the pool; no CNCL.

@@ -95,12 +95,6 @@ def file_sha256(paths: list[str]) -> str:
   return h.hexdigest()
 
 
-def _umask() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
-  return mask
-
-
 def _network_modules():
   from caedfkd_jax.diffusion import clip_text, unet, vae
   return {"text_encoder": (clip_text.CLIPTextConfig.from_transformers, clip_text.params_from_state_dict),
@@ -130,14 +124,25 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict[str, Any]:
   return tree
 
 
-def convert_diffusers(src: str, out: str, variant: str | None = None, log=print) -> str:
-  """Converts the diffusers folder `src` into a diffusion bundle at `out`; returns `out`."""
-  from safetensors.numpy import save_file
+def convert_diffusers(src: str, out: str, variant: str | None = None, log=print,
+                      overwrite: bool = False) -> str:
+  """Converts the diffusers folder `src` into a diffusion bundle at `out`; returns `out`.
+
+  Anything at `out` is refused unless `overwrite`, and then only a diffusion bundle (or an
+  empty folder) is replaced: the new bundle is written beside it and swapped in whole.
+  """
+  atomic_files.refuse_existing(out, overwrite)  # before anything is read
+  if os.path.lexists(out):
+    if not os.path.isdir(out):
+      raise ValueError(f"--out {out} is a file, not a folder; choose another --out.")
+    foreign = sorted(os.listdir(out))
+    if foreign and MANIFEST not in foreign:
+      raise ValueError(f"--out {out} is not a diffusion bundle (it holds {', '.join(foreign[:5])}),"
+                       " and --overwrite replaces the whole folder; choose a new or empty --out.")
   src = os.path.abspath(src)
   if not os.path.isdir(src):
     raise FileNotFoundError(f"{src} is not a folder: pass a diffusers-format Stable Diffusion folder.")
-  if os.path.exists(out):
-    raise ValueError(f"{out} exists: pass a new --out folder (a bundle is never overwritten).")
+  from safetensors.numpy import save_file
   tokenizer = os.path.join(src, "tokenizer")
   for required in ("vocab.json", "merges.txt"):
     if not os.path.isfile(os.path.join(tokenizer, required)):
@@ -146,8 +151,7 @@ def convert_diffusers(src: str, out: str, variant: str | None = None, log=print)
   manifest: dict[str, Any] = {"format": FORMAT, "source": src, "variant": variant,
                               "scheduler": _read_json(os.path.join(src, "scheduler",
                                                                    "scheduler_config.json"))}
-  tmp = atomic_files.temp_path_beside(out)
-  os.makedirs(tmp)
+  tmp = atomic_files.temp_dir_beside(out)
   try:
     for network, (make_config, to_params) in _network_modules().items():
       folder, stem = NETWORKS[network]
@@ -158,7 +162,7 @@ def convert_diffusers(src: str, out: str, variant: str | None = None, log=print)
       flat = flatten(params)
       target = os.path.join(tmp, f"{network}.safetensors")
       save_file(flat, target)
-      os.chmod(target, 0o666 & ~_umask())   # safetensors writes 0600; a bundle is shared.
+      os.chmod(target, atomic_files.ordinary_mode())  # safetensors writes 0600; a bundle is shared.
       manifest[network] = {"config": config_json, "files": [os.path.relpath(f, src) for f in files],
                            "sha256": file_sha256(files)}
       log(f"{network}: {sum(v.size for v in flat.values()):,} parameters "
@@ -168,7 +172,7 @@ def convert_diffusers(src: str, out: str, variant: str | None = None, log=print)
       if os.path.isfile(os.path.join(tokenizer, name)):
         shutil.copy2(os.path.join(tokenizer, name), os.path.join(tmp, "tokenizer", name))
     atomic_files.write_text(os.path.join(tmp, MANIFEST), json.dumps(manifest, indent=1))
-    os.replace(tmp, out)
+    atomic_files.swap_in_dir(tmp, out)
   finally:
     if os.path.exists(tmp):
       shutil.rmtree(tmp)
@@ -224,12 +228,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
       "never unpickles.")
   parser.add_argument("src", help="diffusers folder with scheduler/, tokenizer/, text_encoder/, "
                       "unet/ and vae/")
-  parser.add_argument("--out", required=True, help="new folder for the bundle")
+  parser.add_argument("--out", required=True, metavar="DIR",
+                      help="folder for the bundle (refused if it exists, unless --overwrite)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace the diffusion bundle already at --out (refused otherwise)")
   parser.add_argument("--variant", default=None,
                       help="weight variant, e.g. fp16 for diffusion_pytorch_model.fp16.safetensors")
 
 
 def run(args: argparse.Namespace) -> int:
-  convert_diffusers(args.src, args.out, args.variant)
+  convert_diffusers(args.src, args.out, args.variant, overwrite=args.overwrite)
   print(f"Wrote {args.out}: use it with --config.method=diffdfkd --config.diffdfkd.weights={args.out}")
   return 0

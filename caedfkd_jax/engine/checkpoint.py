@@ -15,10 +15,10 @@ from typing import Any, Callable
 
 import jax
 import ml_collections
-import numpy as np
 import orbax.checkpoint as ocp
 
 from caedfkd_jax.config import defaults, fields
+from caedfkd_jax.io import bundle as bundle_lib
 from caedfkd_jax.methods.base import Method
 
 CHECKPOINT_DIR = "checkpoints"
@@ -29,8 +29,8 @@ EPOCH_STRIDE = 10_000   # A checkpoint's step is epoch * EPOCH_STRIDE + unit.
 # is replicated and every batch sharded, so the device count may change too.)
 INVOCATION_FIELDS = frozenset({
     "teacher", "teacher_arch_expected", "time_budget_minutes", "max_units", "stop_after_epochs",
-    "checkpoint_every_minutes", "max_checkpoints", "eval_data", "eval_split", "eval_every_epochs",
-    "eval_batch_size", "grid_images_per_class", "compilation_cache_dir", "allow_config_change",
+    "checkpoint_every_minutes", "max_checkpoints", "eval_data", "eval_split",
+    "eval_allow_class_mismatch", "eval_every_epochs", "eval_batch_size", "grid_images_per_class", "compilation_cache_dir", "allow_config_change",
     "distributed", "coordinator_address", "num_processes", "process_id", "runs_vectorized",
     "accuracy_levels", "cpu_kernels", "num_devices"})
 
@@ -104,14 +104,8 @@ class Checkpoints:
 # --------------------------------------------------------------------------- #
 
 
-def tree_sha256(tree) -> str:
-  """A fingerprint of a pytree's structure and values (identifies a teacher by its weights)."""
-  digest = hashlib.sha256()
-  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    leaf = np.asarray(leaf)
-    digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
-    digest.update(np.ascontiguousarray(leaf).tobytes())
-  return digest.hexdigest()
+# A fingerprint of a pytree's structure and values (identifies a teacher by its weights).
+tree_sha256 = bundle_lib.weights_sha256
 
 
 def shapes_signature(abstract_state) -> str:

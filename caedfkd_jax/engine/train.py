@@ -31,7 +31,7 @@ from caedfkd_jax.engine.metrics_writer import MetricsWriter, save_image_grid
 from caedfkd_jax.io import atomic_files, bundle as bundle_lib, embeddings
 from caedfkd_jax.methods import registry
 from caedfkd_jax.methods.base import Method, Phase, Setup, TrainState
-from caedfkd_jax.runtime import cpu_devices, mesh as mesh_lib, multihost, platform
+from caedfkd_jax.runtime import cpu_devices, interrupts, mesh as mesh_lib, multihost, platform
 
 STUDENT_DIR = "student"
 CHECKPOINT_DIR = checkpoint.CHECKPOINT_DIR
@@ -140,6 +140,10 @@ class Run:
   config_history: list[dict]      # Allowed config changes, per resume.
   last_epoch: int                 # Where this invocation stops: epochs or stop_after_epochs.
   units_run: int = 0
+  stop: interrupts.StopRequest = dataclasses.field(default_factory=interrupts.StopRequest)
+  stop_reason: str | None = None  # Why this invocation stopped short of the schedule's end.
+  saved_at: tuple[int, int] = (0, 0)   # The latest checkpoint's (epoch, unit).
+  budget_warned: bool = False
 
   def progress(self, log: EpochLog | None = None) -> dict[str, Any]:
     """The checkpoint's JSON beside the state; `log`: the unfinished epoch's numbers."""
@@ -149,6 +153,7 @@ class Run:
   def save(self, state: TrainState, epoch: int, unit: int, log: EpochLog | None = None) -> None:
     self.checkpoints.save(state, epoch, unit, self.config, self.progress(log))
     self.clock.saved()
+    self.saved_at = (epoch, unit)
 
   def per_class(self):
     return [p for phase in self.phases.values() for p in phase.per_class]
@@ -177,8 +182,13 @@ def _load_eval_data(config, spec: bundle_lib.ModelSpec):
     return None
   from caedfkd_jax.eval import evaluate
   from caedfkd_jax.io import data
+  from caedfkd_jax.io import class_names
   dataset = data.load_dataset(config.eval_data, config.eval_split)
   evaluate.check_fits(spec, dataset, f"config.eval_data={config.eval_data!r}: the teacher")
+  class_names.check_class_names(spec.class_names, dataset.class_names,
+                                f"config.eval_data={config.eval_data!r}",
+                                "--config.eval_allow_class_mismatch=True",
+                                config.get("eval_allow_class_mismatch", False), tqdm.write)
   return dataset
 
 
@@ -252,7 +262,8 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, Train
       clock=Clock(saved.get("train_seconds", 0.0), saved.get("wall_seconds")),
       bar=_progress_bar(method, config, runs, epoch, unit, last_epoch),
       identity=identity, config_history=list(saved.get("config_changes", [])),
-      last_epoch=last_epoch)
+      last_epoch=last_epoch, saved_at=(epoch, unit))
+  _banner(run, mesh, epoch, unit)
   _announce(run, resumed, epoch, unit, changes)
   log = EpochLog(epoch, run.per_class(), saved.get("partial_epoch") if unit else None)
   return run, state, epoch, unit, log
@@ -267,6 +278,39 @@ def _progress_bar(method: Method, config, runs, epoch: int, unit: int, last_epoc
   if not multihost.is_primary():
     bar.write = lambda *args, **kwargs: None  # tqdm.write ignores `disable`: one process speaks.
   return bar
+
+
+def _banner(run: Run, mesh, epoch: int, unit: int) -> None:
+  """What the run is: method, teacher, student, devices, schedule, budget, workdir."""
+  config, say = run.config, run.bar.write
+  spec = run.teacher.spec
+  units = run.method.units_per_epoch(config)
+  budget = (f"{config.time_budget_minutes:g} min over all invocations"
+            if config.time_budget_minutes else "none")
+  say(f"distill: method {run.method.name}; teacher {config.teacher} ({spec.arch}, "
+      f"{spec.num_classes} classes, weights sha256 {run.identity['teacher_sha256'][:12]}...); "
+      f"student {config.student_arch}; {mesh.size} {mesh.devices.flat[0].platform} device(s).")
+  say(f"schedule: {config.epochs} epochs of {units[0]}-{max(units)} units; time budget {budget}; "
+      f"workdir {run.workdir}" + (f"; from epoch {epoch}, unit {unit}" if epoch or unit else "")
+      + ".")
+  say("The first units compile the run's steps (tens of seconds on a CPU; cached for reruns).")
+
+
+def _warn_if_budget_ends_first_epoch(run: Run, epoch: int, unit: int) -> None:
+  """After this invocation's first unit: warns, once, when the budget will run out before the
+  first epoch ends (its student would be untrained)."""
+  config = run.config
+  if run.budget_warned or epoch > 0 or not config.time_budget_minutes:
+    return
+  run.budget_warned = True
+  per_unit = (run.clock.wall() - run.clock.wall_before) / max(run.units_run, 1)
+  left = config.time_budget_minutes * 60 - run.clock.wall()
+  needed = per_unit * (run.method.units_per_epoch(config)[0] - unit)
+  if needed > left:
+    run.bar.write(f"Warning: at about {per_unit:.1f} s a unit, the first epoch needs about "
+                  f"{needed / 60:.1f} more minutes but the time budget leaves {left / 60:.1f}: the "
+                  "run would stop with an untrained student. Raise "
+                  "--config.time_budget_minutes.")
 
 
 def _announce(run: Run, resumed: bool, epoch: int, unit: int, changes: dict) -> None:
@@ -367,11 +411,18 @@ def run_epoch(run: Run, state: TrainState, epoch: int, unit: int, log: EpochLog
     run.units_run += 1
     # Each host has its own clock: process 0's decisions hold for all, or one process would
     # stop or checkpoint alone and the others wait for it in their next collective.
-    out_of_time, save_due = multihost.agree(
+    if run.units_run == 1:
+      _warn_if_budget_ends_first_epoch(run, epoch, unit)
+    out_of_time, save_due, interrupted = multihost.agree(
         run.clock.out_of(config.time_budget_minutes * 60),
-        run.clock.save_due(config.checkpoint_every_minutes * 60))
+        run.clock.save_due(config.checkpoint_every_minutes * 60), run.stop.requested)
+    if interrupted:
+      _process_metrics(run, log, pending)
+      run.stop_reason = "interrupted"
+      return state, unit, True
     if out_of_time or (config.max_units and run.units_run >= config.max_units):
       _process_metrics(run, log, pending)
+      run.stop_reason = "the time budget" if out_of_time else "max_units"
       return state, unit, True
     if save_due:
       _process_metrics(run, log, pending)  # Never checkpoint a state whose losses were not checked.
@@ -461,16 +512,20 @@ def finish(run: Run, state: TrainState, epoch: int, unit: int, log: EpochLog,
   students = multihost.to_host(state.student)  # On every process: may be a collective.
   for writer in run.writers:
     writer.close()
-  # Short of the schedule's end: the time budget, max_units or stop_after_epochs stopped it.
-  done = {"epoch": epoch, "stopped_early": epoch < run.config.epochs,
-          "minutes": run.clock.wall() / 60, "train_minutes": run.clock.train() / 60}
+  # Short of the schedule's end: the time budget, max_units, stop_after_epochs or a signal.
+  done = {"epoch": epoch, "unit": unit, "stopped_early": epoch < run.config.epochs,
+          "stop_reason": run.stop_reason or ("completed" if epoch >= run.config.epochs
+                                             else "stop_after_epochs"),
+          "minutes": run.clock.wall() / 60, "train_minutes": run.clock.train() / 60,
+          "last_eval_top1": _last_eval_top1(run.workdir if run.runs is None else
+                                            os.path.join(run.workdir, "runs", run.runs[0].name))}
   student_dir = os.path.join(run.workdir, STUDENT_DIR)
   if run.runs is None:
     if multihost.is_primary():
-      bundle_lib.save_bundle(student_dir, _student_spec(run, run.config), students)
+      bundle_lib.save_bundle(student_dir, _student_spec(run, run.config, done), students)
     result = {**(summaries[0] if summaries else {}), **done, "student": student_dir}
   else:
-    result = {**done, "student": student_dir, **_finish_runs(run, students)}
+    result = {**done, "student": student_dir, **_finish_runs(run, students, done)}
   if multihost.is_primary():
     atomic_files.write_text(os.path.join(run.workdir, "result.json"), json.dumps(result, indent=2))
   return result
@@ -486,20 +541,53 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   run, state, epoch, unit, log = prepare(config, workdir)
   summaries: list[dict[str, Any]] = []
   stopped = _budget_spent(run, epoch)
-  while epoch < run.last_epoch and not stopped:
-    if unit == 0:
-      log = EpochLog(epoch, run.per_class())
-    state, unit, stopped = run_epoch(run, state, epoch, unit, log)
-    if not stopped:
-      state, summaries = end_epoch(run, state, epoch, log)
-      epoch, unit = epoch + 1, 0
+  if stopped:
+    run.stop_reason = "the time budget"
+  with interrupts.stop_on_signals("checkpointing after this unit",
+                                  enabled=multihost.is_primary()) as run.stop:
+    while epoch < run.last_epoch and not stopped:
+      if unit == 0:
+        log = EpochLog(epoch, run.per_class())
+      state, unit, stopped = run_epoch(run, state, epoch, unit, log)
+      if not stopped:
+        state, summaries = end_epoch(run, state, epoch, log)
+        epoch, unit = epoch + 1, 0
+        # A signal during the epoch's end (evaluation, checkpoint): stop here, if there is more.
+        stopped = epoch < run.last_epoch and run.stop.requested
+        if stopped:
+          run.stop_reason = "interrupted"
   return finish(run, state, epoch, unit, log, summaries)
 
 
-def _student_spec(run: Run, config) -> bundle_lib.ModelSpec:
+def _last_eval_top1(run_dir: str) -> float | None:
+  """The last evaluated top-1 of the run (over every invocation), from its metrics.jsonl."""
+  path = os.path.join(run_dir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  top1 = None
+  with open(path) as f:
+    for line in f:
+      try:
+        top1 = json.loads(line).get("eval/top1", top1)
+      except json.JSONDecodeError:
+        continue
+  return top1
+
+
+def _student_spec(run: Run, config, done: dict[str, Any]) -> bundle_lib.ModelSpec:
+  """The student bundle's model.json; `training` records how far the run got (a student of 0
+  epochs is untrained, and `evaluate`, `export` and `probe` say so)."""
   t = run.teacher.spec
   progress = run.progress()
-  extra = {"distilled_from": config.teacher, "teacher_sha256": progress["teacher_sha256"],
+  extra = {"distilled_from": config.teacher,
+           # sha256 of the teacher's weights (checkpoint.tree_sha256), as `convert` prints it.
+           "teacher_sha256": progress["teacher_sha256"],
+           "training": {"epochs_done": done["epoch"], "epochs": config.epochs,
+                        "units_done_in_next_epoch": done["unit"],
+                        "stop_reason": done["stop_reason"],
+                        "last_eval_top1": done["last_eval_top1"],
+                        "minutes": round(done["minutes"], 3),
+                        "train_minutes": round(done["train_minutes"], 3)},
            "method": run.method.name, **run.method.bundle_fields(config),
            "config": json.loads(json.dumps(config.to_dict()))}
   if progress.get("config_changes"):
@@ -517,7 +605,7 @@ def _top1(model, variables, dataset, setup: Setup, config) -> float:
   return float(np.mean(np.argmax(logits, -1) == dataset.labels) * 100)
 
 
-def _finish_runs(run: Run, students) -> dict[str, Any]:
+def _finish_runs(run: Run, students, done: dict[str, Any]) -> dict[str, Any]:
   """Each run's student bundle, and the summary over seeds per sweep point (summary.json)."""
   config, runs = run.config, run.runs
   levels = []
@@ -532,7 +620,9 @@ def _finish_runs(run: Run, students) -> dict[str, Any]:
              "points": points}
   if multihost.is_primary():
     for r, lone in enumerate(runs):
-      spec = _student_spec(run, runs_lib.run_config(config, lone))
+      lone_done = {**done, "last_eval_top1": _last_eval_top1(
+          os.path.join(run.workdir, "runs", lone.name))}
+      spec = _student_spec(run, runs_lib.run_config(config, lone), lone_done)
       spec.extra["run"] = {"name": lone.name, "index": lone.index, "seed": lone.seed,
                            "sweep_point": dict(lone.values), "of_runs": len(runs)}
       bundle_lib.save_bundle(os.path.join(run.workdir, STUDENT_DIR, lone.name), spec,

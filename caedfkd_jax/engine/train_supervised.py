@@ -34,7 +34,8 @@ from caedfkd_jax.engine.clock import Clock
 from caedfkd_jax.engine.metrics_writer import MetricsWriter
 from caedfkd_jax.eval import evaluate, supervised
 from caedfkd_jax.io import atomic_files, bundle as bundle_lib, data as data_lib
-from caedfkd_jax.runtime import cpu_devices, mesh as mesh_lib, multihost, platform, xla_cpu
+from caedfkd_jax.runtime import (cpu_devices, interrupts, mesh as mesh_lib, multihost, platform,
+                                 xla_cpu)
 
 MODEL_DIR = "model"
 HOLDOUT_SALT = 7919   # Seeds the held-out draw apart from every other draw of the seed.
@@ -322,6 +323,7 @@ class Run:
   config_history: list[dict]
   saved_at: tuple[int, int] = (0, 0)
   units_run: int = 0
+  stop: interrupts.StopRequest = dataclasses.field(default_factory=interrupts.StopRequest)
 
   def progress(self, partial: dict | None = None) -> dict[str, Any]:
     return {**self.clock.state(), **self.identity, "mean": list(self.mean), "std": list(self.std),
@@ -492,9 +494,10 @@ def run_epoch(run: Run, state: State, epoch: int, unit: int, partial: dict | Non
     run.bar.set_postfix({"loss": f"{float(losses[-1]):.3g}"}, refresh=False)
     state = state.replace(variables=variables, opt_state=opt_state,
                           unit=jnp.int32(unit) if unit < run.units_per_epoch else state.unit)
-    out_of_time, save_due = multihost.agree(
-        _budget_spent(run), run.clock.save_due(config.checkpoint_every_minutes * 60))
-    stop = ("the time budget" if out_of_time else
+    out_of_time, save_due, interrupted = multihost.agree(
+        _budget_spent(run), run.clock.save_due(config.checkpoint_every_minutes * 60),
+        run.stop.requested)
+    stop = ("interrupted" if interrupted else "the time budget" if out_of_time else
             "max_units" if config.max_units and run.units_run >= config.max_units else None)
     if unit < run.units_per_epoch and (stop or save_due):
       state = state.replace(unit=jnp.int32(unit))
@@ -554,16 +557,20 @@ def train(config: ml_collections.ConfigDict, workdir: str,
     run.bar.write(f"The time budget of {config.time_budget_minutes:g} minutes is spent "
                   f"({run.clock.wall_before / 60:.1f} minutes so far).")
   try:
-    while epoch < config.epochs and not stop:
-      state, unit, sums, stop = run_epoch(run, state, epoch, unit, partial)
-      partial = None
-      if stop is None:
-        state = end_epoch(run, state, epoch, sums)
-        epoch, unit = epoch + 1, 0
-        if _budget_spent(run) and epoch < config.epochs:
-          stop = "the time budget"
-        elif config.max_units and run.units_run >= config.max_units and epoch < config.epochs:
-          stop = "max_units"
+    with interrupts.stop_on_signals("checkpointing after this unit",
+                                    enabled=multihost.is_primary()) as run.stop:
+      while epoch < config.epochs and not stop:
+        state, unit, sums, stop = run_epoch(run, state, epoch, unit, partial)
+        partial = None
+        if stop is None:
+          state = end_epoch(run, state, epoch, sums)
+          epoch, unit = epoch + 1, 0
+          if epoch < config.epochs and run.stop.requested:
+            stop = "interrupted"
+          elif _budget_spent(run) and epoch < config.epochs:
+            stop = "the time budget"
+          elif config.max_units and run.units_run >= config.max_units and epoch < config.epochs:
+            stop = "max_units"
   except KeyboardInterrupt:
     run.bar.close()
     run.checkpoints.close()
@@ -582,7 +589,8 @@ def finish(run: Run, state: State, epoch: int, unit: int, stop: str | None) -> d
   by_holdout = run.splits.holdout is not None and int(state.best_epoch) > 0
   chosen = state.best if by_holdout else state.variables
   result: dict[str, Any] = {
-      "epochs_done": epoch, "epochs": config.epochs, "stopped_early": epoch < config.epochs,
+      "epochs_done": epoch, "unit": unit, "epochs": config.epochs,
+      "stopped_early": epoch < config.epochs,
       "stop_reason": stop or "completed", "minutes": run.clock.wall() / 60,
       "train_minutes": run.clock.train() / 60,
       "selected": {"by": "held-out top-1" if by_holdout else "last epoch",

@@ -2,6 +2,7 @@
 
 import argparse
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from caedfkd_jax.io import bundle as bundle_lib, data as data_lib
+from caedfkd_jax.io import atomic_files, bundle as bundle_lib, class_names, data as data_lib
 from caedfkd_jax.runtime import xla_cpu
 
 
@@ -73,9 +74,12 @@ def check_image_size(spec: bundle_lib.ModelSpec, dataset: data_lib.Dataset,
 
 
 def evaluate_bundle(bundle: bundle_lib.Bundle, dataset, batch_size: int = 500,
-                    progress: bool = True) -> dict:
+                    progress: bool = True, allow_class_mismatch: bool = False) -> dict:
   spec = bundle.spec
   check_fits(spec, dataset)
+  class_names.check_class_names(spec.class_names, dataset.class_names,
+                                f"the data ({dataset.source or 'given'})",
+                                "--allow-class-mismatch", allow_class_mismatch)
   logits = predict(bundle.model, bundle.variables, dataset.images, spec.mean, spec.std,
                    batch_size, progress)
   correct = np.argmax(logits, -1) == dataset.labels
@@ -89,21 +93,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model", required=True, help="model bundle directory")
   parser.add_argument("--data", required=True,
                       help="SPLIT/CLASS/*.jpg folder, CIFAR python batches directory, or tfds:NAME")
-  parser.add_argument("--split", default="test")
-  parser.add_argument("--batch-size", type=int, default=500)
+  parser.add_argument("--split", default="test",
+                      help="the split to score: ROOT/SPLIT of an image folder, train or test of "
+                           "CIFAR batches, a tfds split (default: test)")
+  parser.add_argument("--batch-size", type=int, default=500,
+                      help="images per forward pass (default: 500)")
   parser.add_argument("--logits", help="write logits and labels (dataset order) to this .npz")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace the --logits file if it exists (refused otherwise)")
+  parser.add_argument("--allow-class-mismatch", action="store_true",
+                      help="score data whose class names are not the model's in label order "
+                           "(refused by default: the accuracy would be silently wrong)")
 
 
 def run(args: argparse.Namespace) -> int:
+  if args.logits:
+    if not args.logits.endswith(".npz"):
+      raise ValueError(f"--logits {args.logits}: give a path ending in .npz (numpy adds the "
+                       "suffix otherwise).")
+    atomic_files.refuse_existing(args.logits, args.overwrite, "--logits")
   bundle = bundle_lib.load_bundle(args.model)
+  warning = bundle_lib.untrained_warning(bundle.spec)
+  if warning:
+    print(f"{args.model}: {warning}", file=sys.stderr)
   dataset = data_lib.load_dataset(args.data, args.split, progress=True)
-  result = evaluate_bundle(bundle, dataset, args.batch_size)
+  result = evaluate_bundle(bundle, dataset, args.batch_size, allow_class_mismatch=args.allow_class_mismatch)
   print(f"{bundle.spec.arch} on {args.data} ({args.split}, {result['total']} images): "
         f"top-1 {result['top1']:.2f}% ({result['correct']}/{result['total']})")
   width = max(len(n) for n in dataset.class_names)
   for name, acc in zip(dataset.class_names, result["per_class"]):
     print(f"  {name:<{width}}  {acc:6.2f}%")
   if args.logits:
-    np.savez(args.logits, logits=result["logits"], labels=dataset.labels)
+    with atomic_files.replacing(args.logits) as tmp, open(tmp, "wb") as f:
+      np.savez(f, logits=result["logits"], labels=dataset.labels)
     print(f"logits written to {args.logits}")
   return 0

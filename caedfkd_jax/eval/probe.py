@@ -135,8 +135,8 @@ def _knn_draw(train_f, train_y, test_f, test_y, idx, num_classes: int, k: int) -
   return {"top1": float(np.mean(pred == test_y) * 100), "k": min(k, len(idx))}
 
 
-def _linear_draw(train_f, train_y, test_f, test_y, idx, seed: int, draw: int) -> dict:
-  fit, held, how = fewshot.held_out_split(train_y, idx, seed, draw)
+def _linear_draw(train_f, train_y, test_f, test_y, idx, split) -> dict:
+  fit, held, how = split
   out = fewshot.linear_probe(train_f, train_y, test_f, test_y, idx, fit, held)
   return {**out, "c_selection": how}
 
@@ -162,11 +162,23 @@ def probe(bundle: bundle_lib.Bundle, train: data_lib.Dataset, test: data_lib.Dat
   for split in (train, test):
     evaluate.check_image_size(bundle.spec, split)
   check_features(bundle)
-  # Every draw is made (and a short class refused) before any slow work.
+  # Every draw is made (and a short class refused) before any slow work, and so is the linear
+  # probe's held-out part of each draw (for 1 shot, images from the rest of the split).
   indices = {shots: _draw_indices(train, shots, draws, seed) for shots in shots_list}
-  if any(p != "finetune" for p in protocols):  # frozen features: extracted once, for all draws
-    train_f = extract_features(bundle, train.images, batch_size, "features (train)", progress)
+  splits = {(shots, d): fewshot.held_out_split(train.labels, idx, seed, d)
+            for shots in shots_list for d, idx in enumerate(indices[shots])} \
+      if "linear" in protocols else {}
+  if any(p != "finetune" for p in protocols):
+    # Frozen features of the train images a draw or held-out part uses, and no others (a 1-shot
+    # probe of 50,000 images extracts a few dozen), extracted once for all draws.
+    used = np.unique(np.concatenate(
+        [i for idxs in indices.values() for i in idxs]
+        + [part for fit, held, _ in splits.values() for part in (fit, held)]).astype(np.int64))
+    train_f = extract_features(bundle, train.images[used], batch_size, "features (train)",
+                               progress)
+    train_y = train.labels[used]
     test_f = extract_features(bundle, test.images, batch_size, "features (test)", progress)
+    local = lambda a: np.searchsorted(used, a)   # train index -> row of train_f
   finetune_config = finetune_config or finetune_lib.FinetuneConfig()
   results = []
   for protocol in protocols:
@@ -174,10 +186,12 @@ def probe(bundle: bundle_lib.Bundle, train: data_lib.Dataset, test: data_lib.Dat
       per_draw = []
       for d, idx in enumerate(indices[shots]):
         if protocol == "knn":
-          row = _knn_draw(train_f, train.labels, test_f, test.labels, idx, train.num_classes,
+          row = _knn_draw(train_f, train_y, test_f, test.labels, local(idx), train.num_classes,
                           knn_k)
         elif protocol == "linear":
-          row = _linear_draw(train_f, train.labels, test_f, test.labels, idx, seed, d)
+          fit, held, how = splits[(shots, d)]
+          row = _linear_draw(train_f, train_y, test_f, test.labels, local(idx),
+                             (local(fit), local(held), how))
         else:
           row = _finetune_draw(bundle, train, test, idx, finetune_config, seed, d, batch_size,
                                progress)
@@ -212,21 +226,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help=f"neighbours (capped at the training set's size; default: "
                            f"{fewshot.KNN_K})")
   parser.add_argument("--finetune-epochs", type=_positive_int,
-                      default=finetune_lib.FinetuneConfig.epochs)
+                      default=finetune_lib.FinetuneConfig.epochs,
+                      help="epochs of the finetune protocol over each draw (default: "
+                           f"{finetune_lib.FinetuneConfig.epochs})")
   parser.add_argument("--finetune-lr", type=float,
-                      default=finetune_lib.FinetuneConfig.learning_rate)
+                      default=finetune_lib.FinetuneConfig.learning_rate,
+                      help="its peak learning rate, SGD with momentum and a cosine decay "
+                           f"(default: {finetune_lib.FinetuneConfig.learning_rate})")
   parser.add_argument("--finetune-batch-size", type=_positive_int,
-                      default=finetune_lib.FinetuneConfig.batch_size)
+                      default=finetune_lib.FinetuneConfig.batch_size,
+                      help="its batch size, capped at the draw's size (default: "
+                           f"{finetune_lib.FinetuneConfig.batch_size})")
   parser.add_argument("--batch-size", type=_positive_int, default=500,
                       help="images per forward pass when extracting features")
   parser.add_argument("--out", help="write every number (per draw too) to this JSON file")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace the --out file if it exists (refused otherwise)")
 
 
 def run(args: argparse.Namespace) -> int:
+  if args.out:
+    atomic_files.refuse_existing(args.out, args.overwrite)
   bundle = bundle_lib.load_bundle(args.model)
+  warning = bundle_lib.untrained_warning(bundle.spec)
+  if warning:
+    print(f"{args.model}: {warning}", file=sys.stderr)
   feature_dim = check_features(bundle)  # before the (slow) data: a bundle fault first
   train = data_lib.load_dataset(args.data, args.train_split, progress=True)
   test = data_lib.load_dataset(args.data, args.test_split, progress=True)
+  if bundle.spec.class_names and [n.lower() for n in train.class_names] != [
+      n.lower() for n in bundle.spec.class_names]:
+    # Not an error: every protocol fits its own head on the data's labels (train and test splits
+    # are checked against each other), so the model's own class order plays no part.
+    print(f"Note: the data's classes ({', '.join(train.class_names[:4])}, ...) are not the "
+          "model's; the probes fit their own heads, so this only means probing on new classes.")
   ft = finetune_lib.FinetuneConfig(epochs=args.finetune_epochs, learning_rate=args.finetune_lr,
                                    batch_size=args.finetune_batch_size)
   results = probe(bundle, train, test, args.protocol, args.shots, args.draws, args.seed,

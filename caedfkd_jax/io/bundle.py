@@ -6,10 +6,10 @@ inputs are normalised) and `variables/`, an Orbax checkpoint of `params` and
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
-import uuid
 from typing import Any
 
 import flax.linen as nn
@@ -19,13 +19,16 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from caedfkd_jax import models
+from caedfkd_jax.io import atomic_files
 
 MODEL_JSON = "model.json"
+CHECKPOINT_SUFFIXES = (".th", ".pt", ".pth", ".bin", ".ckpt", ".safetensors", ".tar")
 VARIABLES_DIR = "variables"
 # Beside bundle dir X during a save: .X.bundle-tmp-<pid>-* (the new bundle being written) and
-# .X.bundle-old (the old one, between the two renames that swap the new one in).
-_TEMP_INFIX = ".bundle-tmp-"
-_BACKUP_SUFFIX = ".bundle-old"
+# .X.bundle-old (the old one, between the two renames that swap the new one in): the names of
+# atomic_files' folder swap, which every folder writer shares.
+_TEMP_INFIX = atomic_files.DIR_TEMP_INFIX
+_BACKUP_SUFFIX = atomic_files.DIR_BACKUP_SUFFIX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -182,25 +185,17 @@ def save_bundle(directory: str, spec: ModelSpec, variables: dict[str, Any]) -> s
   variables = {"params": variables["params"],
                "batch_stats": variables.get("batch_stats", {})}
   variables = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), variables)
-  # Not tempfile.mkdtemp: its dirs are private (0700), and a bundle keeps the usual permissions.
-  tmp = f"{_temp_prefix(target)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-  os.mkdir(tmp)
-  backup = _backup_path(target)
+  tmp = atomic_files.temp_dir_beside(target)   # ordinary permissions, unlike tempfile's 0700
   try:
     with _local_checkpointer() as ckptr:
       ckptr.save(os.path.join(tmp, VARIABLES_DIR), variables)
       ckptr.wait_until_finished()
     with open(os.path.join(tmp, MODEL_JSON), "w") as f:
       json.dump(spec.to_json(), f, indent=2)
-    if os.path.exists(target):
-      os.rename(target, backup)
-    os.rename(tmp, target)
+    atomic_files.swap_in_dir(tmp, target)
   except BaseException:
-    if not os.path.exists(target) and os.path.exists(backup):
-      os.rename(backup, target)  # put the old bundle back
     shutil.rmtree(tmp, ignore_errors=True)
     raise
-  shutil.rmtree(backup, ignore_errors=True)
   return directory
 
 
@@ -211,6 +206,11 @@ def load_bundle(directory: str) -> Bundle:
   json_path = os.path.join(directory, MODEL_JSON)
   remake = ("Create it again with `caedfkd convert` (PyTorch teacher) or `caedfkd distill` "
             "(student).")
+  if os.path.isfile(directory) and directory.lower().endswith(CHECKPOINT_SUFFIXES):
+    raise ValueError(
+        f"{directory} is a PyTorch checkpoint, not a model bundle: convert it first, e.g. "
+        f"`caedfkd convert {directory} --arch ARCH --num-classes K --out teachers/NAME`, and give "
+        "that directory.")
   if not os.path.isfile(json_path):
     absent = "" if os.path.isdir(directory) else " (the directory does not exist)"
     raise FileNotFoundError(
@@ -237,6 +237,29 @@ def load_bundle(directory: str) -> Bundle:
                      f"{spec.num_classes} classes ({type(e).__name__}: {_first_line(e)}). "
                      f"{remake}") from None
   return Bundle(spec, variables)
+
+
+def weights_sha256(tree) -> str:
+  """sha256 over a pytree's paths, dtypes, shapes and values: how a teacher is identified (by
+  its weights, not its file). `convert` prints it, and a student bundle records it as
+  `teacher_sha256`."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    leaf = np.asarray(leaf)
+    digest.update(f"{jax.tree_util.keystr(path)}:{leaf.dtype}:{leaf.shape}".encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
+def untrained_warning(spec: ModelSpec) -> str | None:
+  """One line when the bundle records a run that ended before its first epoch (a distilled
+  student stopped by its time budget): its network is untrained. None otherwise."""
+  training = spec.extra.get("training") or {}
+  if training.get("epochs_done", 1) != 0:
+    return None
+  return (f"warning: this bundle's network was trained for 0 epochs (its run stopped by "
+          f"{training.get('stop_reason', 'an early stop')} before its first epoch ended): it is "
+          "untrained, and its scores say nothing about the method.")
 
 
 def _first_line(error: BaseException) -> str:

@@ -6,6 +6,8 @@ with one name per line.
 """
 
 import os
+import re
+from collections.abc import Callable
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -55,3 +57,68 @@ def resolve_classes(classes: str) -> list[str]:
     raise ValueError(f"Unknown classes {classes!r}: use one of {', '.join(BUILTIN)} or the path "
                      "of a FILE.txt with one class name per line.")
   return read_class_file(classes)
+
+
+# --- Where data meets a model: are its labels the model's classes? ---
+
+_INDEX_PREFIX = re.compile(r"^(\d+)[_\- ](.+)$")
+
+
+def name_key(name: str) -> str:
+  """"Lawn_Mower", "lawn mower" -> "lawn mower": data and bundles spell names either way."""
+  return " ".join(name.replace("_", " ").lower().split())
+
+
+def _data_key(name: str, label: int) -> str:
+  """A folder named "3_cat" for label 3 (the prefix that keeps sorted order = label order, as
+  `caedfkd demo` writes) is the class "cat"."""
+  match = _INDEX_PREFIX.match(name)
+  if match and int(match.group(1)) == label:
+    name = match.group(2)
+  return name_key(name)
+
+
+def _shown(names: list[str], limit: int = 10) -> str:
+  return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def check_class_names(model_names: list[str] | None, data_names: list[str], where: str,
+                      override: str, allow: bool = False,
+                      say: Callable[[str], None] = print) -> None:
+  """Refuses data whose label k is not the model's class k (compared ignoring case and `_`/space):
+  scored, its accuracy would be silently wrong (a shuffled folder order scored 25% where the
+  model scores 84%). `override` names the flag that lets it through (`allow`), with a warning.
+
+  Names that are only label indices ("0", "1", ...) and a model without names cannot be
+  compared: the data's label order is taken as the model's, and `say` says so.
+  """
+  if not model_names:
+    say(f"Note: the model records no class names, so {where}'s labels are taken as its classes in "
+        "label order (give `caedfkd convert --class-names` to have them checked).")
+    return
+  if len(model_names) != len(data_names):
+    return   # A count mismatch has its own error (evaluate.check_fits).
+  data_keys = [_data_key(n, k) for k, n in enumerate(data_names)]
+  if all(key.isdigit() and int(key) == k for k, key in enumerate(data_keys)):
+    say(f"Note: {where} names its classes only by index, so its label k is taken as the model's "
+        f"class k ({_shown(model_names, 3)}).")
+    return
+  model_keys = [name_key(n) for n in model_names]
+  if data_keys == model_keys:
+    return
+  if sorted(data_keys) == sorted(model_keys):
+    differ = [k for k in range(len(data_keys)) if data_keys[k] != model_keys[k]]
+    what = ("holds the model's classes in another order: "
+            + "; ".join(f"label {k} is {data_names[k]!r} but the model's class {k} is "
+                        f"{model_names[k]!r}" for k in differ[:3])
+            + (f"; and {len(differ) - 3} more" if len(differ) > 3 else ""))
+  else:
+    what = (f"has other classes than the model: the data's are {_shown(data_names)}; the model's "
+            f"are {_shown(model_names)}")
+  message = (f"{where} {what}. Scores would be silently wrong: use data whose classes are the "
+             f"model's in label order (an image folder's class k is its k-th folder in sorted "
+             f"order; prefix the names with their index, e.g. 0_airplane, to fix the order), or "
+             f"pass {override} if the labels are right whatever the names say.")
+  if not allow:
+    raise ValueError(message)
+  say(f"Warning ({override}): {message}")

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from caedfkd_jax import models
-from caedfkd_jax.io import bundle as bundle_lib, class_names as class_names_lib
+from caedfkd_jax.io import atomic_files, bundle as bundle_lib, class_names as class_names_lib
 
 DATA_PARALLEL_PREFIX = "module."
 NUM_BATCHES_TRACKED = "num_batches_tracked"
@@ -475,13 +475,16 @@ def convert_checkpoint(src: str | os.PathLike, arch: str, num_classes: int, pres
                        overwrite: bool = False) -> str:
   """PyTorch checkpoint -> bundle at `out` (returned), with its provenance in `extra`.
 
-  An existing bundle at `out` is replaced only with `overwrite`: it may be a teacher
-  that other runs name.
+  Anything already at `out` is replaced only with `overwrite` (it may be a teacher that other
+  runs name), and then only a bundle: save_bundle refuses a folder of other files.
   """
-  src = os.fspath(src)
-  if not overwrite and bundle_lib.bundle_exists(os.fspath(out)):
-    raise ValueError(f"--out {os.fspath(out)} already holds a model bundle; pass --overwrite "
-                     "to replace it, or give another --out.")
+  src, out = os.fspath(src), os.fspath(out)
+  atomic_files.refuse_existing(out, overwrite)
+  if os.path.isfile(out):
+    raise ValueError(f"--out {out} is a file, not a bundle directory; choose another --out.")
+  if not overwrite and bundle_lib.bundle_exists(out):  # only in the backup a killed save left
+    raise ValueError(f"--out {out} holds a model bundle (set aside by an interrupted save); "
+                     "pass --overwrite to replace it (or choose another --out).")
   preset_ = get_preset(preset)
   norm = preset_.normalization(num_classes)
   models.create_model(arch, num_classes)  # fail on a bad arch before reading the file
@@ -517,7 +520,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       "weights_only=True: files that would run code are refused")
   parser.add_argument("--arch", required=True,
                       help=f"network in the zoo: {', '.join(sorted(models.ARCHS))}")
-  parser.add_argument("--num-classes", type=int, required=True)
+  parser.add_argument("--num-classes", type=int, required=True, metavar="N",
+                      help="classes the network outputs (its classifier's rows): 10 for "
+                      "CIFAR-10, 100 for CIFAR-100, 1000 for ImageNet")
   parser.add_argument("--preset", default="akamaster", choices=sorted(PRESETS),
                       help="source zoo, which fixes input mean/std and size: " + "; ".join(
                           f"{p.name}: {p.description}" for p in PRESETS.values())
@@ -526,7 +531,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="class names in label order: a text file with one a line, or "
                       f"one of {', '.join(class_names_lib.BUILTIN)}; default: CIFAR-10's "
                       "(CIFAR-100's) for 10 (100) class akamaster/dfkd checkpoints")
-  parser.add_argument("--out", required=True, help="bundle directory to write")
+  parser.add_argument("--out", required=True, metavar="DIR",
+                      help="bundle directory to write (refused if it exists, unless --overwrite)")
   parser.add_argument("--overwrite", action="store_true",
                       help="replace the bundle already at --out (refused otherwise)")
 
@@ -540,7 +546,9 @@ def run(args: argparse.Namespace) -> int:
   spec = loaded.spec
   print(f"converted {args.src} ({spec.arch}, {spec.num_classes} classes, "
         f"{param_count(loaded.variables):,} parameters)")
-  print(f"  sha256 {spec.extra['source_sha256']}")
+  print(f"  file sha256    {spec.extra['source_sha256']}")
+  print(f"  weights sha256 {bundle_lib.weights_sha256(loaded.variables)} "
+        "(what distill records as teacher_sha256)")
   print(f"  preset {spec.extra['preset']}: {spec.image_size}x{spec.image_size}, "
         f"mean {spec.mean}, std {spec.std}")
   print(f"  written to {out}")

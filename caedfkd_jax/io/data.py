@@ -108,7 +108,8 @@ def _split_dir(root: str, split: str) -> str:
     raise FileNotFoundError(
         f"{root} has no split {split!r} ({candidate} does not exist); its folders "
         f"{', '.join(classes[:10])} hold no images, so it is not a split folder either. "
-        f"Expected the layout {layout}; pick the split with --split.")
+        f"Expected the layout {layout}; pick the split (evaluate: --split; probe: --train-split, "
+        "--test-split; distill: --config.eval_split; train: --config.train_split).")
   raise ValueError(f"{root} is empty: {SPEC_HELP}.")
 
 
@@ -288,7 +289,7 @@ def _load_cifar_batches(found: tuple[str, _CifarLayout], split: str) -> Dataset:
   directory, layout = found
   if split not in layout.splits:
     raise ValueError(f"{directory} ({layout.name}) has the splits "
-                     f"{', '.join(layout.splits)}, not {split!r}; pick one with --split.")
+                     f"{', '.join(layout.splits)}, not {split!r}; pick one of those.")
   meta_path = os.path.join(directory, layout.meta)
   names = _field(_str_keys(load_array_pickle(meta_path), meta_path), layout.names_key,
                  meta_path)
@@ -354,7 +355,7 @@ def _load_tfds(name: str, split: str) -> Dataset:
                        f"{_tfds_prepare_hint(name)}") from None
     if splits and split.split("[")[0] not in splits:
       raise ValueError(f"tfds:{name} has the splits {', '.join(splits)}, not {split!r}; "
-                       "pick one with --split.") from None
+                       "pick one of those.") from None
     raise ValueError(f"tfds:{name} ({data_dir}) cannot be read by random access "
                      f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
                      f"it may be prepared as tfrecord: {_tfds_prepare_hint(name)}") from None

@@ -61,32 +61,15 @@ class EmbeddingTable:
     place, so a failed or killed save leaves a table that was there loadable.
     """
     npy_path, json_path = _table_paths(path)
-    os.makedirs(os.path.dirname(os.path.abspath(npy_path)), exist_ok=True)
-    temps = []
-    try:
-      with _temp_beside(npy_path, temps) as f:
+    # Nested so that the .npy is renamed into place first, then the .json.
+    with atomic_files.replacing(json_path) as json_tmp, \
+        atomic_files.replacing(npy_path) as npy_tmp:
+      with open(npy_tmp, "xb") as f:
         np.save(f, self.vectors)
-      with _temp_beside(json_path, temps, "w") as f:
+      with open(json_tmp, "x", encoding="utf-8") as f:
         json.dump({"classes": self.classes, "metadata": self.metadata}, f, indent=1)
         f.write("\n")
-      for tmp, final in zip(temps, (npy_path, json_path)):
-        os.replace(tmp, final)
-    finally:
-      for tmp in temps:
-        if os.path.exists(tmp):
-          os.remove(tmp)
     return npy_path
-
-
-def _temp_beside(path: str, temps: list[str], mode: str = "wb"):
-  """A new file beside `path` (so os.replace is atomic), its name added to `temps`.
-
-  Not `tempfile`: its files are private (0600), and a table should keep the usual permissions.
-  """
-  tmp = atomic_files.temp_path_beside(path)
-  f = open(tmp, mode.replace("w", "x"), encoding=None if "b" in mode else "utf-8")
-  temps.append(tmp)
-  return f
 
 
 def _validate(vectors: np.ndarray, classes: list[str], where: str) -> None:
@@ -368,12 +351,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "index, the paper's privacy variant (default: %(default)s)")
   parser.add_argument("--normalize", action="store_true", help="L2-normalise each row")
   parser.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call")
-  parser.add_argument("--out", required=True, help="FILE.npy; FILE.json is written beside it")
+  parser.add_argument("--out", required=True, metavar="FILE.npy",
+                      help="FILE.npy; FILE.json is written beside it (refused if either exists, "
+                           "unless --overwrite)")
+  parser.add_argument("--overwrite", action="store_true",
+                      help="replace the table already at --out (refused otherwise)")
 
 
 def run(args: argparse.Namespace) -> int:
   if not args.out.endswith(".npy"):
     raise ValueError(f"--out {args.out!r} must end in .npy (the JSON goes beside it).")
+  for path in _table_paths(args.out):  # before any class list or encoder is read
+    atomic_files.refuse_existing(path, args.overwrite)
+    if os.path.isdir(path):
+      raise ValueError(f"--out {args.out}: {path} is a directory; choose another --out.")
   classes = class_names.resolve_classes(args.classes)
   try:
     table = embed_classes(classes, args.encoder, args.prompt, args.prompt_by,

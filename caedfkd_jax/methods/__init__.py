@@ -4,5 +4,5 @@
   registry.py   `--config.method=NAME` -> the method (`registry.names()` lists them)
   bank_kd.py    KD from a bank of synthetic images: the unit the bank-based methods share
   NAME.py       one method each: nayer, cae_dfkd (the paper's), cae_dfkd_cmi, cmi, cpsc_dfkd,
-                diffdfkd (README "Methods")
+                diffdfkd (docs/methods.md)
 """

@@ -4,7 +4,7 @@ The engine (engine/) builds the parts every method shares (teacher, student, dty
 the embedding table when a method asks for one) into a `Setup`; a method extends it with its
 own static parts, describes each kind of unit of an epoch as a `Phase` of pure functions, and
 plans its epochs. One `Method` value per file in methods/ says all of that, and which config
-fields the method reads: a new method is one file (README, "Architecture").
+fields the method reads: a new method is one file (docs/architecture.md).
 """
 
 import dataclasses
@@ -118,7 +118,7 @@ class Method:
   (config/checks.py), and is not compared on a resume.
   """
   name: str
-  summary: str              # One line: what the method does (README table, `--help`).
+  summary: str              # One line: what the method does (docs/methods.md table, `--help`).
   reads: tuple[str, ...]
   create_setup: Callable    # (Setup) -> its Setup subclass, student_tx and student_lr set
   init_state: Callable      # (setup, teacher_vars, rng) -> the method's state pytree

@@ -275,7 +275,8 @@ def load_weights(config):
     raise ValueError(
         "config.diffdfkd.weights is empty: DiffDFKD needs Stable Diffusion v1.x weights as a "
         "diffusion bundle. Convert a local diffusers folder with `caedfkd convert-diffusion "
-        "SD_DIR --out BUNDLE` and pass --config.diffdfkd.weights=BUNDLE (README, DiffDFKD).")
+        "SD_DIR --out BUNDLE` and pass --config.diffdfkd.weights=BUNDLE (docs/methods.md, "
+        "'DiffDFKD and Stable Diffusion weights').")
   return weights.load_bundle(config.diffdfkd.weights)
 
 
