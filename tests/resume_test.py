@@ -66,7 +66,8 @@ def test_allowed_config_change_continues_and_is_recorded_in_the_bundle(teacher_d
   result = train.train_and_evaluate(config, str(tmp_path))
   assert result["epoch"] == config.epochs
   extra = bundle_lib.load_bundle(result["student"]).spec.extra
-  assert extra["config_changes"] == [{"epoch": 0, "unit": 2,
+  # `_start` stopped after the warm-up epoch's last unit: the epoch ended (row, checkpoint) first.
+  assert extra["config_changes"] == [{"epoch": 1, "unit": 0,
                                       "changes": {"student.lr": [0.1, 0.05]}}]
   assert extra["config"]["student"]["lr"] == 0.05
   assert extra["teacher_sha256"] == checkpoint.tree_sha256(bundle_lib.load_bundle(teacher_dir).variables)

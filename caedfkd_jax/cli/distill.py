@@ -417,8 +417,8 @@ def stop_message(result: dict, config, typed: list[str]) -> str:
     head = f"Stopped after epoch {result['epoch']} (stop_after_epochs) of {config.epochs}"
   else:
     head = f"Stopped by {reason} at {where} of {config.epochs} epochs"
-  untrained = (" The student bundle holds an untrained network (no epoch finished)."
-               if result["epoch"] == 0 else "")
+  untrained = (" The student bundle holds an untrained network (no student step yet)."
+               if result["epoch"] == 0 or result.get("student_steps") == 0 else "")
   return f"{head}.{untrained} To continue: {command}"
 
 

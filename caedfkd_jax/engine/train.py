@@ -416,14 +416,12 @@ def run_epoch(run: Run, state: TrainState, epoch: int, unit: int, log: EpochLog
     out_of_time, save_due, interrupted = multihost.agree(
         run.clock.out_of(config.time_budget_minutes * 60),
         run.clock.save_due(config.checkpoint_every_minutes * 60), run.stop.requested)
-    if interrupted:
+    if interrupted or out_of_time or (config.max_units and run.units_run >= config.max_units):
       _process_metrics(run, log, pending)
-      run.stop_reason = "interrupted"
-      return state, unit, True
-    if out_of_time or (config.max_units and run.units_run >= config.max_units):
-      _process_metrics(run, log, pending)
-      run.stop_reason = "the time budget" if out_of_time else "max_units"
-      return state, unit, True
+      run.stop_reason = ("interrupted" if interrupted else
+                         "the time budget" if out_of_time else "max_units")
+      # After an epoch's last unit, the epoch ends first (its row, evaluation, checkpoint).
+      return state, unit, unit < len(plan)
     if save_due:
       _process_metrics(run, log, pending)  # Never checkpoint a state whose losses were not checked.
       pending = None
@@ -514,8 +512,9 @@ def finish(run: Run, state: TrainState, epoch: int, unit: int, log: EpochLog,
     writer.close()
   # Short of the schedule's end: the time budget, max_units, stop_after_epochs or a signal.
   done = {"epoch": epoch, "unit": unit, "stopped_early": epoch < run.config.epochs,
-          "stop_reason": run.stop_reason or ("completed" if epoch >= run.config.epochs
-                                             else "stop_after_epochs"),
+          "stop_reason": ("completed" if epoch >= run.config.epochs
+                          else run.stop_reason or "stop_after_epochs"),
+          "student_steps": _position(state.kd_step),
           "minutes": run.clock.wall() / 60, "train_minutes": run.clock.train() / 60,
           "last_eval_top1": _last_eval_top1(run.workdir if run.runs is None else
                                             os.path.join(run.workdir, "runs", run.runs[0].name))}
@@ -552,10 +551,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       if not stopped:
         state, summaries = end_epoch(run, state, epoch, log)
         epoch, unit = epoch + 1, 0
-        # A signal during the epoch's end (evaluation, checkpoint): stop here, if there is more.
-        stopped = epoch < run.last_epoch and run.stop.requested
-        if stopped:
+        if run.stop.requested and not run.stop_reason:   # A signal during the epoch's end.
           run.stop_reason = "interrupted"
+        stopped = epoch < run.last_epoch and run.stop_reason is not None
   return finish(run, state, epoch, unit, log, summaries)
 
 
@@ -584,6 +582,7 @@ def _student_spec(run: Run, config, done: dict[str, Any]) -> bundle_lib.ModelSpe
            "teacher_sha256": progress["teacher_sha256"],
            "training": {"epochs_done": done["epoch"], "epochs": config.epochs,
                         "units_done_in_next_epoch": done["unit"],
+                        "student_steps": done["student_steps"],
                         "stop_reason": done["stop_reason"],
                         "last_eval_top1": done["last_eval_top1"],
                         "minutes": round(done["minutes"], 3),

@@ -252,14 +252,17 @@ def weights_sha256(tree) -> str:
 
 
 def untrained_warning(spec: ModelSpec) -> str | None:
-  """One line when the bundle records a run that ended before its first epoch (a distilled
-  student stopped by its time budget): its network is untrained. None otherwise."""
+  """One line when the bundle records a run that stopped before its network trained: no epoch
+  finished, or (a distilled student) no student step taken, as after a warm-up epoch alone.
+  None otherwise."""
   training = spec.extra.get("training") or {}
-  if training.get("epochs_done", 1) != 0:
+  epochs, steps = training.get("epochs_done"), training.get("student_steps")
+  if epochs != 0 and steps != 0:
     return None
-  return (f"warning: this bundle's network was trained for 0 epochs (its run stopped by "
-          f"{training.get('stop_reason', 'an early stop')} before its first epoch ended): it is "
-          "untrained, and its scores say nothing about the method.")
+  did = f"{epochs} epochs" + (f" and {steps} student steps" if steps is not None else "")
+  return (f"warning: this bundle's network is untrained: its run stopped by "
+          f"{training.get('stop_reason', 'an early stop')} after {did}; its scores say nothing "
+          "about the method.")
 
 
 def _first_line(error: BaseException) -> str:
