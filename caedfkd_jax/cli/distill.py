@@ -20,6 +20,7 @@ import sys
 import textwrap
 import tokenize
 import traceback
+from typing import Any, Callable
 
 from absl import flags
 from ml_collections import config_dict
@@ -326,17 +327,20 @@ def help_text(config: config_dict.ConfigDict | None = None, config_file: str | N
     line = order.get(name, late)
     while pending and pending[0][0] <= line:
       out += ["", f"  # {pending.pop(0)[1]}"]
-    field = f"  {name} = {values[name]!r}"
-    if name in reference and values[name] != reference[name]:
-      field += f"  (default: {reference[name]!r})"
-    doc = docs.get(name) or extra_docs.get(name, "")
-    if not doc:
-      out.append(field)
-    elif len(field) <= 38:
-      out += textwrap.wrap(doc, 100, initial_indent=field.ljust(40), subsequent_indent=" " * 40)
-    else:
-      out += [field, *textwrap.wrap(doc, 100, initial_indent=" " * 40, subsequent_indent=" " * 40)]
+    out += field_lines(name, values, reference, docs.get(name) or extra_docs.get(name, ""))
   return "\n".join(out)
+
+
+def field_lines(name: str, values: dict, reference: dict, doc: str) -> list[str]:
+  """`--help`'s lines for one field: its value, the default where it differs, its comment."""
+  field = f"  {name} = {values[name]!r}"
+  if name in reference and values[name] != reference[name]:
+    field += f"  (default: {reference[name]!r})"
+  if not doc:
+    return [field]
+  if len(field) <= 38:
+    return textwrap.wrap(doc, 100, initial_indent=field.ljust(40), subsequent_indent=" " * 40)
+  return [field, *textwrap.wrap(doc, 100, initial_indent=" " * 40, subsequent_indent=" " * 40)]
 
 
 def _relative(path: str) -> str:
@@ -371,27 +375,45 @@ def main(argv: list[str]) -> int:
           f"required, e.g. {EXAMPLE.strip()} (`{PROG} --help` lists the config fields)",
           file=sys.stderr)
     return 2
-  if os.path.exists(workdir.value) and not os.path.isdir(workdir.value):
-    print(f"{PROG}: error: --workdir {workdir.value} is a file; give a directory (new, or one "
-          "to resume).", file=sys.stderr)
+  if not workdir_usable(PROG, workdir.value):
     return 2
   print(describe_config_file(given_config(typed[1:]) or config_file, config_file), flush=True)
   from caedfkd_jax.engine import train  # Imported late: flag errors should not wait for JAX.
-  try:
-    result = train.train_and_evaluate(config.value, workdir.value)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
-    return 2
-  except train.NonFiniteLossError as e:
-    print(f"{PROG}: stopped: {e}", file=sys.stderr)
-    return 3
-  except KeyboardInterrupt:
-    print(f"{PROG}: interrupted before the next checkpoint; rerun the same command to resume from "
-          "the last one.", file=sys.stderr)
-    return 130
+  result, code = run_reporting_errors(
+      PROG, lambda: train.train_and_evaluate(config.value, workdir.value), train.NonFiniteLossError)
+  if code is not None:
+    return code
   print(f"Student bundle: {result['student']}")
   print(stop_message(result, config.value, typed))
   return 130 if result.get("stop_reason") == "interrupted" else 0
+
+
+def workdir_usable(prog: str, workdir: str) -> bool:
+  """False, after one error line, when --workdir names a file."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    print(f"{prog}: error: --workdir {workdir} is a file; give a directory (new, or one to "
+          "resume).", file=sys.stderr)
+    return False
+  return True
+
+
+def run_reporting_errors(prog: str, run: Callable[[], Any], non_finite_error: type[Exception]
+                         ) -> tuple[Any, int | None]:
+  """(run(), None); or (None, exit code) after one line for bad input (2), a non-finite loss
+  (3) or a second Ctrl-C (130: the first one stops the run at its next unit, cleanly)."""
+  try:
+    return run(), None
+  except (ValueError, FileNotFoundError) as e:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return None, 2
+  except non_finite_error as e:
+    print(f"{prog}: stopped: {e}", file=sys.stderr)
+    return None, 3
+  except KeyboardInterrupt as e:
+    said = str(e) or ("interrupted before the next checkpoint; rerun the same command to resume "
+                      "from the last one.")
+    print(f"{prog}: {said}", file=sys.stderr)
+    return None, 130
 
 
 def stop_message(result: dict, config, typed: list[str]) -> str:

@@ -10,7 +10,6 @@ fields without importing JAX, and a rerun with the same workdir resuming the run
 """
 
 import sys
-import textwrap
 
 from absl import flags
 
@@ -49,20 +48,12 @@ def help_text(config=None, config_file: str | None = None) -> str:
   for name in sorted(values, key=lambda n: (order.get(n, late), n)):
     while pending and pending[0][0] <= order.get(name, late):
       out += ["", f"  # {pending.pop(0)[1]}"]
-    field = f"  {name} = {values[name]!r}"
-    if name in reference and values[name] != reference[name]:
-      field += f"  (default: {reference[name]!r})"
-    doc = docs.get(name, "")
-    if not doc:
-      out.append(field)
-    elif len(field) <= 38:
-      out += textwrap.wrap(doc, 100, initial_indent=field.ljust(40), subsequent_indent=" " * 40)
-    else:
-      out += [field, *textwrap.wrap(doc, 100, initial_indent=" " * 40, subsequent_indent=" " * 40)]
+    out += launcher.field_lines(name, values, reference, docs.get(name, ""))
   return "\n".join(out)
 
 
 def main(argv: list[str]) -> int:
+  typed = list(argv)
   try:
     wants_help, argv, config_file = launcher._split_argv(argv, COMMAND)
     if config_file is None and not wants_help:
@@ -87,18 +78,16 @@ def main(argv: list[str]) -> int:
           "`arch` field); use train_cifar or a file whose get_config() starts from "
           "caedfkd_jax.config.train_defaults.get_config().", file=sys.stderr)
     return 2
-  from caedfkd_jax.engine import train_supervised  # Late: flag errors should not wait for JAX.
-  try:
-    result = train_supervised.train(config.value, workdir.value)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"{PROG}: error: {e}", file=sys.stderr)
+  if not launcher.workdir_usable(PROG, workdir.value):
     return 2
-  except train_supervised.NonFiniteLossError as e:
-    print(f"{PROG}: stopped: {e}", file=sys.stderr)
-    return 3
-  except KeyboardInterrupt as e:
-    print(f"{PROG}: {e or 'interrupted; rerun the same command to resume.'}", file=sys.stderr)
-    return 130
+  print(launcher.describe_config_file(launcher.given_config(typed[1:]) or config_file,
+                                      config_file), flush=True)
+  from caedfkd_jax.engine import train_supervised  # Late: flag errors should not wait for JAX.
+  result, code = launcher.run_reporting_errors(
+      PROG, lambda: train_supervised.train(config.value, workdir.value),
+      train_supervised.NonFiniteLossError)
+  if code is not None:
+    return code
   print(summary(result, config.value))
   if result["stop_reason"] == "interrupted":
     print(f"{PROG}: interrupted at epoch {result['epochs_done']}, unit {result['unit']} "
