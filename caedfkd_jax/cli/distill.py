@@ -351,17 +351,27 @@ def _relative(path: str) -> str:
           if path.startswith(package + os.sep) else path)
 
 
-def main(argv: list[str]) -> int:
-  typed = list(argv)
+def parse_command_line(argv: list[str], prog: str = PROG, command: str = "distill"):
+  """(help?, the config flag, the workdir flag, the config file), or the exit code 2 after one
+  error line (a bad flag or value, or the config file's own error)."""
   try:
-    wants_help, argv, config_file = _split_argv(argv)
+    wants_help, argv, config_file = _split_argv(argv, command)
     config, workdir = _parse(argv)
   except (flags.Error, ValueError) as e:
-    print(f"{PROG}: error: {_one_line(e)}", file=sys.stderr)
+    print(f"{prog}: error: {_one_line(e, prog)}", file=sys.stderr)
     return 2
   except Exception as e:  # noqa: BLE001 - the config file's own error, or an unknown field
-    print(f"{PROG}: error: {_parse_error(e, argv)}", file=sys.stderr)
+    print(f"{prog}: error: {_parse_error(e, argv, prog, command)}", file=sys.stderr)
     return 2
+  return wants_help, config, workdir, config_file
+
+
+def main(argv: list[str]) -> int:
+  typed = list(argv)
+  parsed = parse_command_line(argv)
+  if isinstance(parsed, int):
+    return parsed
+  wants_help, config, workdir, config_file = parsed
   if wants_help:
     if config.value is not None and _method_docs(config.value.method):   # --config.method=X
       # on a config made for another method: that method's own fields join.

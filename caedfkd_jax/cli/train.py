@@ -11,7 +11,6 @@ fields without importing JAX, and a rerun with the same workdir resuming the run
 
 import sys
 
-from absl import flags
 
 from caedfkd_jax.cli import distill as launcher
 from caedfkd_jax.config import fields, train_defaults
@@ -54,18 +53,14 @@ def help_text(config=None, config_file: str | None = None) -> str:
 
 def main(argv: list[str]) -> int:
   typed = list(argv)
-  try:
-    wants_help, argv, config_file = launcher._split_argv(argv, COMMAND)
-    if config_file is None and not wants_help:
-      raise ValueError(f"--config is missing: give a config file or an installed config's name "
-                       f"({', '.join(launcher.installed_configs(COMMAND))}), e.g. "
-                       f"{EXAMPLE.strip()}")
-    config, workdir = launcher._parse(argv)
-  except (flags.Error, ValueError) as e:
-    print(f"{PROG}: error: {launcher._one_line(e, PROG)}", file=sys.stderr)
-    return 2
-  except Exception as e:  # noqa: BLE001 - the config file's own error, or an unknown field
-    print(f"{PROG}: error: {launcher._parse_error(e, argv, PROG, COMMAND)}", file=sys.stderr)
+  parsed = launcher.parse_command_line(argv, PROG, COMMAND)
+  if isinstance(parsed, int):
+    return parsed
+  wants_help, config, workdir, config_file = parsed
+  if config_file is None and not wants_help:
+    print(f"{PROG}: error: --config is missing: give a config file or an installed config's name "
+          f"({', '.join(launcher.installed_configs(COMMAND))}), e.g. {EXAMPLE.strip()}",
+          file=sys.stderr)
     return 2
   if wants_help:
     print(help_text(config.value, config_file))

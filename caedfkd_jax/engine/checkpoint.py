@@ -119,23 +119,41 @@ def _as_saved(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def config_changes(saved: dict, config: ml_collections.ConfigDict,
-                   method: Method | None = None) -> dict[str, tuple[Any, Any]]:
+                   method: Method | None = None, *,
+                   reference: ml_collections.ConfigDict | None = None,
+                   invocation_fields: frozenset[str] = INVOCATION_FIELDS
+                   ) -> dict[str, tuple[Any, Any]]:
   """{field: (saved value, new value)} of every field that changes what the run computes.
 
   Only the engine's fields and those `method` reads are compared (all when None): another
-  method's section cannot change this run. A field the saved config lacks (it was added to
-  the library after the run was saved) counts as unchanged while the new config holds its
-  default: that is what the run computed before the field existed.
+  method's section cannot change this run; `invocation_fields` never are. A field the saved
+  config lacks (it was added to the library after the run was saved) counts as unchanged while
+  the new config holds its default (in `reference`, by default `distill`'s defaults): that is
+  what the run computed before the field existed.
   """
   old = fields.flatten(saved)
   new = _as_saved(config)
-  known = _as_saved(defaults.get_config(method and method.name))
+  known = _as_saved(defaults.get_config(method and method.name) if reference is None
+                    else reference)
   for k in set(new) - set(old):
     if k in known and new[k] == known[k]:
       old[k] = new[k]
   compared = lambda k: method is None or k in defaults.ENGINE_FIELDS or method.reads_field(k)
   return {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-          if k not in INVOCATION_FIELDS and compared(k) and old.get(k) != new.get(k)}
+          if k not in invocation_fields and compared(k) and old.get(k) != new.get(k)}
+
+
+def listed(changes: dict[str, tuple[Any, Any]]) -> str:
+  return ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
+
+
+def refuse_config_changes(workdir: str, changes: dict[str, tuple[Any, Any]], config,
+                          recorded_in: str) -> None:
+  """Refuses changed fields unless `config.allow_config_change` (then `recorded_in` keeps them)."""
+  if changes and not config.allow_config_change:
+    raise ValueError(f"{workdir} holds a run with another config ({listed(changes)}). Rerun with "
+                     "the saved values, pass --config.allow_config_change=True to continue with "
+                     f"the new ones (recorded in {recorded_in}), or use a new --workdir.")
 
 
 def check_resume(workdir: str, saved_config: dict, saved_progress: dict, config,
@@ -146,7 +164,6 @@ def check_resume(workdir: str, saved_config: dict, saved_progress: dict, config,
   Returns the changed fields when `config.allow_config_change` lets them through.
   """
   changes = config_changes(saved_config, config, method)
-  listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
   saved_teacher = saved_progress.get("teacher_sha256")
   if saved_teacher and saved_teacher != identity["teacher_sha256"]:
     raise ValueError(f"{workdir} holds a run distilled from another teacher (weights differ from "
@@ -159,10 +176,7 @@ def check_resume(workdir: str, saved_config: dict, saved_progress: dict, config,
   saved_shapes = saved_progress.get("state_shapes")
   if saved_shapes and saved_shapes != identity["state_shapes"]:
     raise ValueError(f"{workdir} holds a run whose saved state has other shapes than this config "
-                     f"makes ({listed or 'the embedding table or teacher differs'}); these can never "
-                     "change on a resume. Use the saved values or a new --workdir.")
-  if changes and not config.allow_config_change:
-    raise ValueError(f"{workdir} holds a run with another config ({listed}). Rerun with the saved "
-                     "values, pass --config.allow_config_change=True to continue with the new ones "
-                     "(recorded in the student bundle), or use a new --workdir.")
+                     f"makes ({listed(changes) or 'the embedding table or teacher differs'}); these "
+                     "can never change on a resume. Use the saved values or a new --workdir.")
+  refuse_config_changes(workdir, changes, config, "the student bundle")
   return changes

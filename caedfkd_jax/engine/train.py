@@ -559,17 +559,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 def _last_eval_top1(run_dir: str) -> float | None:
   """The last evaluated top-1 of the run (over every invocation), from its metrics.jsonl."""
-  path = os.path.join(run_dir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return None
-  top1 = None
-  with open(path) as f:
-    for line in f:
-      try:
-        top1 = json.loads(line).get("eval/top1", top1)
-      except json.JSONDecodeError:
-        continue
-  return top1
+  return next((row["eval/top1"] for row in reversed(runs_lib.read_rows(run_dir))
+               if "eval/top1" in row), None)
 
 
 def _student_spec(run: Run, config, done: dict[str, Any]) -> bundle_lib.ModelSpec:

@@ -33,7 +33,7 @@ from caedfkd_jax.engine import checkpoint, steps as steps_lib
 from caedfkd_jax.engine.clock import Clock
 from caedfkd_jax.engine.metrics_writer import MetricsWriter
 from caedfkd_jax.eval import evaluate, supervised
-from caedfkd_jax.io import atomic_files, bundle as bundle_lib, data as data_lib
+from caedfkd_jax.io import atomic_files, bundle as bundle_lib, class_names, data as data_lib
 from caedfkd_jax.runtime import (cpu_devices, interrupts, mesh as mesh_lib, multihost, platform,
                                  xla_cpu)
 
@@ -189,7 +189,8 @@ def load_splits(config, progress: bool = True, log: Callable[[str], None] = prin
       log(f"{config.data} is one split folder: it has no separate test split, so none is "
           "scored. Set --config.test_split='' to say so.")
       test = None
-    if test is not None and _names(test.class_names) != _names(full.class_names):
+    if test is not None and ([class_names.name_key(n) for n in test.class_names]
+                             != [class_names.name_key(n) for n in full.class_names]):
       raise ValueError(f"config.data={config.data!r}: the {config.test_split!r} split's classes "
                        f"({', '.join(test.class_names[:5])}, ...) are not the "
                        f"{config.train_split!r} split's ({', '.join(full.class_names[:5])}, ...); "
@@ -198,10 +199,6 @@ def load_splits(config, progress: bool = True, log: Callable[[str], None] = prin
       evaluate.check_image_size(bundle_lib.ModelSpec(config.arch, full.num_classes,
                                                      full.image_shape[0]), test, "The train split")
   return Splits(train, holdout, test)
-
-
-def _names(names: list[str]) -> list[str]:
-  return [n.lower().replace("_", " ").strip() for n in names]
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -228,9 +225,7 @@ def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransfor
                                                           optax.Schedule]:
   """torch.optim.SGD(momentum, weight_decay, nesterov) with the schedule, and the schedule."""
   schedule = learning_rate_schedule(config, steps_per_epoch)
-  tx = optax.chain(optax.add_decayed_weights(config.weight_decay),
-                   optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov))
-  return tx, schedule
+  return supervised.sgd(schedule, config.momentum, config.weight_decay, config.nesterov), schedule
 
 
 def epoch_order(seed: int, epoch: int, num_images: int, batch: int) -> np.ndarray:
@@ -345,19 +340,14 @@ def _check_resume(workdir: str, saved_config: dict, saved_progress: dict, config
     raise ValueError(f"{workdir} holds a run trained on other images than config.data="
                      f"{config.data!r} gives (their sha256 differs); a run cannot switch data. "
                      "Use the same data or a new --workdir.")
-  old = fields.flatten(saved_config)
-  new = fields.flatten(json.loads(json.dumps(config.to_dict())))
-  changes = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
-             if k not in train_defaults.INVOCATION_FIELDS and old.get(k) != new.get(k)}
+  changes = checkpoint.config_changes(saved_config, config,
+                                      reference=train_defaults.get_config(),
+                                      invocation_fields=train_defaults.INVOCATION_FIELDS)
   if saved_progress.get("state_shapes") not in (None, identity["state_shapes"]):
-    listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
     raise ValueError(f"{workdir} holds a run whose saved state has other shapes "
-                     f"({listed or 'another network'}); use the saved values or a new --workdir.")
-  if changes and not config.allow_config_change:
-    listed = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changes.items())
-    raise ValueError(f"{workdir} holds a run with another config ({listed}). Rerun with the saved "
-                     "values, pass --config.allow_config_change=True to continue with the new "
-                     "ones (recorded in the bundle), or use a new --workdir.")
+                     f"({checkpoint.listed(changes) or 'another network'}); use the saved values "
+                     "or a new --workdir.")
+  checkpoint.refuse_config_changes(workdir, changes, config, "the bundle")
   return changes
 
 
@@ -492,17 +482,17 @@ def run_epoch(run: Run, state: State, epoch: int, unit: int, partial: dict | Non
     run.units_run += 1
     run.bar.update(len(losses))
     run.bar.set_postfix({"loss": f"{float(losses[-1]):.3g}"}, refresh=False)
+    mid_epoch = unit < run.units_per_epoch   # (at the epoch's end, end_epoch moves it on)
     state = state.replace(variables=variables, opt_state=opt_state,
-                          unit=jnp.int32(unit) if unit < run.units_per_epoch else state.unit)
+                          unit=jnp.int32(unit) if mid_epoch else state.unit)
     out_of_time, save_due, interrupted = multihost.agree(
         _budget_spent(run), run.clock.save_due(config.checkpoint_every_minutes * 60),
         run.stop.requested)
     stop = ("interrupted" if interrupted else "the time budget" if out_of_time else
             "max_units" if config.max_units and run.units_run >= config.max_units else None)
-    if unit < run.units_per_epoch and (stop or save_due):
-      state = state.replace(unit=jnp.int32(unit))
+    if mid_epoch and (stop or save_due):
       run.save(state, epoch, unit, sums)
-    if stop and unit < run.units_per_epoch:
+    if mid_epoch and stop:
       return state, unit, sums, stop
   return state, unit, sums, None
 

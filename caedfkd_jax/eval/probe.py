@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from caedfkd_jax.eval import evaluate, fewshot, finetune as finetune_lib
-from caedfkd_jax.io import atomic_files, bundle as bundle_lib, data as data_lib
+from caedfkd_jax.io import atomic_files, bundle as bundle_lib, class_names, data as data_lib
 
 PROTOCOLS = ("linear", "knn", "finetune")
 ALL = "all"
@@ -254,8 +254,8 @@ def run(args: argparse.Namespace) -> int:
   feature_dim = check_features(bundle)  # before the (slow) data: a bundle fault first
   train = data_lib.load_dataset(args.data, args.train_split, progress=True)
   test = data_lib.load_dataset(args.data, args.test_split, progress=True)
-  if bundle.spec.class_names and [n.lower() for n in train.class_names] != [
-      n.lower() for n in bundle.spec.class_names]:
+  if bundle.spec.class_names and ([class_names.name_key(n) for n in train.class_names]
+                                  != [class_names.name_key(n) for n in bundle.spec.class_names]):
     # Not an error: every protocol fits its own head on the data's labels (train and test splits
     # are checked against each other), so the model's own class order plays no part.
     print(f"Note: the data's classes ({', '.join(train.class_names[:4])}, ...) are not the "

@@ -21,12 +21,18 @@ Step = Callable[[Variables, optax.OptState, jax.Array, jax.Array, jax.Array | No
                 tuple[Variables, optax.OptState, jax.Array]]
 
 
+def sgd(learning_rate: float | optax.Schedule, momentum: float, weight_decay: float,
+        nesterov: bool = False) -> optax.GradientTransformation:
+  """torch.optim.SGD(momentum, weight_decay, nesterov): weight_decay * params added to the
+  gradient, then momentum (none at 0)."""
+  return optax.chain(optax.add_decayed_weights(weight_decay),
+                     optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov))
+
+
 def optimizer(learning_rate: float, momentum: float, weight_decay: float,
               total_steps: int) -> optax.GradientTransformation:
-  """SGD with momentum on gradient + weight_decay * params; cosine decay to 0 over total_steps."""
-  return optax.chain(optax.add_decayed_weights(weight_decay),
-                     optax.sgd(optax.cosine_decay_schedule(learning_rate, total_steps),
-                               momentum=momentum))
+  """`sgd` with a cosine decay to 0 over total_steps."""
+  return sgd(optax.cosine_decay_schedule(learning_rate, total_steps), momentum, weight_decay)
 
 
 AUGMENTS = ("crop_flip", "resized_crop_flip", "flip", "none")

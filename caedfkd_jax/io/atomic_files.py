@@ -98,11 +98,16 @@ def write_text(path: str, text: str) -> None:
 def temp_dir_beside(path: str) -> str:
   """A new empty folder beside the folder `path` (ordinary permissions), where the new folder
   is written before `swap_in_dir` puts it at `path`."""
-  parent, name = os.path.split(os.path.realpath(path))
-  os.makedirs(parent, exist_ok=True)
-  tmp = os.path.join(parent, f".{name}{DIR_TEMP_INFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+  os.makedirs(os.path.dirname(os.path.realpath(path)), exist_ok=True)
+  tmp = f"{dir_temp_prefix(path)}{os.getpid()}-{uuid.uuid4().hex[:8]}"
   os.mkdir(tmp)
   return tmp
+
+
+def dir_temp_prefix(path: str) -> str:
+  """What the names of `temp_dir_beside(path)`'s folders start with (then `<pid>-<random>`)."""
+  parent, name = os.path.split(os.path.realpath(path))
+  return os.path.join(parent, f".{name}{DIR_TEMP_INFIX}")
 
 
 def dir_backup_path(path: str) -> str:

@@ -27,8 +27,6 @@ VARIABLES_DIR = "variables"
 # Beside bundle dir X during a save: .X.bundle-tmp-<pid>-* (the new bundle being written) and
 # .X.bundle-old (the old one, between the two renames that swap the new one in): the names of
 # atomic_files' folder swap, which every folder writer shares.
-_TEMP_INFIX = atomic_files.DIR_TEMP_INFIX
-_BACKUP_SUFFIX = atomic_files.DIR_BACKUP_SUFFIX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -106,16 +104,6 @@ def _local_checkpointer() -> ocp.StandardCheckpointer:
       primary_host=me, active_processes={me}))
 
 
-def _backup_path(directory: str) -> str:
-  parent, name = os.path.split(directory)
-  return os.path.join(parent, f".{name}{_BACKUP_SUFFIX}")
-
-
-def _temp_prefix(directory: str) -> str:
-  parent, name = os.path.split(directory)
-  return os.path.join(parent, f".{name}{_TEMP_INFIX}")
-
-
 def _is_complete(directory: str) -> bool:
   return (os.path.isfile(os.path.join(directory, MODEL_JSON))
           and os.path.isdir(os.path.join(directory, VARIABLES_DIR)))
@@ -133,7 +121,7 @@ def _pid_alive(pid: int) -> bool:
 
 def _recover(directory: str) -> None:
   """Undoes a save killed between its two renames: the old bundle is then only in the backup."""
-  backup = _backup_path(directory)
+  backup = atomic_files.dir_backup_path(directory)
   if not os.path.exists(directory) and _is_complete(backup):
     try:
       os.rename(backup, directory)
@@ -145,8 +133,9 @@ def _recover(directory: str) -> None:
 def _remove_leftovers(directory: str) -> None:
   """Deletes the backup of a finished swap and temp dirs of saves whose process is dead."""
   if os.path.exists(directory):
-    shutil.rmtree(_backup_path(directory), ignore_errors=True)
-  parent, prefix = os.path.dirname(directory), os.path.basename(_temp_prefix(directory))
+    shutil.rmtree(atomic_files.dir_backup_path(directory), ignore_errors=True)
+  parent = os.path.dirname(directory)
+  prefix = os.path.basename(atomic_files.dir_temp_prefix(directory))
   for entry in os.listdir(parent):
     if entry.startswith(prefix):
       pid = entry[len(prefix):].split("-", 1)[0]
@@ -158,7 +147,7 @@ def bundle_exists(directory: str) -> bool:
   """Whether `directory` holds a bundle (or the backup a killed save left of one)."""
   directory = os.path.realpath(directory)
   return os.path.isfile(os.path.join(directory, MODEL_JSON)) or (
-      not os.path.exists(directory) and _is_complete(_backup_path(directory)))
+      not os.path.exists(directory) and _is_complete(atomic_files.dir_backup_path(directory)))
 
 
 def save_bundle(directory: str, spec: ModelSpec, variables: dict[str, Any]) -> str:

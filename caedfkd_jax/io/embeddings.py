@@ -145,9 +145,7 @@ def load_table(name_or_path: str) -> EmbeddingTable:
   return EmbeddingTable(vectors, info["classes"], metadata)
 
 
-def _class_key(name: str) -> str:
-  """"Lawn_Mower", "lawn mower" -> "lawn mower": tables and bundles spell names either way."""
-  return " ".join(name.replace("_", " ").lower().split())
+_name_key = class_names.name_key   # (the parameter below shadows the module's name)
 
 
 def check_table_matches_classes(table: EmbeddingTable, class_names: list[str] | None,
@@ -162,7 +160,7 @@ def check_table_matches_classes(table: EmbeddingTable, class_names: list[str] | 
         f"The embedding table {table_name!r} has {len(table.classes)} classes but the teacher has "
         f"{len(class_names)}; make a table for the teacher's classes with `caedfkd embed`.")
   differ = [k for k, (a, b) in enumerate(zip(table.classes, class_names))
-            if _class_key(a) != _class_key(b)]
+            if _name_key(a) != _name_key(b)]
   if differ:
     shown = ", ".join(f"{k}: {table.classes[k]!r} vs {class_names[k]!r}" for k in differ[:3])
     more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
