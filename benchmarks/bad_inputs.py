@@ -480,6 +480,10 @@ CASES: list[Case] = [
          "config.bank_capacity=8 is smaller than one synthesis batch"),
     Case("distill: unknown compute_dtype", (*DISTILL, "--config.compute_dtype=fp8"),
          "compute_dtype 'fp8'"),
+    Case("distill: classes_per_group not a divisor of K", (*DISTILL, "--config.classes_per_group=3"),
+         "config.classes_per_group=3 with the teacher's 4 classes"),
+    Case("distill: no embedding table", (*DISTILL, "--config.embeddings="),
+         "config.embeddings is empty"),
     # distill: resuming
     Case("distill: resume with a changed hyper-parameter", (*RESUME, "--config.student.lr=0.05"),
          "student.lr: 0.1 -> 0.05"),

@@ -17,6 +17,15 @@ Run time: NAYER reports hours on one GPU for 120 epochs. The paper's CLIP table
 (`--config.embeddings=PATH/cifar10_clip_vitb32.npy`) is its best language model;
 the default is the shipped all-MiniLM-L6-v2 (SBERT) table.
 
+CIFAR-100 (changed 2026-12-05, issue 31): every CNCL group holds all K classes, so 100
+classes x 5 views made one group of 500 images, a round was that one group, and every KD batch
+(one group) was exactly one round's output: one generator state, one noisy-layer draw. Now a
+group holds 20 classes from the run's shuffled class cycle (`classes_per_group`): a round is 5
+groups and still covers the 100 classes once, and a KD batch of 5 groups comes from up to 5
+rounds. What changes besides: CNCL's negatives within a group are the 19 other classes of
+that group (not 99), each noisy Linear (per_view) sees 20 rows, not 100, and a KD batch holds
+about 67 distinct classes (5 random groups of 20), not all 100.
+
 A fourth item picks an arm of the ablation ladder (caedfkd_jax/config/ladder.py: base,
 cend, cend_cncl, gaussian), e.g. `paper_cifar.py:cifar10,resnet34,resnet18,base`.
 """
@@ -42,8 +51,12 @@ def get_config(arg: str = "cifar10,resnet34,resnet18"):
     config.generator.steps = 30
     config.epochs = 120
   else:
-    config.num_groups = 1            # 1 x 100 x 5 = 500 images per round.
-    config.student.batch_groups = 1  # 500 per KD step.
+    # A group of 20 of the 100 classes from the run's shuffled class cycle, so that a KD
+    # batch of 5 groups draws from several rounds; 5 groups still cover the 100 classes once
+    # a round (5 x 20 x 5 = 500 images).
+    config.classes_per_group = 20
+    config.num_groups = 5
+    config.student.batch_groups = 5  # 500 per KD step.
     config.generator.steps = 40
     config.epochs = 220
   if len(parts) == 4:

@@ -15,7 +15,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from caedfkd_jax.cli.main import main
 from caedfkd_jax.config import checks
-from caedfkd_jax.diffusion import clip_text, latent_mix, scheduler, weights
+from caedfkd_jax.diffusion import latent_mix, scheduler, weights
+from caedfkd_jax.models import clip_text
 from caedfkd_jax.engine import steps, train
 from caedfkd_jax.io import bundle as bundle_lib, embeddings
 from caedfkd_jax.methods import bank_kd, diffdfkd
@@ -147,6 +148,56 @@ def test_the_latent_gradient_is_finite_and_the_unet_cut_is_the_chain_rule(start)
   assert float(jnp.abs(g_full - g_cut).max()) > 1e-3 * float(jnp.abs(g_cut).max())
 
 
+def test_detach_teacher_in_adv_holds_the_teachers_logits_in_l_adv_only(start):
+  """`diffdfkd.detach_teacher_in_adv` (the code's `output.detach()` in L_adv): with L_adv on,
+  the latent gradient dL/dx0 (dL/dz is it / sqrt(alpha_bar) or through the UNet, as tested
+  above) differs from the paper's reading (the default) and is the gradient of a hand-built
+  L_inv whose teacher logits in L_adv are constants (CE and BN as they were); at adv weight
+  0 (swept, so both weights share one program) the two settings give identical gradients."""
+  import dataclasses
+  from caedfkd_jax.io.bundle import normalize
+  from caedfkd_jax.synthesis import losses
+  setup, frozen, state = start
+  assert not setup.config.diffdfkd.detach_teacher_in_adv
+  detached = setup.config.copy_and_resolve_references()
+  detached.diffdfkd.detach_teacher_in_adv = True
+  detached_setup = dataclasses.replace(setup, config=detached)
+  weight = setup.config.loss
+  labels = jnp.array([0, 1, 2, 3], jnp.int32)
+  x0 = jax.random.normal(jax.random.key(1), (4, 8, 8, 4))
+
+  def teacher_and_student(x0, frozen, student):
+    images01 = diffdfkd.decode_for_teacher(setup.generator, frozen["vae"], x0, 32)
+    x = normalize(images01, setup.mean, setup.std)
+    (t_logits, _), t_state = setup.teacher.apply(frozen["teacher"], x, train=False,
+                                                 mutable=["bn_stats"])
+    return t_logits, t_state["bn_stats"], setup.student.apply(student, x, train=False)[0]
+
+  def hand_built(x0, frozen, student, t_constant, adv):
+    t_logits, bn_stats, s_logits = teacher_and_student(x0, frozen, student)
+    l_bn = losses.bn_statistics_loss(bn_stats, frozen["teacher"]["batch_stats"], weight.bn_reduce)
+    return (weight.ce * losses.cross_entropy(t_logits, labels) + weight.bn * l_bn
+            + adv * losses.adversarial_loss(t_constant, s_logits))
+
+  @jax.jit
+  def gradients(x0, frozen, student, adv):
+    args = (frozen, student, labels, jnp.float32(1.0), {"loss.adv": adv})
+    grad = lambda s: jax.grad(diffdfkd.x0_loss, has_aux=True)(x0, s, *args)
+    g_paper, metrics = grad(setup)
+    t_constant = teacher_and_student(x0, frozen, student)[0]
+    g_hand = jax.grad(hand_built)(x0, frozen, student, t_constant, adv)
+    return g_paper, grad(detached_setup)[0], g_hand, metrics["gen/adv"]
+
+  # L_adv weighted 100: its share of the gradient is then well above float32 noise.
+  g_paper, g_detached, g_hand, l_adv = gradients(x0, frozen, state.student, 100.0)
+  assert float(l_adv) != 0   # Some rows agree, so L_adv has a gradient to cut.
+  scale = float(jnp.abs(g_detached).max())
+  np.testing.assert_allclose(g_detached, g_hand, rtol=1e-5, atol=1e-6 * scale)
+  assert float(jnp.abs(g_paper - g_detached).max()) > 1e-2 * scale
+  g_paper, g_detached, _, _ = gradients(x0, frozen, state.student, 0.0)
+  np.testing.assert_array_equal(g_paper, g_detached)
+
+
 def test_cutmix_box_permutation_and_schedule():
   # lam = 0.75: sides 8 * 0.5 = 4 around the centre (4, 4): rows and columns 2..5.
   assert [float(v) for v in latent_mix.cutmix_box(jnp.float32(0.75), 4.0, 4.0, 8, 8)] == [2, 6, 2, 6]
@@ -193,23 +244,37 @@ def test_round_labels_one_class_per_round_or_every_class_in_turn(start):
   assert all(label.dtype == np.int32 for label in labels[True] + labels[False])
 
 
-def test_synthesis_rounds_fill_the_bank_one_class_after_another(start):
+def warmup_round(setup, frozen, state, fuse: bool):
+  """The warm-up round from `state` on 2 CPU devices: the fetched (bank, metrics, outputs)."""
+  mesh = make_mesh(jax.devices("cpu")[:2])
+  replicated = NamedSharding(mesh, P())
+  state = jax.device_put(jax.tree.map(jnp.copy, state), replicated)   # The units donate it.
+  fn = steps.make_step_fns(setup, mesh, fuse=fuse)["warmup_round"]
+  state, metrics, outputs = fn(state, jax.device_put(frozen, replicated))
+  return jax.device_get((state.method.bank, metrics, outputs))
+
+
+@pytest.fixture(scope="module")
+def fused_warmup_round(start):
+  """The first state's warm-up round as one lax.scan (the accelerators' path), shared."""
+  return warmup_round(*start, fuse=True)
+
+
+def test_synthesis_rounds_fill_the_bank_one_class_after_another(start, fused_warmup_round):
   """Two rounds, per-step calls (CPUs): the bank fills with one class a round; L_adv is off in
   the warm-up only; a fused lax.scan round (the accelerators' path) computes the same."""
   setup, frozen, _ = start
   mesh = make_mesh(jax.devices("cpu")[:2])
   replicated = NamedSharding(mesh, P())
   frozen = jax.device_put(frozen, replicated)
-  outputs = {}
-  for fuse in (False, True):
-    fns = steps.make_step_fns(setup, mesh, fuse=fuse)
-    state = jax.device_put(jax.tree.map(jnp.copy, start[2]), replicated)   # The units donate it.
-    state, warm_metrics, warm_out = fns["warmup_round"](state, frozen)
-    outputs[fuse] = jax.device_get((state.method.bank, warm_metrics, warm_out))
-    if not fuse:
-      state, metrics, _ = fns["round"](state, frozen)
-      bank = jax.device_get(state.method.bank)
-  assert int(bank.size) == 8 and int(state.method.rounds) == 1   # The fused run's state.
+  fns = steps.make_step_fns(setup, mesh, fuse=False)
+  state = jax.device_put(jax.tree.map(jnp.copy, start[2]), replicated)   # The units donate it.
+  state, warm_metrics, warm_out = fns["warmup_round"](state, frozen)
+  outputs = {False: jax.device_get((state.method.bank, warm_metrics, warm_out)),
+             True: fused_warmup_round}
+  state, metrics, _ = fns["round"](state, frozen)
+  bank = jax.device_get(state.method.bank)
+  assert int(bank.size) == 8 and int(state.method.rounds) == 2
   np.testing.assert_array_equal(bank.labels[:8], [0] * 4 + [1] * 4)
   _, warm_metrics, warm_out = outputs[False]
   assert warm_out["images"].shape == (4, 32, 32, 3)
@@ -228,6 +293,61 @@ def test_synthesis_rounds_fill_the_bank_one_class_after_another(start):
     np.testing.assert_allclose(metrics_f[name], metrics_s[name], rtol=1e-4, atol=1e-5, err_msg=name)
   np.testing.assert_allclose(out_f["images"], out_s["images"], atol=1e-4)
   np.testing.assert_allclose(bank_f.images.astype(int), bank_s.images.astype(int), atol=1)
+
+
+def test_bank_intermediate_x0_banks_each_snapshot_with_the_rounds_labels(start, fused_warmup_round):
+  """`diffdfkd.bank_intermediate_x0` (the authors' loader reads the x0_hat images their
+  generation saves): a round banks (snapshots + 1) x its images, its finals first, exactly the
+  switch-off run's from the same state, then each snapshot, the decoded x0_hat its step's loss
+  saw, with the round's labels. Snapshot steps: the code's, every steps // 5."""
+  import dataclasses
+  setup, frozen, state0 = start
+  config = diffdfkd_config("t", "e", "w")
+  config.diffdfkd.bank_intermediate_x0 = True
+  for steps_, expected in ((10, [1, 3, 5, 7]), (50, [9, 19, 29, 39]), (70, [13, 27, 41, 55]),
+                           (12, [1, 3, 5, 7, 9]), (2, [0])):
+    config.diffdfkd.steps = steps_
+    assert [i for i in range(steps_) if diffdfkd.snapshots_after(config, i)] == expected
+    assert diffdfkd.num_snapshots(config) == len(expected)
+  config.diffdfkd.steps = 12
+  buffer = jnp.zeros((5, 1, 1, 1, 3))   # 12 steps: step 2k + 1 writes slot k.
+  for i in range(12):
+    buffer = diffdfkd.keep_snapshot(config, buffer, jnp.full((1, 1, 1, 3), i + 1.0), jnp.int32(i))
+  np.testing.assert_array_equal(buffer[:, 0, 0, 0, 0], [2, 4, 6, 8, 10])
+  config.diffdfkd.bank_intermediate_x0 = False
+  assert diffdfkd.num_snapshots(config) == 0 and diffdfkd.images_per_round(config, 4) == 4
+
+  switched = setup.config.copy_and_resolve_references()
+  switched.diffdfkd.bank_intermediate_x0 = True
+  on = dataclasses.replace(setup, config=switched)
+  assert diffdfkd.images_per_round(switched, 4) == 8   # 2 steps: one snapshot, after step 0.
+  method = diffdfkd.init_state(on, None, None)
+  unwritten = method.bank.replace(labels=jnp.full_like(method.bank.labels, -1))   # Not class 0.
+  state = state0.replace(method=method.replace(bank=unwritten))
+  bank_on, _, out_on = warmup_round(on, frozen, state, fuse=True)
+  bank_off, _, out_off = fused_warmup_round
+  assert bank_on.images.shape[0] == 2 * bank_off.images.shape[0]
+  assert int(bank_off.size) == 4 and int(bank_on.size) == 8
+  np.testing.assert_array_equal(bank_on.images[:4], bank_off.images[:4])
+  np.testing.assert_array_equal(out_on["images"], out_off["images"])
+  labels = np.asarray(diffdfkd.round_labels(setup, state0.method.rounds))
+  np.testing.assert_array_equal(bank_on.labels, np.concatenate([np.tile(labels, 2), [-1] * 8]))
+
+  @jax.jit
+  def first_x0_image(state, frozen):
+    latents, ctx = diffdfkd.start_round(state, setup=setup, warmup=True)
+    timestep, alpha_bar, _, _ = setup.generator.schedule.at(0)
+    eps = diffdfkd.guided_noise(setup.generator, frozen["unet"], latents, timestep,
+                                frozen["text"][ctx.labels], frozen["uncond"],
+                                setup.config.diffdfkd.guidance_scale)
+    return diffdfkd.decode_for_teacher(setup.generator, frozen["vae"],
+                                       scheduler.predict_x0(latents, eps, alpha_bar), 32)
+
+  np.testing.assert_allclose(bank_on.images[4:8] / 255.0, first_x0_image(state0, frozen),
+                             atol=1 / 255 + 1e-6)
+  state = state.replace(method=state.method.replace(bank=bank_on))
+  images, _ = diffdfkd.latest_images(on, state.method)   # The grid: K rounds of 8 (or all).
+  assert images.shape[0] == min(4 * 8, bank_on.images.shape[0])
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +401,10 @@ def test_the_paper_configs_pass_the_checks():
   config.num_groups = 8
   config.bank_capacity = 4
   with pytest.raises(ValueError, match=r"smaller than one synthesis batch \(diffdfkd.batch = 8"):
+    checks.validate_config(config, 8, 10)
+  config.bank_capacity = 16   # Holds a round's 8 finals, not its 4 x 8 snapshots beside them.
+  config.diffdfkd.bank_intermediate_x0 = True
+  with pytest.raises(ValueError, match=r"batch \(diffdfkd.batch x 5 with .*bank_intermediate_x0 = 40 "):
     checks.validate_config(config, 8, 10)
 
 

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from caedfkd_jax.diffusion import clip_text
+from caedfkd_jax.models import clip_text
 
 torch = pytest.importorskip("torch", reason="the reference model is transformers' PyTorch CLIP")
 transformers = pytest.importorskip("transformers", reason="the reference is transformers' CLIP")

@@ -98,7 +98,8 @@ def test_an_existing_path_wins_over_an_installed_config(tmp_path, monkeypatch):
 
 def test_an_unknown_config_name_lists_the_installed_configs(tmp_path, monkeypatch, capsys):
   monkeypatch.chdir(tmp_path)
-  installed = "cifar10_resnet56_resnet20, cmi_cifar, cpsc_cifar, diffdfkd_cifar, paper_cifar"
+  installed = ("cifar10_resnet56_resnet20, cmi_cifar, cpsc_cifar, diffdfkd_cifar, paper_cifar, "
+               "paper_imagenet, paper_tiny_imagenet")
   with pytest.raises(ValueError, match=installed):
     distill.resolve_config_path("cifar10_resnet56:full")
   assert main.main(["distill", "--config", "nope", "--workdir", str(tmp_path)]) == 2

@@ -25,11 +25,13 @@ def own_config() -> ml_collections.ConfigDict:
   return config
 
 
-def gaussian_inputs(setup, hparams: dict, rng: jax.Array) -> cend.GeneratorBatch:
-  """z ~ N(0, toy.z_std^2), as wide as the embedding table, in NAYER's batch layout."""
+def gaussian_inputs(setup, hparams: dict, rng: jax.Array,
+                    classes_GxC: jax.Array | None = None) -> cend.GeneratorBatch:
+  """z ~ N(0, toy.z_std^2), as wide as the embedding table, in NAYER's batch layout (the
+  groups' classes `classes_GxC`, None: all K)."""
   c = setup.config
   batch = cend.build_generator_batch(rng, setup.table_KxD, c.num_groups, c.cend.num_sources,
-                                     mode="gaussian")
+                                     mode="gaussian", classes_GxC=classes_GxC)
   return batch.replace(embeddings_BxD=c.toy.z_std * batch.embeddings_BxD)
 
 

@@ -64,7 +64,11 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
                                  # M_n times each dimension's std across classes (cend.spread),
                                  # so one M means as much for MiniLM as for CLIP tables.
   config.cend.sources = ml_collections.config_dict.placeholder(tuple)  # None: first N of cend.NOISE_SOURCES.
-  config.num_groups = 8          # Synthesis batch = num_groups * K * (N + 1) (400 for CIFAR-10, N=4).
+  config.num_groups = 8          # Synthesis batch = num_groups * C * (N + 1) (400 for CIFAR-10, N=4).
+  config.classes_per_group = 0   # C: classes in one CNCL group; 0: all K (every class in every
+                                 # group, the paper's layout). A divisor C < K samples them from
+                                 # a shuffled cycle (synthesis/class_cycle.py), so that hundreds
+                                 # of classes fit a batch: K / C groups cover every class once.
 
   # Generator (NAYER's NLGenerator) and its loss (Eq. 5)
   config.generator = ml_collections.ConfigDict()
@@ -77,9 +81,12 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
   config.generator.life_epochs = 10      # Re-create the whole generator every g_life epochs
                                          # and g_life after the warm-up (NAYER's schedule).
   config.generator.reinit_noisy_layer = True   # NAYER: new noisy layer every round.
-  config.generator.noisy_chunks = "per_view"   # One noisy Linear per K rows ("per_view", NAYER:
+  config.generator.flip = True           # Random horizontal flip in the generator loss's
+                                         # augmentation (NAYER: on for CIFAR, off for
+                                         # Tiny-ImageNet and ImageNet).
+  config.generator.noisy_chunks = "per_view"   # One noisy Linear per C rows ("per_view", NAYER:
                                          # each CEND view its own random projection) or per CNCL
-                                         # group of K*(N+1) ("per_group": an anchor and its
+                                         # group of C*(N+1) ("per_group": an anchor and its
                                          # diffused copies differ by CEND's noise alone).
   config.loss = ml_collections.ConfigDict()
   config.loss.ce = 0.5                   # NAYER's absolute weights (CE 1, alpha 20, beta 2.66 rescaled).
@@ -88,6 +95,10 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
                                          # depth) or "mean" (one weight fits any depth).
   config.loss.adv = 1.33                 # Off during warm-up.
   config.loss.bn_momentum = 0.9          # EMA of the teacher BN input stats across rounds (0: off).
+  config.student_train_mode_in_rounds = False  # NAYER's code: student.train() after each round,
+                                         # so an epoch's later rounds compute L_adv with the
+                                         # student's batch statistics and move its running ones.
+                                         # False: eval mode throughout (the paper's reading).
   config.low_confidence = 0.5            # Teacher confidence under which a synthetic image counts as
                                          # "low confidence" (the paper's Figure 2a statistic).
 
@@ -97,7 +108,7 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
   config.student.momentum = 0.9
   config.student.weight_decay = 1e-4
   config.student.eta_min = 2e-4          # Cosine floor.
-  config.student.batch_groups = 10       # KD batch = batch_groups * K*(N+1) images (500 for CIFAR-10).
+  config.student.batch_groups = 10       # KD batch = batch_groups * C*(N+1) images (500 for CIFAR-10).
   config.student.sampler = "groups"      # How the KD batch is drawn from the bank: "groups" (whole
                                          # CNCL groups; KL and CNCL on all of it) or "uniform"
                                          # (NAYER's pool sampling; CNCL, when on, gets its own

@@ -14,18 +14,24 @@ from caedfkd_jax.config import fields
 
 # arm -> {"section.field": value}. docs/methods.md, "The ablation ladder",
 # lists the same.
+# Every arm runs NAYER's round loop as its code does (the student in train mode after an epoch's
+# first round: student_train_mode_in_rounds), so that arms differ only in their rung.
+NAYER_LOOP = {"student_train_mode_in_rounds": True}
 ARMS: dict[str, dict[str, Any]] = {
     # NAYER as published: clean label embeddings through its per-view noisy layer, redrawn every
     # round; the KD batch drawn uniformly from the pool; no CNCL.
     "base": {"cend.mode": "clean", "generator.reinit_noisy_layer": True,
              "generator.noisy_chunks": "per_view", "student.sampler": "uniform",
-             "student.cncl_weight": 0.0},
+             "student.cncl_weight": 0.0, **NAYER_LOOP},
     # + CEND: diffused embeddings (Eq. 3), still no CNCL, the same KD sampling as NAYER.
-    "cend": {"cend.mode": "cend", "student.sampler": "uniform", "student.cncl_weight": 0.0},
-    # + CNCL: the full method, today's defaults (whole CNCL groups in every KD batch).
-    "cend_cncl": {"cend.mode": "cend", "student.sampler": "groups", "student.cncl_weight": 0.5},
+    "cend": {"cend.mode": "cend", "student.sampler": "uniform", "student.cncl_weight": 0.0,
+             **NAYER_LOOP},
+    # + CNCL: the full method (whole CNCL groups in every KD batch), in NAYER's loop.
+    "cend_cncl": {"cend.mode": "cend", "student.sampler": "groups", "student.cncl_weight": 0.5,
+                  **NAYER_LOOP},
     # A separate reference, not a rung: plain N(0, I) generator input, no CNCL, uniform sampling.
-    "gaussian": {"cend.mode": "gaussian", "student.sampler": "uniform", "student.cncl_weight": 0.0},
+    "gaussian": {"cend.mode": "gaussian", "student.sampler": "uniform", "student.cncl_weight": 0.0,
+                 **NAYER_LOOP},
 }
 
 

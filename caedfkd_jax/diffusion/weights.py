@@ -96,7 +96,8 @@ def file_sha256(paths: list[str]) -> str:
 
 
 def _network_modules():
-  from caedfkd_jax.diffusion import clip_text, unet, vae
+  from caedfkd_jax.diffusion import unet, vae
+  from caedfkd_jax.models import clip_text
   return {"text_encoder": (clip_text.CLIPTextConfig.from_transformers, clip_text.params_from_state_dict),
           "unet": (unet.UNetConfig.from_diffusers, unet.params_from_state_dict),
           "vae": (vae.VAEDecoderConfig.from_diffusers, vae.params_from_state_dict)}

@@ -46,8 +46,12 @@ class EpochLog:
            if k not in self.per_class}
     for name, p in self.per_class.items():
       if self.values[name]:
-        shares = np.mean(np.stack([pick(np.asarray(x, np.float32))
-                                   for x in multihost.to_host(self.values[name])]), 0)
-        row[p.mean_key] = float(shares.mean())
-        row.update({f"{p.prefix}/class_{k}": float(s) for k, s in enumerate(shares)})
+        units = np.stack([pick(np.asarray(x, np.float32))
+                          for x in multihost.to_host(self.values[name])])
+        seen = ~np.isnan(units)            # A unit that held no image of a class says NaN.
+        shares = np.where(seen, units, 0).sum(0) / np.maximum(seen.sum(0), 1).astype(np.float32)
+        present = seen.any(0)
+        if present.any():
+          row[p.mean_key] = float(shares[present].mean())
+        row.update({f"{p.prefix}/class_{k}": float(shares[k]) for k in np.flatnonzero(present)})
     return row

@@ -2,7 +2,7 @@
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -67,13 +67,15 @@ def _drop_rows_after(path: str, epoch: int) -> None:
 
 
 def image_grid(images01_BxHxWxC: np.ndarray, labels_B: np.ndarray, num_classes: int,
-               per_class: int, pad: int = 2) -> np.ndarray:
-  """One row per class, `per_class` images each (blank where a class has fewer)."""
+               per_class: int, pad: int = 2, rows: Sequence[int] | None = None) -> np.ndarray:
+  """One row per class (of `rows`; None: all), `per_class` images each (blank where a class
+  has fewer)."""
   _, h, w, c = images01_BxHxWxC.shape
-  grid = np.ones((num_classes * (h + pad) + pad, per_class * (w + pad) + pad, c), np.float32)
-  for k in range(num_classes):
+  rows = range(num_classes) if rows is None else rows
+  grid = np.ones((len(rows) * (h + pad) + pad, per_class * (w + pad) + pad, c), np.float32)
+  for row, k in enumerate(rows):
     for j, i in enumerate(np.flatnonzero(labels_B == k)[:per_class]):
-      y, x = pad + k * (h + pad), pad + j * (w + pad)
+      y, x = pad + row * (h + pad), pad + j * (w + pad)
       grid[y:y + h, x:x + w] = images01_BxHxWxC[i]
   return (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
 
@@ -115,7 +117,8 @@ def grid_captions(labels_B: np.ndarray, predicted_B: np.ndarray, confidence_B: n
 
 def labelled_image_grid(images01_BxHxWxC: np.ndarray, labels_B: np.ndarray,
                         class_names: list[str], per_class: int, predicted_B: np.ndarray | None,
-                        confidence_B: np.ndarray | None = None) -> Image.Image:
+                        confidence_B: np.ndarray | None = None,
+                        rows: Sequence[int] | None = None) -> Image.Image:
   """The grid a person reads (the paper's Figure 2 idea): each row named by its intended class,
   each image framed and captioned in green where the teacher predicts that class and in red
   where not, the caption giving the teacher's guess and confidence (no guesses: names only)."""
@@ -123,16 +126,17 @@ def labelled_image_grid(images01_BxHxWxC: np.ndarray, labels_B: np.ndarray,
   _, h, w, _ = images01_BxHxWxC.shape
   th, tw = tile_shape(h, w)
   cell_w, cell_h = tw + 2 * FRAME, th + 2 * FRAME + CAPTION
-  canvas = Image.new("RGB", (NAME_WIDTH + per_class * (cell_w + 2), len(class_names) * (cell_h + 2)),
+  rows = range(len(class_names)) if rows is None else rows
+  canvas = Image.new("RGB", (NAME_WIDTH + per_class * (cell_w + 2), len(rows) * (cell_h + 2)),
                      "white")
   draw = ImageDraw.Draw(canvas)   # PIL's default font: no font files needed.
   if predicted_B is not None:
     captions, right = grid_captions(labels_B, predicted_B, confidence_B, class_names,
                                     fits=lambda s: draw.textlength(s) <= cell_w - 2)
   resample = Image.NEAREST if th >= h else Image.BILINEAR
-  for k, name in enumerate(class_names):
-    top = k * (cell_h + 2)
-    row_name = _cut(name, "", lambda s: draw.textlength(s) <= NAME_WIDTH - 6)
+  for row, k in enumerate(rows):
+    top = row * (cell_h + 2)
+    row_name = _cut(class_names[k], "", lambda s: draw.textlength(s) <= NAME_WIDTH - 6)
     draw.text((2, top + cell_h // 2 - 6), row_name, fill="black")
     for j, i in enumerate(np.flatnonzero(labels_B == k)[:per_class]):
       left = NAME_WIDTH + j * (cell_w + 2)
@@ -148,18 +152,20 @@ def labelled_image_grid(images01_BxHxWxC: np.ndarray, labels_B: np.ndarray,
 def save_image_grid(path: str, images01_BxHxWxC: np.ndarray, labels_B: np.ndarray,
                     num_classes: int, per_class: int, enabled: bool = True,
                     class_names: list[str] | None = None, predicted_B: np.ndarray | None = None,
-                    confidence_B: np.ndarray | None = None) -> None:
+                    confidence_B: np.ndarray | None = None,
+                    rows: Sequence[int] | None = None) -> None:
   """Writes the grid; labelled (see `labelled_image_grid`) when class names or the teacher's
-  predictions are given, else plain (one row per class, pixels doubled)."""
+  predictions are given, else plain (one row per class, pixels doubled). `rows`: the classes
+  that get a row (None: all K; a run that samples classes shows those its batch holds)."""
   if not enabled or per_class <= 0:
     return
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   if predicted_B is not None or class_names:
     names = list(class_names or [str(k) for k in range(num_classes)])
     labelled_image_grid(images01_BxHxWxC, labels_B, names, per_class, predicted_B,
-                        confidence_B).save(path)
+                        confidence_B, rows).save(path)
     return
-  grid = image_grid(images01_BxHxWxC, labels_B, num_classes, per_class)
+  grid = image_grid(images01_BxHxWxC, labels_B, num_classes, per_class, rows=rows)
   if grid.shape[-1] == 1:
     grid = grid[..., 0]
   Image.fromarray(grid).resize((grid.shape[1] * 2, grid.shape[0] * 2), Image.NEAREST).save(path)

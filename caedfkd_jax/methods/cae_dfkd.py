@@ -19,14 +19,15 @@ SWEEPABLE = ("cend.magnitude", "student.cncl_weight", "student.cncl_temperature"
 CNCL_FORMS = ("infonce", "supcon")
 
 
-def cend_inputs(setup: Setup, hparams: dict, rng) -> cend.GeneratorBatch:
-  """Eq. 3: each class's clean embedding (the CNCL anchor) and its N diffused copies."""
+def cend_inputs(setup: Setup, hparams: dict, rng, classes_GxC=None) -> cend.GeneratorBatch:
+  """Eq. 3: each class's clean embedding (the CNCL anchor) and its N diffused copies; the
+  groups' classes are `classes_GxC` (None: all K)."""
   c = setup.config.cend
   magnitude = (tuple(c.magnitudes) if c.magnitudes is not None   # One per source.
                else hparam(setup, hparams, "cend.magnitude"))
   return cend.build_generator_batch(rng, setup.table_KxD, setup.config.num_groups,
                                     c.num_sources, magnitude, mode=c.mode, sources=c.sources,
-                                    scale_D=setup.noise_scale_D)
+                                    scale_D=setup.noise_scale_D, classes_GxC=classes_GxC)
 
 
 def check_config(config, num_devices: int, num_classes: int, swept: Collection[str]) -> None:

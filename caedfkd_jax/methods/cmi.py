@@ -38,8 +38,8 @@ from caedfkd_jax.methods.base import (Method, Phase, Setup, TrainState, check_po
                                       hparam, student_optimizer, student_schedule,
                                       teacher_judgement)
 from caedfkd_jax.runtime.mesh import constrain_batch
-from caedfkd_jax.synthesis import (augment, cend, cmi_contrast, generator as generator_lib,
-                                   losses, memory_bank)
+from caedfkd_jax.synthesis import (augment, cend, class_cycle, cmi_contrast,
+                                   generator as generator_lib, losses, memory_bank)
 
 PyTree = Any
 GeneratorInputs = Callable[[Setup, dict, jax.Array], cend.GeneratorBatch]
@@ -81,7 +81,8 @@ class ContrastState:
   bank: memory_bank.MemoryBank
 
 
-def random_z_inputs(setup: Setup, hparams: dict, rng: jax.Array) -> cend.GeneratorBatch:
+def random_z_inputs(setup: Setup, hparams: dict, rng: jax.Array,
+                    classes_GxC: jax.Array | None = None) -> cend.GeneratorBatch:
   """CMI's inputs: z ~ N(0, I) of width `cmi.nz` and labels uniform at random (sorted, as CMI)."""
   rng_z, rng_y = jax.random.split(rng)
   b = setup.synthesis_batch
@@ -164,7 +165,8 @@ def start_round(state: TrainState, *, setup: Setup, inputs: GeneratorInputs, war
   """A CMI round begins: a re-initialised generator, fresh inputs, a fresh Adam on both."""
   rng_init, rng_reset, rng_batch, rng_steps = jax.random.split(
       fold(state.rng, state.epoch, state.unit), 4)
-  batch = constrain_batch(inputs(setup, state.hparams, rng_batch), mesh)
+  batch = constrain_batch(inputs(setup, state.hparams, rng_batch,
+                                 nayer.round_classes(setup, state)), mesh)
   params = setup.generator.init(rng_init, batch.embeddings_BxD)["params"]
   trainables = Trainables(generator_lib.cmi_reset(params, rng_reset), batch.embeddings_BxD)
   c = state.method
@@ -224,14 +226,15 @@ def finish_round(state: TrainState, carry: RoundCarry, ctx: RoundContext, teache
 
 def create_setup(base: Setup, *, grouped: bool) -> nayer.NayerSetup:
   """CMI's generator (no noisy layer; inputs straight to the projection) and its batch sizes."""
-  config, k = base.config, base.num_classes
+  config = base.config
+  k = nayer.classes_per_group(config, base.num_classes) if grouped else base.num_classes
   schedule = student_schedule(config.student, bank_kd.total_kd_steps(config))
   views = k * (config.cend.num_sources + 1)
   g = config.generator
   return nayer.NayerSetup.extend(
       base, student_tx=student_optimizer(schedule, config.student), student_lr=schedule,
       generator=generator_lib.Generator(num_classes=k, img_size=base.image_size, ngf=g.ngf,
-                                        dtype=base.dtype, noisy_input=False),
+                                        dtype=base.dtype, noisy_input=False), group_classes=k,
       generator_tx=optax.adam(g.lr, b1=g.b1, b2=g.b2), **nayer.table_fields(base),
       group_size=views if grouped else 1,
       synthesis_batch=config.num_groups * views if grouped else config.cmi.synthesis_batch,
@@ -265,7 +268,9 @@ def check_base(config, num_devices: int, num_classes: int, swept: Collection[str
     raise ValueError(f"config.cmi.local_scale={tuple(c.local_scale)!r}: the local view's crop "
                      "area range (min, max) within (0, 1], e.g. (0.25, 1.0) as CMI.")
   if grouped:
-    bank_kd.check_grouped(config, num_devices, num_classes, swept, with_cncl=True)
+    class_cycle.check_classes_per_group(config.classes_per_group, num_classes)
+    bank_kd.check_grouped(config, num_devices, nayer.classes_per_group(config, num_classes),
+                          swept, with_cncl=True)
     return
   if config.student.sampler != "uniform":
     raise ValueError("config.method=cmi banks images without CNCL groups: use "

@@ -27,6 +27,31 @@ mix; the teacher's input is resized with JAX's antialiased bicubic (the code:
 torchvision's); synthesis and KD alternate inside one run (the code generates its
 images, then distills on all of them every 10 images per class).
 
+Two behaviours of the code are switches, off by default (the paper's reading):
+  * `diffdfkd.detach_teacher_in_adv`: the code's L_adv is -KL(T.detach() || S), masked
+    (generate_images.py line 229, `kldiv(s_out, output.detach(), ...)`), so L_adv reaches z
+    through the student's logits only. Off, its gradient also flows through the teacher's
+    logits, as the paper's L_adv reads; on, they are constants in L_adv alone (CE and L_BN
+    keep the teacher's gradient either way).
+  * `diffdfkd.bank_intermediate_x0`: besides each final image, the code saves the decoded
+    x0_hat of every (steps // 5)-th step but the last (generate_images.py lines 237-253,
+    files named `..._s:{t}_...`): 4 per latent at 10, 50 or 70 steps, (steps - 1) // (steps
+    // 5) in general. Its loader reads every file of a class folder (helper/dataset.py,
+    ImageFolderDataset) and drops them only under distill's `--min_loss` (any name with an
+    "s"), which script/distill/distill.sh does not set. On, a round banks them too: the
+    image each such step's loss saw (before its update and the mix), decoded and resized as
+    the finals, with the round's labels, after the round's finals; a round then banks
+    batch x (snapshots + 1) images, and the bank's default capacity and the epoch grid
+    (`latest_images`) count them.
+
+The authors' scripts disagree with each other. script/generate_data/generate_data_domainNet.sh
+generates CIFAR-10 with 10 steps, guidance 3, oh 1, bn 0, adv 0 (and DomainNet with 70 steps,
+guidance 7, bn 0.1, adv 1); script/distill/distill.sh distills CIFAR-10 from a folder whose name
+(options/generate_images_options.py's naming) records 50 steps (the option default), guidance
+3, bn 0.1, oh 1, adv 0, from a wrn40_2 teacher. configs/diffdfkd_cifar.py takes the generation
+script's 10 steps and guidance 3, the option defaults' loss weights (oh 1, bn 0.1, adv 1:
+generate_images_options.py), and distill.sh's KD settings.
+
 The Stable Diffusion weights come from a bundle made by `caedfkd convert-diffusion`
 (diffusion/weights.py) and reach the units beside the teacher's (`frozen_vars`); the
 state holds only the bank and the round count.
@@ -51,7 +76,7 @@ from caedfkd_jax.methods.base import (Method, Phase, Setup, TrainState, check_po
                                       teacher_judgement)
 from caedfkd_jax.runtime.mesh import constrain_batch
 from caedfkd_jax.runtime.platform import compute_dtype
-from caedfkd_jax.synthesis import losses, memory_bank
+from caedfkd_jax.synthesis import class_cycle, losses, memory_bank
 
 PyTree = Any
 
@@ -111,8 +136,13 @@ def decode_for_teacher(synth: LatentDiffusion, vae_params: PyTree, latents: jax.
 
 
 def x0_loss(x0: jax.Array, setup: Setup, frozen: PyTree, student: PyTree, labels: jax.Array,
-            adv_on: jax.Array, hparams: dict, mesh: Mesh | None = None):
-  """L_inv of a clean latent: ce * CE + bn * L_BN + adv * L_adv on its decoded image."""
+            adv_on: jax.Array, hparams: dict, mesh: Mesh | None = None, keep_image: bool = False):
+  """L_inv of a clean latent: ce * CE + bn * L_BN + adv * L_adv on its decoded image.
+
+  Returns (loss, metrics), or (loss, (metrics, decoded image)) with `keep_image` (the
+  x0_hat snapshots of `diffdfkd.bank_intermediate_x0`). With `diffdfkd.detach_teacher_in_adv`
+  the teacher's logits are a constant inside L_adv only (the code's `output.detach()`).
+  """
   hp = functools.partial(hparam, setup, hparams)
   images01 = decode_for_teacher(setup.generator, frozen["vae"], x0, setup.generator.image_size)
   x = normalize(constrain_batch(images01, mesh), setup.mean, setup.std)
@@ -122,15 +152,20 @@ def x0_loss(x0: jax.Array, setup: Setup, frozen: PyTree, student: PyTree, labels
                                    setup.config.loss.bn_reduce)
   l_ce = losses.cross_entropy(t_logits, labels)
   s_logits, _ = setup.student.apply(student, x, train=False)
-  l_adv = losses.adversarial_loss(t_logits, s_logits)
+  t_adv = (jax.lax.stop_gradient(t_logits) if setup.config.diffdfkd.detach_teacher_in_adv
+           else t_logits)
+  l_adv = losses.adversarial_loss(t_adv, s_logits)
   loss = hp("loss.ce") * l_ce + hp("loss.bn") * l_bn + hp("loss.adv") * adv_on * l_adv
-  return loss, {"gen/loss": loss, "gen/ce": l_ce, "gen/bn": l_bn, "gen/adv": l_adv}
+  metrics = {"gen/loss": loss, "gen/ce": l_ce, "gen/bn": l_bn, "gen/adv": l_adv}
+  return loss, ((metrics, images01) if keep_image else metrics)
 
 
 def teacher_guidance_loss(latents: jax.Array, setup: Setup, frozen: PyTree, student: PyTree,
                           step: jax.Array, text_BxLxD: jax.Array, labels: jax.Array,
-                          adv_on: jax.Array, hparams: dict, mesh: Mesh | None = None):
-  """`x0_loss` of the step's x0_hat, as a function of the latents x_t. Returns (loss, metrics).
+                          adv_on: jax.Array, hparams: dict, mesh: Mesh | None = None,
+                          keep_image: bool = False):
+  """`x0_loss` of the step's x0_hat, as a function of the latents x_t. Returns (loss, metrics),
+  or (loss, (metrics, x0_hat's image)) with `keep_image`.
 
   With `diffdfkd.grad_through_unet` off, eps is a constant: dL/dx_t = dL/dx0 / sqrt(a_t).
   """
@@ -141,7 +176,7 @@ def teacher_guidance_loss(latents: jax.Array, setup: Setup, frozen: PyTree, stud
   if not c.grad_through_unet:
     eps = jax.lax.stop_gradient(eps)
   x0 = scheduler.predict_x0(latents, eps, alpha_bar)
-  return x0_loss(x0, setup, frozen, student, labels, adv_on, hparams, mesh)
+  return x0_loss(x0, setup, frozen, student, labels, adv_on, hparams, mesh, keep_image)
 
 
 @struct.dataclass
@@ -151,12 +186,53 @@ class RoundContext:
   rng: jax.Array
 
 
-def round_labels(setup: Setup, rounds: jax.Array) -> jax.Array:
-  """One class per round, in turn (the code's generation call), or every class in turn per row."""
-  b = setup.synthesis_batch
-  if setup.config.diffdfkd.one_class_per_round:
-    return jnp.full((b,), rounds % setup.num_classes, jnp.int32)
-  return ((rounds * b + jnp.arange(b)) % setup.num_classes).astype(jnp.int32)
+@struct.dataclass
+class SnapshotCarry:
+  """A round's carry under `diffdfkd.bank_intermediate_x0` (otherwise the latents alone): the
+  latents and the x0_hat images kept so far, S x B x H x W x 3 in step order."""
+  latents: jax.Array
+  snapshots: jax.Array
+
+
+def snapshot_every(config) -> int:
+  """The code's cadence for its intermediate images, steps // 5 (whatever `mix_every` says; at
+  least 1: the code divides by zero under 5 steps)."""
+  return max(config.diffdfkd.steps // 5, 1)
+
+
+def snapshots_after(config, step: jax.Array) -> jax.Array:
+  """Whether step `step`'s (0-based) x0_hat image is a snapshot: every `snapshot_every`-th
+  step, not the last (generate_images.py saves it there, then mixes)."""
+  done = step + 1
+  return (done % snapshot_every(config) == 0) & (done != config.diffdfkd.steps)
+
+
+def num_snapshots(config) -> int:
+  """x0_hat snapshots a round banks beside its final images: 0 unless
+  `diffdfkd.bank_intermediate_x0`; then (steps - 1) // (steps // 5), 4 at 10, 50 or 70 steps."""
+  c = config.diffdfkd
+  return (c.steps - 1) // snapshot_every(config) if c.bank_intermediate_x0 else 0
+
+
+def images_per_round(config, batch: int) -> int:
+  """Images a round of `batch` latents banks: the finals and any snapshots of each."""
+  return batch * (1 + num_snapshots(config))
+
+
+def round_labels(setup: Setup, rounds: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+  """One class per round (the code's generation call), or every row its own class: the
+  classes in turn (`class_order` in_turn, the code) or read off the run's shuffled class
+  cycle (`shuffled`, class_cycle.py; `rng` is the run's)."""
+  b, k = setup.synthesis_batch, setup.num_classes
+  one = setup.config.diffdfkd.one_class_per_round
+  if setup.config.diffdfkd.class_order == "shuffled":
+    cycle_rng = jax.random.fold_in(rng, class_cycle.CLASS_CYCLE)
+    if one:
+      return jnp.broadcast_to(class_cycle.cycle_classes(cycle_rng, rounds, 1, k), (b,))
+    return class_cycle.cycle_classes(cycle_rng, rounds * b, b, k)
+  if one:
+    return jnp.full((b,), rounds % k, jnp.int32)
+  return ((rounds * b + jnp.arange(b)) % k).astype(jnp.int32)
 
 
 def start_round(state: TrainState, *, setup: Setup, warmup: bool, mesh: Mesh | None = None
@@ -166,8 +242,13 @@ def start_round(state: TrainState, *, setup: Setup, warmup: bool, mesh: Mesh | N
   rng_z, rng_steps = jax.random.split(fold(state.rng, state.epoch, state.unit))
   shape = (setup.synthesis_batch, synth.latent_size, synth.latent_size, synth.latent_channels)
   latents = constrain_batch(jax.random.normal(rng_z, shape), mesh)
-  labels = round_labels(setup, state.method.rounds)
-  return latents, RoundContext(labels, jnp.float32(0.0 if warmup else 1.0), rng_steps)
+  labels = round_labels(setup, state.method.rounds, state.rng)
+  ctx = RoundContext(labels, jnp.float32(0.0 if warmup else 1.0), rng_steps)
+  num = num_snapshots(setup.config)
+  if num:
+    size = setup.generator.image_size
+    return SnapshotCarry(latents, jnp.zeros((num, shape[0], size, size, 3), jnp.float32)), ctx
+  return latents, ctx
 
 
 def mixes_after(config, step: jax.Array) -> jax.Array:
@@ -178,15 +259,30 @@ def mixes_after(config, step: jax.Array) -> jax.Array:
   return (done % every == 0) & (done != c.steps)
 
 
-def denoise_step(latents: jax.Array, ctx: RoundContext, step: jax.Array, state: TrainState,
-                 frozen: PyTree, *, setup: Setup, mesh: Mesh | None = None):
-  """Steps 1-6 of the module docstring at timestep index `step`."""
+def keep_snapshot(config, snapshots: jax.Array, image: jax.Array, step: jax.Array) -> jax.Array:
+  """`image` (step `step`'s decoded x0_hat) written to its slot where `snapshots_after`."""
+  slot = jnp.clip((step + 1) // snapshot_every(config) - 1, 0, snapshots.shape[0] - 1)
+  kept = jnp.where(snapshots_after(config, step), image, snapshots[slot])
+  return jax.lax.dynamic_update_index_in_dim(snapshots, kept, slot, 0)
+
+
+def denoise_step(carry: jax.Array | SnapshotCarry, ctx: RoundContext, step: jax.Array,
+                 state: TrainState, frozen: PyTree, *, setup: Setup, mesh: Mesh | None = None):
+  """Steps 1-6 of the module docstring at timestep index `step` (and the x0_hat snapshot of
+  `diffdfkd.bank_intermediate_x0`: the image the step's loss saw, before its update)."""
   synth, c = setup.generator, setup.config.diffdfkd
+  snapshot = isinstance(carry, SnapshotCarry)
+  latents = carry.latents if snapshot else carry
   rng_mix, rng_noise = jax.random.split(jax.random.fold_in(ctx.rng, step))
   text = frozen["text"][ctx.labels]
-  grad_fn = jax.grad(teacher_guidance_loss, has_aux=True)
+  loss_fn = (functools.partial(teacher_guidance_loss, keep_image=True) if snapshot
+             else teacher_guidance_loss)
+  grad_fn = jax.grad(loss_fn, has_aux=True)
   grads, metrics = grad_fn(latents, setup, frozen, state.student, step, text, ctx.labels,
                            ctx.adv_on, state.hparams, mesh)
+  if snapshot:
+    metrics, image = metrics
+    snapshots = keep_snapshot(setup.config, carry.snapshots, image, step)
   latents = latents - c.latent_lr * grads
   if c.latent_mix != "none":
     mixed = latent_mix.mix(c.latent_mix, rng_mix, latents, c.mix_alpha)
@@ -197,16 +293,23 @@ def denoise_step(latents: jax.Array, ctx: RoundContext, step: jax.Array, state: 
   noise = jax.random.normal(rng_noise, latents.shape)
   latents = scheduler.ddpm_step(synth.schedule, step, latents, eps, noise)
   metrics = {**metrics, "gen/latent_grad_norm": jnp.sqrt(jnp.sum(grads ** 2))}
-  return constrain_batch(latents, mesh), metrics
+  latents = constrain_batch(latents, mesh)
+  return (SnapshotCarry(latents, snapshots) if snapshot else latents), metrics
 
 
-def finish_round(state: TrainState, latents: jax.Array, ctx: RoundContext, frozen: PyTree,
-                 *, setup: Setup):
-  """Decodes the final latents and banks the images with the round's class."""
-  images01 = decode_for_teacher(setup.generator, frozen["vae"], latents,
-                                setup.generator.image_size)
-  zeros = jnp.zeros_like(ctx.labels)
-  bank = memory_bank.add(state.method.bank, images01, ctx.labels, zeros, zeros)
+def finish_round(state: TrainState, carry: jax.Array | SnapshotCarry, ctx: RoundContext,
+                 frozen: PyTree, *, setup: Setup):
+  """Decodes the final latents and banks the images with the round's class; under
+  `diffdfkd.bank_intermediate_x0` the round's x0_hat snapshots follow them, same labels."""
+  snapshot = isinstance(carry, SnapshotCarry)
+  images01 = decode_for_teacher(setup.generator, frozen["vae"],
+                                carry.latents if snapshot else carry, setup.generator.image_size)
+  banked, labels = images01, ctx.labels
+  if snapshot:
+    banked = jnp.concatenate([images01, carry.snapshots.reshape(-1, *images01.shape[1:])])
+    labels = jnp.tile(ctx.labels, carry.snapshots.shape[0] + 1)
+  zeros = jnp.zeros_like(labels)
+  bank = memory_bank.add(state.method.bank, banked, labels, zeros, zeros)
   t_logits, _ = setup.teacher.apply(frozen["teacher"], normalize(images01, setup.mean, setup.std),
                                     train=False)
   low_conf_K, teacher_acc = teacher_judgement(t_logits, ctx.labels, setup.num_classes,
@@ -257,8 +360,17 @@ def own_config() -> ml_collections.ConfigDict:
   config.diffdfkd.batch = 10                 # Images per synthesis round (the code: 1).
   config.diffdfkd.one_class_per_round = True # A round is one class, the classes in turn (the
                                              # code); False: every row its own class in turn.
+  config.diffdfkd.class_order = "in_turn"    # in_turn (the code: 0, 1, ..., K-1, again) or
+                                             # shuffled (a fresh permutation each cycle).
   config.diffdfkd.latent_lr = 1.0            # z <- z - latent_lr * dL/dz (the code: 1).
   config.diffdfkd.grad_through_unet = True   # The paper; False: the UNet's eps held fixed.
+  config.diffdfkd.detach_teacher_in_adv = False  # The paper: L_adv's gradient also flows
+                                             # through the teacher's logits; True: they are
+                                             # constants in L_adv (the code's .detach()).
+  config.diffdfkd.bank_intermediate_x0 = False   # The paper: one final image per latent is
+                                             # banked; True: also the x0_hat images the code
+                                             # saves every steps // 5 steps (4 at 10 steps),
+                                             # same labels, as its loader reads them.
   config.diffdfkd.latent_mix = "cutmix"      # cutmix (the paper), mixup, none (code default).
   config.diffdfkd.mix_every = 0              # Steps between mixes; 0: steps // 5 (the code).
   config.diffdfkd.mix_alpha = 1.0            # lam0 ~ Beta(a, a), lam ~ Beta(lam0, lam0) (code).
@@ -309,7 +421,7 @@ def make_setup(base: Setup, unet_config, vae_config, scheduler_config: dict) -> 
 
 def frozen_vars(setup: DiffusionSetup, teacher_vars: PyTree) -> dict[str, Any]:
   """The teacher, the UNet and VAE weights, and the prompts' text embeddings (computed once)."""
-  from caedfkd_jax.diffusion import clip_text
+  from caedfkd_jax.models import clip_text
   sd = load_weights(setup.config)
   encoder = clip_text.CLIPTextEncoder(sd.config("text_encoder"))
   ids = clip_text.tokenize(sd.tokenizer_dir, ("",) + setup.generator.prompts)
@@ -320,7 +432,8 @@ def frozen_vars(setup: DiffusionSetup, teacher_vars: PyTree) -> dict[str, Any]:
 
 
 def init_state(setup: DiffusionSetup, teacher_vars: PyTree, rng: jax.Array) -> DiffusionState:
-  capacity = bank_kd.bank_capacity(setup.config, setup.synthesis_batch)
+  capacity = bank_kd.bank_capacity(setup.config,
+                                   images_per_round(setup.config, setup.synthesis_batch))
   return DiffusionState(memory_bank.create_bank(capacity, (setup.image_size,) * 2 + (3,)),
                         jnp.int32(0))
 
@@ -330,6 +443,9 @@ def check_config(config, num_devices: int, num_classes: int, swept) -> None:
   check_positive(config, "diffdfkd", ("steps", "batch", "kd_batch", "latent_size", "mix_alpha"))
   if c.mix_every < 0:
     raise ValueError(f"config.diffdfkd.mix_every={c.mix_every} must be >= 0 (0: steps // 5).")
+  if c.class_order not in ("in_turn", "shuffled"):
+    raise ValueError(f"config.diffdfkd.class_order={c.class_order!r}: use in_turn (the code) or "
+                     "shuffled (a fresh permutation of the classes each cycle).")
   if c.latent_mix not in latent_mix.MODES:
     raise ValueError(f"config.diffdfkd.latent_mix={c.latent_mix!r}: use one of "
                      f"{', '.join(latent_mix.MODES)}.")
@@ -347,13 +463,20 @@ def check_config(config, num_devices: int, num_classes: int, swept) -> None:
     if c[name] % num_devices:
       raise ValueError(f"config.diffdfkd.{name}={c[name]} is not divisible by the "
                        f"{num_devices} devices.")
-  bank_kd.check_schedule(config, c.batch, "diffdfkd.batch")
+  if num_snapshots(config):
+    bank_kd.check_schedule(config, images_per_round(config, c.batch),
+                           f"diffdfkd.batch x {1 + num_snapshots(config)} with "
+                           "diffdfkd.bank_intermediate_x0")
+  else:
+    bank_kd.check_schedule(config, c.batch, "diffdfkd.batch")
   class_prompts(c.prompt, ["x"])
 
 
 def latest_images(setup: DiffusionSetup, state: DiffusionState) -> tuple[jax.Array, jax.Array]:
-  """The last K rounds' images (the epoch's grid): with one class a round, every class's latest."""
-  n = min(setup.num_classes * setup.synthesis_batch, state.bank.images.shape[0])
+  """The last K rounds' images (the epoch's grid): with one class a round, every class's latest
+  (with `diffdfkd.bank_intermediate_x0` each round's finals come before its snapshots)."""
+  n = min(setup.num_classes * images_per_round(setup.config, setup.synthesis_batch),
+          state.bank.images.shape[0])
   images_u8, labels = memory_bank.latest(state.bank, n)
   return images_u8.astype(jnp.float32) / 255.0, labels
 

@@ -26,16 +26,18 @@ from caedfkd_jax.methods import bank_kd
 from caedfkd_jax.methods.base import (Method, Phase, Setup, TrainState, fold, hparam,
                                       student_optimizer, student_schedule, teacher_judgement)
 from caedfkd_jax.runtime.mesh import constrain_batch
-from caedfkd_jax.synthesis import augment, cend, generator as generator_lib, losses, memory_bank
+from caedfkd_jax.synthesis import (augment, cend, class_cycle, generator as generator_lib, losses,
+                                   memory_bank)
 
 PyTree = Any
 # What the NAYER base reads besides KD from the bank: its generator, its loss, the embedding
 # table and the batch layout (num_groups groups of K * (N + 1) rows, clean views on NAYER).
-READS = (*bank_kd.READS, "embeddings", "num_groups", "cend.num_sources", "student.batch_groups",
-         "generator.", "loss.")
+READS = (*bank_kd.READS, "embeddings", "num_groups", "classes_per_group", "cend.num_sources",
+         "student.batch_groups", "student_train_mode_in_rounds", "generator.", "loss.")
 SWEEPABLE = ("loss.ce", "loss.bn", "loss.adv", "loss.bn_momentum", "student.temperature")
-# Given (setup, the run's swept hparams, rng), the generator's inputs for one round.
-GeneratorInputs = Callable[[Setup, dict, jax.Array], cend.GeneratorBatch]
+# Given (setup, the run's swept hparams, rng, the groups' classes: G x C, or None for all K in
+# label order), the generator's inputs for one round.
+GeneratorInputs = Callable[[Setup, dict, jax.Array, jax.Array | None], cend.GeneratorBatch]
 RENEW = 2**31 - 1   # Folded into the rng for the generator's own draws (init and renewal).
 
 
@@ -53,11 +55,23 @@ class SynthesisState:
 # --------------------------------------------------------------------------- #
 
 
-def clean_inputs(setup: Setup, hparams: dict, rng: jax.Array) -> cend.GeneratorBatch:
+def clean_inputs(setup: Setup, hparams: dict, rng: jax.Array,
+                 classes_GxC: jax.Array | None = None) -> cend.GeneratorBatch:
   """NAYER's inputs: every row is its class's clean label embedding (one per (group, view))."""
   cfg = setup.config
   return cend.build_generator_batch(rng, setup.table_KxD, cfg.num_groups, cfg.cend.num_sources,
-                                    0.0, mode="clean")
+                                    0.0, mode="clean", classes_GxC=classes_GxC)
+
+
+def round_classes(setup: "NayerSetup", state: TrainState) -> jax.Array | None:
+  """The classes of this round's groups (`class_cycle.group_classes`), or None where every
+  group holds all K (`classes_per_group` 0 or K: today's layout, bit for bit)."""
+  if setup.group_classes == setup.num_classes:
+    return None
+  index = bank_kd.rounds_before(setup.config, state.epoch, state.unit)
+  return class_cycle.group_classes(jax.random.fold_in(state.rng, class_cycle.CLASS_CYCLE),
+                                   index, setup.config.num_groups, setup.group_classes,
+                                   setup.num_classes)
 
 
 # --------------------------------------------------------------------------- #
@@ -65,15 +79,42 @@ def clean_inputs(setup: Setup, hparams: dict, rng: jax.Array) -> cend.GeneratorB
 # --------------------------------------------------------------------------- #
 
 
+def student_logits(setup: Setup, student: PyTree, x: jax.Array,
+                   train_mode: jax.Array | None) -> tuple[jax.Array, PyTree]:
+  """The student's logits for L_adv and its batch statistics after them.
+
+  `train_mode` None: eval mode, statistics unchanged (the paper's reading). Else a traced
+  bool: where true, NAYER's `student.train()` (its round loop leaves the student in train
+  mode after a round): BatchNorm normalises with the batch's statistics and updates its
+  running ones, as every forward pass of a PyTorch module in train mode does.
+  """
+  if train_mode is None:
+    return setup.student.apply(student, x, train=False)[0], student["batch_stats"]
+
+  def train(_):
+    (logits, _), updated = setup.student.apply(student, x, train=True, mutable=["batch_stats"])
+    return logits, updated["batch_stats"]
+
+  def evaluate(_):
+    return setup.student.apply(student, x, train=False)[0], student["batch_stats"]
+
+  return jax.lax.cond(train_mode, train, evaluate, None)
+
+
 def generator_loss(params: PyTree, setup: Setup, teacher_vars: PyTree, student: PyTree,
                    batch: cend.GeneratorBatch, bn_ema: PyTree, bn_ema_valid: jax.Array,
                    adv_on: jax.Array, rng: jax.Array, mesh: Mesh | None = None,
-                   hparams: dict[str, jax.Array] | None = None):
-  """L_G = ce * CE(T(A(G(e))), y) + bn * L_BN + adv * L_adv. Returns (loss, aux)."""
+                   hparams: dict[str, jax.Array] | None = None,
+                   student_train: jax.Array | None = None):
+  """L_G = ce * CE(T(A(G(e))), y) + bn * L_BN + adv * L_adv. Returns (loss, aux).
+
+  `student_train`: see `student_logits`; NAYER runs the student only where L_adv is on.
+  """
   hp = functools.partial(hparam, setup, hparams or {})
   images = setup.generator.apply({"params": params}, batch.embeddings_BxD)
   images = constrain_batch(images, mesh)
-  x = normalize(augment.random_crop_flip(rng, images), setup.mean, setup.std)
+  x = normalize(augment.random_crop_flip(rng, images, flip=setup.config.generator.flip),
+                setup.mean, setup.std)
   (t_logits, _), t_state = setup.teacher.apply(teacher_vars, x, train=False, mutable=["bn_stats"])
   bn_stats = t_state["bn_stats"]
   blended = jax.tree.map(
@@ -82,11 +123,14 @@ def generator_loss(params: PyTree, setup: Setup, teacher_vars: PyTree, student: 
   l_bn = losses.bn_statistics_loss(blended, teacher_vars["batch_stats"],
                                    setup.config.loss.bn_reduce)
   l_ce = losses.cross_entropy(t_logits, batch.labels_B)
-  s_logits, _ = setup.student.apply(student, x, train=False)
+  train_mode = (None if student_train is None
+                else student_train & (adv_on > 0) & (hp("loss.adv") > 0))
+  s_logits, student_stats = student_logits(setup, student, x, train_mode)
   l_adv = losses.adversarial_loss(t_logits, s_logits)
   loss = hp("loss.ce") * l_ce + hp("loss.bn") * l_bn + hp("loss.adv") * adv_on * l_adv
   metrics = {"gen/loss": loss, "gen/ce": l_ce, "gen/bn": l_bn, "gen/adv": l_adv}
-  return loss, (images, jax.lax.stop_gradient(bn_stats), metrics)
+  return loss, (images, jax.lax.stop_gradient(bn_stats), metrics,
+                jax.lax.stop_gradient(student_stats))
 
 
 @struct.dataclass
@@ -97,14 +141,17 @@ class RoundCarry:
   best_loss: jax.Array
   best_images: jax.Array
   last_bn_stats: PyTree
+  student_batch_stats: PyTree   # The student's running statistics (moved only in train mode).
 
 
 @struct.dataclass
 class RoundContext:
-  """What a round fixes at its start: the generator's inputs and the adversarial switch."""
+  """What a round fixes at its start: the generator's inputs, the adversarial switch and
+  (student_train_mode_in_rounds) whether the student runs in train mode."""
   batch: cend.GeneratorBatch
   adv_on: jax.Array
   rng: jax.Array
+  student_train: jax.Array | None = None
 
 
 def start_round(state: TrainState, *, setup: Setup, inputs: GeneratorInputs, warmup: bool,
@@ -114,29 +161,37 @@ def start_round(state: TrainState, *, setup: Setup, inputs: GeneratorInputs, war
   params = state.method.generator_params
   if setup.config.generator.reinit_noisy_layer:
     params = generator_lib.reinit_noisy_layer(params, rng_noisy)
-  batch = constrain_batch(inputs(setup, state.hparams, rng_batch), mesh)
+  batch = constrain_batch(inputs(setup, state.hparams, rng_batch, round_classes(setup, state)),
+                          mesh)
   image_shape = (setup.synthesis_batch, *state.method.bank.images.shape[1:])
   carry = RoundCarry(params, setup.generator_tx.init(params), jnp.float32(jnp.inf),
                      jnp.zeros(image_shape, jnp.float32),
-                     jax.tree.map(jnp.zeros_like, state.method.bn_ema))
-  return carry, RoundContext(batch, jnp.float32(0.0 if warmup else 1.0), rng_steps)
+                     jax.tree.map(jnp.zeros_like, state.method.bn_ema),
+                     state.student["batch_stats"])
+  # NAYER's round loop calls student.eval() when an epoch's synthesis starts and
+  # student.train() after each round: an epoch's rounds after its first see a training student.
+  student_train = (state.unit > 0 if setup.config.get("student_train_mode_in_rounds")
+                   and not warmup else None)
+  return carry, RoundContext(batch, jnp.float32(0.0 if warmup else 1.0), rng_steps,
+                             student_train)
 
 
 def generator_step(carry: RoundCarry, ctx: RoundContext, step: jax.Array, state: TrainState,
                    teacher_vars: PyTree, *, setup: Setup, mesh: Mesh | None = None):
   """One Adam step of G (Eq. 5); keeps the batch with the lowest loss seen this round."""
   grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
-  (loss, (images, bn_stats, metrics)), grads = grad_fn(
-      carry.params, setup, teacher_vars, state.student, ctx.batch, state.method.bn_ema,
+  student = {**state.student, "batch_stats": carry.student_batch_stats}
+  (loss, (images, bn_stats, metrics, student_stats)), grads = grad_fn(
+      carry.params, setup, teacher_vars, student, ctx.batch, state.method.bn_ema,
       state.method.bn_ema_valid, ctx.adv_on, jax.random.fold_in(ctx.rng, step), mesh,
-      state.hparams)
+      state.hparams, ctx.student_train)
   updates, opt_state = setup.generator_tx.update(grads, carry.opt_state, carry.params)
   better = loss < carry.best_loss
   carry = RoundCarry(
       params=optax.apply_updates(carry.params, updates), opt_state=opt_state,
       best_loss=jnp.where(better, loss, carry.best_loss),
       best_images=jnp.where(better, jax.lax.stop_gradient(images), carry.best_images),
-      last_bn_stats=bn_stats)
+      last_bn_stats=bn_stats, student_batch_stats=student_stats)
   return carry, metrics
 
 
@@ -160,6 +215,8 @@ def finish_round(state: TrainState, carry: RoundCarry, ctx: RoundContext, teache
   low_conf_K, teacher_acc = teacher_judgement(t_logits, batch.labels_B, setup.num_classes,
                                               setup.config.low_confidence)
   state = state.replace(method=SynthesisState(carry.params, bn_ema, jnp.bool_(True), bank))
+  if ctx.student_train is not None:   # NAYER's training student moved its running statistics.
+    state = state.replace(student={**state.student, "batch_stats": carry.student_batch_stats})
   return (state, {"gen/teacher_acc_on_best": teacher_acc},
           {"low_conf": low_conf_K, "images": carry.best_images})
 
@@ -177,6 +234,7 @@ class NayerSetup(bank_kd.BankSetup):
   table_KxD: jax.Array | None = None     # The class embeddings (None: the method reads none).
   noise_scale_D: jax.Array | None = None  # cend.noise_scale(table, cend.magnitude_scale), for
                                           # inputs that read it; None: magnitudes in table units.
+  group_classes: int = 0    # C: the classes of one CNCL group (K unless classes_per_group).
 
 
 def renews_generator(config, epoch: int) -> bool:
@@ -201,18 +259,24 @@ def table_fields(base: Setup) -> dict[str, Any]:
                             if scaled else None)}
 
 
+def classes_per_group(config, num_classes: int) -> int:
+  """C: `classes_per_group`, or K where it is 0."""
+  return config.get("classes_per_group", 0) or num_classes
+
+
 def create_setup(base: Setup) -> NayerSetup:
   config = base.config
   schedule = student_schedule(config.student, bank_kd.total_kd_steps(config))
-  group_size = base.num_classes * (config.cend.num_sources + 1)   # K anchors, K*N views.
+  c = classes_per_group(config, base.num_classes)
+  group_size = c * (config.cend.num_sources + 1)   # C anchors, C*N views.
   g = config.generator
   return NayerSetup.extend(
       base, student_tx=student_optimizer(schedule, config.student), student_lr=schedule,
       generator=generator_lib.Generator(
-          num_classes=base.num_classes, img_size=base.image_size,
+          num_classes=c, img_size=base.image_size,
           noise_dim=g.noise_dim, ngf=g.ngf, dtype=base.dtype,
           noisy_chunk_rows=generator_lib.noisy_chunk_rows(
-              g.noisy_chunks, base.num_classes, config.cend.num_sources + 1)),
+              g.noisy_chunks, c, config.cend.num_sources + 1)), group_classes=c,
       generator_tx=optax.adam(g.lr, b1=g.b1, b2=g.b2), **table_fields(base),
       synthesis_batch=config.num_groups * group_size, group_size=group_size,
       kd_batch=config.student.batch_groups * group_size)
@@ -256,7 +320,8 @@ def check_base(config, num_devices: int, num_classes: int, swept: Collection[str
                      "N+1 identical images per class and group. Use "
                      "--config.generator.noisy_chunks=per_view for clean embeddings (NAYER), or "
                      "cend.mode=cend.")
-  bank_kd.check_grouped(config, num_devices, num_classes, swept,
+  class_cycle.check_classes_per_group(config.classes_per_group, num_classes)
+  bank_kd.check_grouped(config, num_devices, classes_per_group(config, num_classes), swept,
                         with_cncl=method.reads_field("student.cncl_weight"))
 
 

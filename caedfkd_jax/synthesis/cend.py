@@ -6,7 +6,8 @@ Every source is zero-mean and unit-variance, so M_n alone sets the strength:
 in the table's units ("absolute"), or per dimension in units of the table's
 spread across classes ("relative", `noise_scale`), so that one M means as much
 for a MiniLM table as for a CLIP one. `build_generator_batch` lays one
-synthesis batch out as CNCL groups.
+synthesis batch out as CNCL groups, of all K classes or of C sampled ones
+(`class_cycle`).
 """
 
 from typing import Sequence
@@ -100,34 +101,48 @@ class GeneratorBatch:
 def build_generator_batch(rng: jax.Array, table_KxD: jax.Array, num_groups: int,
                           num_sources: int = 4, magnitude: float | Sequence[float] = 0.1,
                           mode: str = "cend", sources: Sequence[str] | None = None,
-                          scale_D: jax.Array | None = None) -> GeneratorBatch:
-  """One synthesis batch of `num_groups` CNCL groups, B = num_groups * K * (N + 1).
+                          scale_D: jax.Array | None = None,
+                          classes_GxC: jax.Array | None = None) -> GeneratorBatch:
+  """One synthesis batch of `num_groups` CNCL groups, B = num_groups * C * (N + 1).
 
-  Inside a group: the K anchors (classes 0..K-1), then the K copies diffused by
-  source 1, ..., then by source N. Every K consecutive rows therefore hold each
-  class once, and every K * (N + 1) rows are one group: the generator's noisy
-  layer relies on either (`generator.noisy_chunk_rows`). `magnitude` and
-  `scale_D` are `diffuse`'s. Modes: "cend" (Eq. 3), "clean" (NAYER: every row
-  the clean embedding) and "gaussian" (rows are N(0, I): the plain-noise base
-  without CEND).
+  Inside a group: the C anchors, then the C copies diffused by source 1, ..., then by
+  source N. Every C consecutive rows therefore hold each of the group's classes once, and
+  every C * (N + 1) rows are one group: the generator's noisy layer relies on either
+  (`generator.noisy_chunk_rows`). The group's classes are row g of `classes_GxC`
+  (`class_cycle.group_classes`), or None: all K in label order (C = K). `magnitude` and
+  `scale_D` are `diffuse`'s. Modes: "cend" (Eq. 3), "clean" (NAYER: every row the clean
+  embedding) and "gaussian" (rows are N(0, I): the plain-noise base without CEND).
   """
   if mode not in MODES:
     raise ValueError(f"Unknown CEND mode {mode!r}; choose from {MODES}.")
   k, d = table_KxD.shape
   views = num_sources + 1
   table_KxD = jnp.asarray(table_KxD, jnp.float32)
+  if classes_GxC is None:
+    classes_GxC = jnp.broadcast_to(jnp.arange(k), (num_groups, k))
+    tables_GxCxD = None                                  # One table for every group.
+  else:
+    if classes_GxC.shape[0] != num_groups:
+      raise ValueError(f"classes_GxC has {classes_GxC.shape[0]} rows for {num_groups} groups.")
+    tables_GxCxD = table_KxD[classes_GxC]
+  c = classes_GxC.shape[1]
   if mode == "cend":
     keys = jax.random.split(rng, num_groups)
-    diffused = jax.vmap(lambda r: diffuse(r, table_KxD, num_sources, magnitude, sources,
-                                          scale_D))(keys)
-    anchors = jnp.broadcast_to(table_KxD, (num_groups, 1, k, d))
-    emb = jnp.concatenate([anchors, diffused], axis=1)                   # G x V x K x D
+    diffuse_one = lambda r, t: diffuse(r, t, num_sources, magnitude, sources, scale_D)
+    if tables_GxCxD is None:
+      diffused = jax.vmap(lambda r: diffuse_one(r, table_KxD))(keys)
+      anchors = jnp.broadcast_to(table_KxD, (num_groups, 1, k, d))
+    else:
+      diffused = jax.vmap(diffuse_one)(keys, tables_GxCxD)
+      anchors = tables_GxCxD[:, None]
+    emb = jnp.concatenate([anchors, diffused], axis=1)                   # G x V x C x D
   elif mode == "clean":
-    emb = jnp.broadcast_to(table_KxD, (num_groups, views, k, d))
+    clean = table_KxD[None, None] if tables_GxCxD is None else tables_GxCxD[:, None]
+    emb = jnp.broadcast_to(clean, (num_groups, views, c, d))
   else:
-    emb = jax.random.normal(rng, (num_groups, views, k, d))
-  shape = (num_groups, views, k)
-  labels = jnp.broadcast_to(jnp.arange(k), shape)
+    emb = jax.random.normal(rng, (num_groups, views, c, d))
+  shape = (num_groups, views, c)
+  labels = jnp.broadcast_to(classes_GxC[:, None, :], shape)
   source_index = jnp.broadcast_to(jnp.arange(views)[:, None], shape)
   group = jnp.broadcast_to(jnp.arange(num_groups)[:, None, None], shape)
   return GeneratorBatch(emb.reshape(-1, d), labels.reshape(-1).astype(jnp.int32),

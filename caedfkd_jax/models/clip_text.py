@@ -1,8 +1,9 @@
-"""CLIP text encoder of Stable Diffusion v1.x (transformers' `CLIPTextModel`).
+"""CLIP's text encoder (transformers' `CLIPTextModel`): Stable Diffusion's and `caedfkd embed`'s.
 
 Stable Diffusion conditions its UNet on the encoder's `last_hidden_state`
 (every token, after the final LayerNorm; no pooling, no projection), so that is
-all this module computes. The layout follows transformers' PyTorch model, and
+all this module computes; `io/clip_embed.py` pools it at the EOS token and
+projects it, as `CLIPTextModelWithProjection` does, for class embeddings. The layout follows transformers' PyTorch model, and
 Flax module paths mirror its state-dict keys with numbered segments merged
 (`encoder.layers.0.self_attn.q_proj` <-> `layers_0/self_attn/q_proj`), the
 naming rule of `caedfkd_jax/io/convert.py`.
