@@ -24,6 +24,12 @@ on `base`:
   python -m benchmarks.ladder_study --workdir runs/loss_weights_digits --seeds 5 --epochs 8 \
       --arms base,nayer_weights,mean_r56 --reference base
 
+Table I's image-level baselines (the `mixup` and `image_contrastive` arms) and NAYER's student
+train mode in its rounds, against `base`:
+
+  python -m benchmarks.ladder_study --workdir runs/table1_digits --seeds 5 --epochs 8 \
+      --arms base,mixup,image_contrastive,base_eval_student --reference base
+
 Every arm is an ordinary `caedfkd distill` run directory (resumable: rerun the same
 command after a kill). Writes study.json and study.md in --workdir.
 """
@@ -53,6 +59,8 @@ SWITCHES: dict[str, tuple[str, dict[str, Any]]] = {
     # resnet56 pair's weights per layer (summed) and in total (averaged, 550 = 10 x 55 layers).
     "nayer_weights": ("base", {"loss.ce": 0.5, "loss.bn": 10.0}),
     "mean_r56": ("base", {"loss.ce": 0.5, "loss.bn": 550.0, "loss.bn_reduce": "mean"}),
+    # NAYER's base with the student in eval mode in every round (the arms run NAYER's loop).
+    "base_eval_student": ("base", {"student_train_mode_in_rounds": False}),
 }
 
 

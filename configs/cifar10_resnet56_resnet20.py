@@ -20,7 +20,7 @@ Full schedule on a GPU (NAYER's CIFAR-10 settings and the paper's batch sizes,
       --config.teacher=teachers/resnet56 --config.eval_data=../shared/data/cifar10
 
 An arm of the ablation ladder (caedfkd_jax/config/ladder.py: base, cend, cend_cncl,
-gaussian) follows the schedule after a comma, e.g. `:cpu,base` or `:full,cend`;
+gaussian, and Table I's mixup and image_contrastive) follows the schedule after a comma, e.g. `:cpu,base` or `:full,cend`;
 `:base` alone is `:cpu,base`.
 """
 

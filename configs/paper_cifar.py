@@ -27,7 +27,7 @@ that group (not 99), each noisy Linear (per_view) sees 20 rows, not 100, and a K
 about 67 distinct classes (5 random groups of 20), not all 100.
 
 A fourth item picks an arm of the ablation ladder (caedfkd_jax/config/ladder.py: base,
-cend, cend_cncl, gaussian), e.g. `paper_cifar.py:cifar10,resnet34,resnet18,base`.
+cend, cend_cncl, gaussian, mixup, image_contrastive), e.g. `paper_cifar.py:cifar10,resnet34,resnet18,base`.
 """
 
 from caedfkd_jax.config import defaults, ladder

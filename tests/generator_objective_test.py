@@ -96,7 +96,7 @@ def test_generator_loss_is_its_definition_in_float64(tiny):
   refs = {}
   for valid in (False, True):
     for adv_on in (0.0, 1.0):
-      loss, (got_images, got_stats, metrics) = jax.device_get(loss_fn(
+      loss, (got_images, got_stats, metrics, _) = jax.device_get(loss_fn(
           params, student, batch, ema, jnp.bool_(valid), jnp.float32(adv_on), rng))
       ref, agree = _reference(t_logits, bn_stats, s_logits, batch.labels_B,
                               teacher_vars["batch_stats"], ema, valid, adv_on, loss_cfg)

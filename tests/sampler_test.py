@@ -212,7 +212,7 @@ def test_config_arguments_take_an_arm_and_an_unknown_one_names_the_arms():
                                   (paper, "cifar100,wrn40_2,wrn16_1", "cifar100,wrn40_2,wrn16_1,base")):
     assert config_fields.flatten(module.get_config(with_arm)) == config_fields.flatten(ladder.apply_arm(module.get_config(plain),
                                                                         "base"))
-  arms = r"base, cend, cend_cncl, gaussian"
+  arms = r"base, cend, cend_cncl, mixup, image_contrastive, gaussian"
   for module, arg in ((r56, "cpu,nayer"), (paper, "cifar10,resnet34,resnet18,nayer")):
     with pytest.raises(ValueError, match=f"Unknown ablation arm 'nayer'; the arms are {arms}"):
       module.get_config(arg)

@@ -123,6 +123,13 @@ def get_config(method: str | None = None) -> ml_collections.ConfigDict:
   config.student.cncl_temperature = 0.07 # tau [INFERRED].
   config.student.cncl_form = "infonce"   # "infonce" | "supcon".
   config.student.cncl_same_group = False # Restrict positives to the anchor's own group.
+  # The paper's Table I baselines on the NAYER base (image-level tricks it reports hurt); without
+  # CNCL. Their values are [INFERRED]: the table gives none.
+  config.student.mixup_alpha = 0.0       # Mixup of the KD batch's images, lam ~ Beta(a, a), the
+                                         # teacher labelling the mixed images; 0: off.
+  config.student.image_contrastive_weight = 0.0  # SimCLR's NT-Xent on two augmented views of
+                                         # each KD image (student features); 0: off.
+  config.student.image_contrastive_temperature = 0.07  # Its tau (CNCL's, for comparability).
 
   # Schedule
   config.epochs = 120                    # Including warm-up (NAYER: 120/220/320).

@@ -29,6 +29,16 @@ ARMS: dict[str, dict[str, Any]] = {
     # + CNCL: the full method (whole CNCL groups in every KD batch), in NAYER's loop.
     "cend_cncl": {"cend.mode": "cend", "student.sampler": "groups", "student.cncl_weight": 0.5,
                   **NAYER_LOOP},
+    # Table I's image-level baselines on the base (NAYER + Mixup, NAYER + image-level
+    # contrastive learning), where the paper reports both hurt; CNCL's weight and tau for the
+    # contrastive one [INFERRED].
+    "mixup": {"cend.mode": "clean", "generator.reinit_noisy_layer": True,
+              "generator.noisy_chunks": "per_view", "student.sampler": "uniform",
+              "student.cncl_weight": 0.0, "student.mixup_alpha": 1.0, **NAYER_LOOP},
+    "image_contrastive": {"cend.mode": "clean", "generator.reinit_noisy_layer": True,
+                          "generator.noisy_chunks": "per_view", "student.sampler": "uniform",
+                          "student.cncl_weight": 0.0, "student.image_contrastive_weight": 0.5,
+                          **NAYER_LOOP},
     # A separate reference, not a rung: plain N(0, I) generator input, no CNCL, uniform sampling.
     "gaussian": {"cend.mode": "gaussian", "student.sampler": "uniform", "student.cncl_weight": 0.0,
                  **NAYER_LOOP},

@@ -28,9 +28,11 @@ PyTree = Any
 
 # What KD from the bank and the rounds-then-KD plan read (besides a method's synthesis).
 READS = (*STUDENT_OPTIMIZER, "student.eta_min", "student.sampler", "student.kd_steps",
-         "student.steps_per_call", "student.temperature", "warmup_epochs", "g_loops",
-         "warmup_g_loops", "bank_capacity", "low_confidence")
-KD_SHOWS = ("kd/kl", "kd/cncl", "kd/agreement")
+         "student.steps_per_call", "student.temperature", "student.mixup_alpha",
+         "student.image_contrastive_weight", "student.image_contrastive_temperature",
+         "warmup_epochs", "g_loops", "warmup_g_loops", "bank_capacity", "low_confidence")
+KD_SHOWS = ("kd/kl", "kd/cncl", "kd/image_contrastive", "kd/agreement")
+MIXUP, SECOND_VIEW = 1, 2   # Folded into a KD step's augmentation rng for their own draws.
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -98,6 +100,10 @@ def check_schedule(config, synthesis_batch: int, what: str) -> None:
   if config.epochs <= config.warmup_epochs:
     raise ValueError(f"epochs={config.epochs} leaves no KD epoch after "
                      f"warmup_epochs={config.warmup_epochs}")
+  if s.mixup_alpha < 0 or s.image_contrastive_weight < 0 or s.image_contrastive_temperature <= 0:
+    raise ValueError(f"config.student.mixup_alpha={s.mixup_alpha} and image_contrastive_weight="
+                     f"{s.image_contrastive_weight} must be >= 0 (0: off), and "
+                     f"image_contrastive_temperature={s.image_contrastive_temperature} > 0.")
 
 
 def check_grouped(config, num_devices: int, group_classes: int, swept: Collection[str],
@@ -110,6 +116,11 @@ def check_grouped(config, num_devices: int, group_classes: int, swept: Collectio
   synthesis = config.num_groups * group
   check_schedule(config, synthesis, f"num_groups*{c}*(N+1)")
   cncl = cncl_subbatch_groups(config, swept) * group if with_cncl else 0
+  cncl_on = with_cncl and (config.student.cncl_weight > 0 or "student.cncl_weight" in swept)
+  if cncl_on and (config.student.mixup_alpha > 0 or config.student.image_contrastive_weight > 0):
+    raise ValueError("config.student.mixup_alpha and image_contrastive_weight are Table I's "
+                     "image-level baselines on the NAYER base, without CNCL: set "
+                     "student.cncl_weight=0 (the ladder's mixup and image_contrastive arms do).")
   check_divisible(num_devices,
                   [(f"synthesis batch (num_groups*{c}*(N+1))", synthesis),
                    (f"KD batch (student.batch_groups*{c}*(N+1))",
@@ -130,27 +141,37 @@ def check_divisible(num_devices: int, batches: Sequence[tuple[str, int]], fields
 def student_loss(params: PyTree, batch_stats: PyTree, setup: Setup, x: jax.Array,
                  t_logits: jax.Array, labels: jax.Array, source_index: jax.Array,
                  group: jax.Array, hparams: dict[str, jax.Array] | None = None,
-                 cncl_from: int | None = 0):
-  """L_S = t^2 KL(T || S) + lambda * L_CNCL on the student's penultimate features.
+                 cncl_from: int | None = 0, second_view_from: int | None = None):
+  """L_S = t^2 KL(T || S) + lambda * L_CNCL on the student's penultimate features
+  (+ the image-level contrastive baseline, Table I).
 
   One forward pass over all of `x`, so BatchNorm's batch statistics cover every row.
   KL is taken on the first `len(t_logits)` rows (the rows the teacher saw), CNCL on
-  rows `cncl_from:` (None: no CNCL term and no "kd/cncl" metric). The "groups"
-  sampler puts both on every row; see `sample_kd_batch` for "uniform".
+  rows `cncl_from:second_view_from` (None: no CNCL term and no "kd/cncl" metric). The
+  "groups" sampler puts both on every row; see `sample_kd_batch` for "uniform". Rows
+  `second_view_from:` (None: none) are second augmented views of the KL rows, for the
+  image-level contrastive term (`losses.image_contrastive_loss`).
   """
   cfg = setup.config.student
   hp = functools.partial(hparam, setup, hparams or {})
   (s_logits, aux), new_vars = setup.student.apply(
       {"params": params, "batch_stats": batch_stats}, x, train=True, mutable=["batch_stats"])
-  s_logits = s_logits[:t_logits.shape[0]]
+  num_kl = t_logits.shape[0]
+  s_logits = s_logits[:num_kl]
   l_kl = losses.kl_divergence(t_logits, s_logits, hp("student.temperature"))
   loss, cncl = l_kl, {}
+  if second_view_from is not None:
+    features = aux["features"]
+    l_image = losses.image_contrastive_loss(features[:num_kl], features[second_view_from:],
+                                            cfg.image_contrastive_temperature)
+    loss = loss + hp("student.image_contrastive_weight") * l_image
+    cncl["kd/image_contrastive"] = l_image
   if cncl_from is not None:
-    rows = slice(cncl_from, None)
+    rows = slice(cncl_from, second_view_from)
     l_cncl = losses.cncl_loss(aux["features"][rows], labels[rows], source_index[rows],
                               hp("student.cncl_temperature"), group_B=group[rows],
                               same_group_positives=cfg.cncl_same_group, form=cfg.cncl_form)
-    loss, cncl = l_kl + hp("student.cncl_weight") * l_cncl, {"kd/cncl": l_cncl}
+    loss, cncl = loss + hp("student.cncl_weight") * l_cncl, {**cncl, "kd/cncl": l_cncl}
   agree = jnp.mean(jnp.argmax(s_logits, -1) == jnp.argmax(t_logits, -1))
   metrics = {"kd/loss": loss, "kd/kl": l_kl, **cncl, "kd/agreement": agree}
   return loss, (new_vars["batch_stats"], metrics)
@@ -235,11 +256,21 @@ def student_step(carry: StudentCarry, rng: jax.Array, step: jax.Array, state: Tr
       swept=state.hparams.keys(), mesh=mesh)
   x = normalize(augment.random_crop_flip(rng_aug, images), setup.mean, setup.std)
   num_kl = cncl_from or x.shape[0]   # KL rows come first; "groups" has CNCL on every row (0).
+  cfg = setup.config.student
+  if cfg.mixup_alpha > 0:            # Table I's Mixup: the teacher labels the mixed images.
+    x = x.at[:num_kl].set(augment.mixup(jax.random.fold_in(rng_aug, MIXUP), x[:num_kl],
+                                        cfg.mixup_alpha))
   t_logits, _ = setup.teacher.apply(teacher_vars, x[:num_kl], train=False)
+  second_view_from = None
+  if cfg.image_contrastive_weight > 0:
+    second_view_from = x.shape[0]    # Table I's image-level contrastive: a second view.
+    view = augment.random_crop_flip(jax.random.fold_in(rng_aug, SECOND_VIEW), images[:num_kl])
+    x = constrain_batch(jnp.concatenate([x, normalize(view, setup.mean, setup.std)]), mesh)
   grad_fn = jax.value_and_grad(student_loss, has_aux=True)
   (_, (batch_stats, metrics)), grads = grad_fn(
       carry.student["params"], carry.student["batch_stats"], setup, x,
-      jax.lax.stop_gradient(t_logits), labels, source_index, group, state.hparams, cncl_from)
+      jax.lax.stop_gradient(t_logits), labels, source_index, group, state.hparams, cncl_from,
+      second_view_from)
   updates, opt_state = setup.student_tx.update(grads, carry.opt_state, carry.student["params"])
   params = optax.apply_updates(carry.student["params"], updates)
   return StudentCarry({"params": params, "batch_stats": batch_stats}, opt_state,

@@ -83,13 +83,13 @@ def student_logits(setup: Setup, student: PyTree, x: jax.Array,
                    train_mode: jax.Array | None) -> tuple[jax.Array, PyTree]:
   """The student's logits for L_adv and its batch statistics after them.
 
-  `train_mode` None: eval mode, statistics unchanged (the paper's reading). Else a traced
+  `train_mode` None: eval mode, no statistics returned (the paper's reading). Else a traced
   bool: where true, NAYER's `student.train()` (its round loop leaves the student in train
   mode after a round): BatchNorm normalises with the batch's statistics and updates its
   running ones, as every forward pass of a PyTorch module in train mode does.
   """
   if train_mode is None:
-    return setup.student.apply(student, x, train=False)[0], student["batch_stats"]
+    return setup.student.apply(student, x, train=False)[0], None
 
   def train(_):
     (logits, _), updated = setup.student.apply(student, x, train=True, mutable=["batch_stats"])
@@ -141,7 +141,8 @@ class RoundCarry:
   best_loss: jax.Array
   best_images: jax.Array
   last_bn_stats: PyTree
-  student_batch_stats: PyTree   # The student's running statistics (moved only in train mode).
+  student_batch_stats: PyTree   # The student's running statistics as the round moves them
+                                # (student_train_mode_in_rounds; None where it is off).
 
 
 @struct.dataclass
@@ -164,14 +165,14 @@ def start_round(state: TrainState, *, setup: Setup, inputs: GeneratorInputs, war
   batch = constrain_batch(inputs(setup, state.hparams, rng_batch, round_classes(setup, state)),
                           mesh)
   image_shape = (setup.synthesis_batch, *state.method.bank.images.shape[1:])
-  carry = RoundCarry(params, setup.generator_tx.init(params), jnp.float32(jnp.inf),
-                     jnp.zeros(image_shape, jnp.float32),
-                     jax.tree.map(jnp.zeros_like, state.method.bn_ema),
-                     state.student["batch_stats"])
   # NAYER's round loop calls student.eval() when an epoch's synthesis starts and
   # student.train() after each round: an epoch's rounds after its first see a training student.
   student_train = (state.unit > 0 if setup.config.get("student_train_mode_in_rounds")
                    and not warmup else None)
+  carry = RoundCarry(params, setup.generator_tx.init(params), jnp.float32(jnp.inf),
+                     jnp.zeros(image_shape, jnp.float32),
+                     jax.tree.map(jnp.zeros_like, state.method.bn_ema),
+                     None if student_train is None else state.student["batch_stats"])
   return carry, RoundContext(batch, jnp.float32(0.0 if warmup else 1.0), rng_steps,
                              student_train)
 
@@ -180,7 +181,8 @@ def generator_step(carry: RoundCarry, ctx: RoundContext, step: jax.Array, state:
                    teacher_vars: PyTree, *, setup: Setup, mesh: Mesh | None = None):
   """One Adam step of G (Eq. 5); keeps the batch with the lowest loss seen this round."""
   grad_fn = jax.value_and_grad(generator_loss, has_aux=True)
-  student = {**state.student, "batch_stats": carry.student_batch_stats}
+  student = (state.student if carry.student_batch_stats is None
+             else {**state.student, "batch_stats": carry.student_batch_stats})
   (loss, (images, bn_stats, metrics, student_stats)), grads = grad_fn(
       carry.params, setup, teacher_vars, student, ctx.batch, state.method.bn_ema,
       state.method.bn_ema_valid, ctx.adv_on, jax.random.fold_in(ctx.rng, step), mesh,
@@ -191,7 +193,8 @@ def generator_step(carry: RoundCarry, ctx: RoundContext, step: jax.Array, state:
       params=optax.apply_updates(carry.params, updates), opt_state=opt_state,
       best_loss=jnp.where(better, loss, carry.best_loss),
       best_images=jnp.where(better, jax.lax.stop_gradient(images), carry.best_images),
-      last_bn_stats=bn_stats, student_batch_stats=student_stats)
+      last_bn_stats=bn_stats,
+      student_batch_stats=None if carry.student_batch_stats is None else student_stats)
   return carry, metrics
 
 

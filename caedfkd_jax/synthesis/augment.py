@@ -151,3 +151,13 @@ def random_resized_crop_flip(rng: jax.Array, images_BxHxWxC: jax.Array,
   b, height, width, _ = images_BxHxWxC.shape
   y, x, h, w, flips = sample_resized_crop_flip(rng, b, height, width, scale, ratio, flip)
   return resized_crop_flip(images_BxHxWxC, y, x, h, w, flips)
+
+
+def mixup(rng: jax.Array, images_BxHxWxC: jax.Array, alpha: float) -> jax.Array:
+  """Mixup (Zhang et al. 2018): lam * x + (1 - lam) * x[perm], one lam ~ Beta(alpha, alpha) for
+  the batch and a random pairing. Affine in the pixels, so mixing normalised images equals
+  normalising mixed ones."""
+  rng_lam, rng_perm = jax.random.split(rng)
+  lam = jax.random.beta(rng_lam, alpha, alpha)
+  partner = jax.random.permutation(rng_perm, images_BxHxWxC.shape[0])
+  return lam * images_BxHxWxC + (1.0 - lam) * images_BxHxWxC[partner]

@@ -90,3 +90,19 @@ def cncl_loss(features_BxD: jax.Array, labels_B: jax.Array, source_index_B: jax.
     per_anchor = jnp.sum(jnp.where(positive, log_all[:, None] - logits_BxB, 0.0), -1) / n_pos
   valid = anchor_B & positive.any(-1)
   return jnp.sum(jnp.where(valid, per_anchor, 0.0)) / jnp.maximum(valid.sum(), 1)
+
+
+def image_contrastive_loss(features1_BxD: jax.Array, features2_BxD: jax.Array,
+                           temperature: float = 0.5, eps: float = 1e-8) -> jax.Array:
+  """SimCLR's NT-Xent on two augmented views of the same B images: each of the 2B rows has its
+  other view as the positive and the other 2B - 2 rows as negatives; cosine / temperature,
+  averaged over the 2B rows. The image-level contrastive baseline of the paper's Table I, where
+  CNCL contrasts at the level of the class embeddings instead."""
+  f = jnp.concatenate([features1_BxD, features2_BxD]).astype(jnp.float32)
+  f = f * jax.lax.rsqrt(jnp.sum(f * f, axis=-1, keepdims=True) + eps * eps)
+  n = f.shape[0]
+  logits = f @ f.T / temperature
+  logits = jnp.where(jnp.eye(n, dtype=bool), jnp.float32(-1e30), logits)   # Not itself.
+  partner = (jnp.arange(n) + n // 2) % n
+  log_prob = logits[jnp.arange(n), partner] - jax.nn.logsumexp(logits, axis=-1)
+  return -jnp.mean(log_prob)
