@@ -5,8 +5,8 @@ import pathlib
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "caedfkd_jax"
 # Top to bottom; a layer may import its own modules and any layer after it in this list.
-LAYERS = ["cli", "engine", "config", "methods", "eval", "synthesis", "diffusion", "io", "models",
-          "runtime"]
+LAYERS = ["cli", "engine", "config", "methods", "transfer", "eval", "synthesis", "diffusion", "io",
+          "models", "runtime"]
 # Neighbours in the list that are of equal rank: neither imports the other.
 PEERS = {("eval", "diffusion"), ("synthesis", "diffusion"),
          ("models", "runtime")}

@@ -1,4 +1,8 @@
-"""Model zoo: every network returns (logits, {"features": ...}) and sows BN input stats."""
+"""Model zoo: every network returns (logits, aux) and sows BN input stats.
+
+aux["features"] is the classifier's input; aux["stages"] the multi-scale maps a
+dense head reads, at the strides `stage_strides` gives (each net says which maps).
+"""
 
 from typing import Any, Callable
 
@@ -31,9 +35,21 @@ ARCHS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def create_model(arch: str, num_classes: int, dtype: Any = jnp.float32) -> nn.Module:
-  """Builds a zoo model; the error lists the known archs."""
+def create_model(arch: str, num_classes: int, dtype: Any = jnp.float32,
+                 output_stride: int | None = None) -> nn.Module:
+  """Builds a zoo model; the error lists the known archs.
+
+  `output_stride` (None: the arch's own) dilates the last stages of Bottleneck
+  ResNets (resnet50: 32, 16 or 8) for dense heads, with the same params; the
+  other archs accept only their natural stride, so a typo fails here, not later.
+  """
   if arch not in ARCHS:
     raise ValueError(
         f"Unknown arch {arch!r}. Known archs: {', '.join(sorted(ARCHS))}.")
-  return ARCHS[arch](num_classes=num_classes, dtype=dtype)
+  return ARCHS[arch](num_classes=num_classes, dtype=dtype, output_stride=output_stride)
+
+
+def stage_strides(arch: str, image_size: int,
+                  output_stride: int | None = None) -> tuple[int, ...]:
+  """Input size / spatial size of each aux["stages"] map, read off the architecture."""
+  return create_model(arch, 1, output_stride=output_stride).stage_strides(image_size)

@@ -17,7 +17,7 @@ shortcut, `resnet_cifar.py`); only the shortcut differs.
 """
 
 from functools import partial
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -41,10 +41,15 @@ def torch_default_bias_init(fan_in: int):
 
 
 def conv3x3(features: int, stride: int = 1, use_bias: bool = False,
-            dtype: Any = jnp.float32, name: str | None = None) -> nn.Conv:
-  """3x3 conv with PyTorch's explicit padding 1 ('SAME' differs at stride 2)."""
+            dtype: Any = jnp.float32, name: str | None = None,
+            dilation: int = 1) -> nn.Conv:
+  """3x3 conv with PyTorch's explicit padding (= dilation; 'SAME' differs at stride 2).
+
+  Dilation changes no parameter, so dilated backbones load undilated weights.
+  """
   return nn.Conv(features, (3, 3), strides=(stride, stride),
-                 padding=((1, 1), (1, 1)), use_bias=use_bias,
+                 padding=((dilation, dilation), (dilation, dilation)),
+                 kernel_dilation=(dilation, dilation), use_bias=use_bias,
                  kernel_init=conv_init, dtype=dtype, name=name)
 
 
@@ -52,6 +57,14 @@ def conv1x1(features: int, stride: int = 1, dtype: Any = jnp.float32,
             name: str | None = None) -> nn.Conv:
   return nn.Conv(features, (1, 1), strides=(stride, stride), padding="VALID",
                  use_bias=False, kernel_init=conv_init, dtype=dtype, name=name)
+
+
+def refuse_output_stride(net: nn.Module, allowed: Sequence[int]) -> None:
+  """One-line error when `net.output_stride` (None: the net's own) is not one it can give."""
+  if net.output_stride is not None and net.output_stride not in allowed:
+    raise ValueError(
+        f"{type(net).__name__}: output_stride={net.output_stride} is not available here "
+        f"(use {' or '.join(map(str, sorted(set(allowed))))}; only Bottleneck ResNets dilate).")
 
 
 def _keep_last(_, value):

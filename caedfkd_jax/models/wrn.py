@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from caedfkd_jax.models.layers import (BatchNorm, conv1x1, conv3x3, global_avg_pool,
-                                      torch_default_kernel_init)
+                                      refuse_output_stride, torch_default_kernel_init)
+
+GROUPS = ((16, 1), (32, 2), (64, 2))  # (channels before widening, stride) of each block group
 
 
 class WideBasicBlock(nn.Module):
@@ -54,11 +56,32 @@ class NetworkBlock(nn.Module):
 
 
 class WideResNet(nn.Module):
-  """Returns (logits, {"features": pooled penultimate features})."""
+  """Returns (logits, {"features": pooled penultimate, "stages": one map per block group}).
+
+  The blocks are pre-activation, so the last stage is taken after the final
+  bn-relu: the map the classifier pools, normalised as a dense head wants it.
+  The first two are the raw block-group sums (RepDistiller's feature list).
+  `output_stride` exists for a uniform `create_model`; only the natural 4 is accepted.
+  """
   depth: int
   widen_factor: int
   num_classes: int = 10
   dtype: Any = jnp.float32
+  output_stride: int | None = None
+
+  def __post_init__(self):
+    super().__post_init__()
+    refuse_output_stride(self, self.stage_strides(32)[-1:])
+
+  @nn.nowrap
+  def stage_strides(self, image_size: int) -> tuple[int, ...]:
+    """Input size / size of each "stages" output; the same at every image size."""
+    del image_size  # fully convolutional up to the pool
+    strides, reached = [], 1
+    for _, stride in GROUPS:
+      reached *= stride
+      strides.append(reached)
+    return tuple(strides)
 
   @nn.compact
   def __call__(self, x_BxHxWxC: jax.Array, train: bool = False):
@@ -66,15 +89,18 @@ class WideResNet(nn.Module):
       raise ValueError(f"WRN depth must be 6n+4 (e.g. 16, 40), got {self.depth}.")
     num_blocks = (self.depth - 4) // 6
     x = conv3x3(16, dtype=self.dtype, name="conv1")(x_BxHxWxC.astype(self.dtype))
-    for b, (channels, stride) in enumerate(((16, 1), (32, 2), (64, 2))):
+    stages = []
+    for b, (channels, stride) in enumerate(GROUPS):
       x = NetworkBlock(num_blocks, channels * self.widen_factor, stride, self.dtype,
                        name=f"block{b + 1}")(x, train)
+      stages.append(x)
     x = nn.relu(BatchNorm(dtype=self.dtype, name="bn1")(x, not train))
+    stages[-1] = x
     features = global_avg_pool(x)
     # The zoo zero-initialises the classifier's bias.
     logits = nn.Dense(self.num_classes, kernel_init=torch_default_kernel_init,
                       name="fc")(features)
-    return logits.astype(jnp.float32), {"features": features}
+    return logits.astype(jnp.float32), {"features": features, "stages": tuple(stages)}
 
 
 WRN16_1 = partial(WideResNet, depth=16, widen_factor=1)
