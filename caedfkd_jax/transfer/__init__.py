@@ -1,2 +1,3 @@
-"""Dense transfer (issue 27): NYUv2's multi-task metrics as LibMTL computes them, and a
-procedural NYUv2-layout dataset for tests and CPU studies."""
+"""Dense transfer (issue 27, under way): what `caedfkd transfer` will fine-tune and score with.
+`data` (NYUv2's MTAN layout, ADE20K-style folders, their augmentations), `heads` (ASPP,
+DeepLabV3(+), the linear probe), `losses` and `metrics` (LibMTL's), `procedural_nyu` (proxy data)."""
