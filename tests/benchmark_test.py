@@ -216,8 +216,9 @@ def test_ladder_switches_set_their_fields_on_top_of_their_arm():
   """A switch's config differs from its arm's in exactly the switch's fields."""
   from benchmarks import ladder_study
   def flat(config):
-    return {f"{k}.{f}": v for k, section in config.items() if hasattr(section, "items")
-            for f, v in section.items()}
+    top = {k: v for k, v in config.items() if not hasattr(v, "items")}
+    return {**top, **{f"{k}.{f}": v for k, section in config.items() if hasattr(section, "items")
+                      for f, v in section.items()}}
   assert {arm for arm, _ in ladder_study.SWITCHES.values()} == {"cend_cncl", "base"}
   for name, (base_arm, fields) in ladder_study.SWITCHES.items():
     arm = flat(ladder_study.arm_config(base_arm, "T", "E", 2, 3))

@@ -46,7 +46,9 @@ def create_model(arch: str, num_classes: int, dtype: Any = jnp.float32,
   if arch not in ARCHS:
     raise ValueError(
         f"Unknown arch {arch!r}. Known archs: {', '.join(sorted(ARCHS))}.")
-  return ARCHS[arch](num_classes=num_classes, dtype=dtype, output_stride=output_stride)
+  # Passed only when asked for, so an arch registered without the field still builds.
+  extra = {} if output_stride is None else {"output_stride": output_stride}
+  return ARCHS[arch](num_classes=num_classes, dtype=dtype, **extra)
 
 
 def stage_strides(arch: str, image_size: int,
