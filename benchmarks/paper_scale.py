@@ -56,13 +56,6 @@ def _random_inputs(config, num_classes: int, directory: str) -> tuple[str, str]:
   return teacher, table
 
 
-def _timed(fn, *args):
-  import jax
-  start = time.perf_counter()
-  out = jax.block_until_ready(fn(*args))
-  return out, time.perf_counter() - start
-
-
 def measure_units(config) -> dict:
   """Two calls of each phase; the second's seconds per step."""
   import jax
@@ -78,12 +71,12 @@ def measure_units(config) -> dict:
   for phase, num_steps in (("warmup_round", config.generator.steps),
                            ("round", config.generator.steps),
                            ("kd", config.student.steps_per_call)):
-    (state, _, _), first = _timed(fns[phase], state, teacher_vars)
-    (state, _, _), second = _timed(fns[phase], state, teacher_vars)
+    (state, _, _), first = jax_side._timed(fns[phase], state, teacher_vars)
+    (state, _, _), second = jax_side._timed(fns[phase], state, teacher_vars)
     figures[phase] = {"first_call_s": first, "call_s": second, "steps": num_steps,
                       "step_s": second / num_steps}
   figures["synthesis_batch"], figures["kd_batch"] = setup.synthesis_batch, setup.kd_batch
-  figures["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+  figures["peak_rss_gb"] = jax_side.peak_memory()["host_peak_rss_bytes"] / 1e9
   return figures
 
 

@@ -108,12 +108,12 @@ def _tiny_setup(teacher_dir, table_path, classes_per_group):
   config.classes_per_group = classes_per_group
   teacher = bundle_lib.load_bundle(teacher_dir)
   checks.validate_config(config, 1, teacher.spec.num_classes)
-  return train.create_setup(config, teacher, embeddings.load_table(table_path)), teacher
+  return train.create_setup(config, teacher, embeddings.load_table(table_path))
 
 
 def test_c_equal_k_is_the_default_layout(teacher_dir, table_path):
-  setup, _ = _tiny_setup(teacher_dir, table_path, 4)    # The tiny run has K = 4.
-  default, _ = _tiny_setup(teacher_dir, table_path, 0)
+  setup = _tiny_setup(teacher_dir, table_path, 4)    # The tiny run has K = 4.
+  default = _tiny_setup(teacher_dir, table_path, 0)
   assert (setup.group_classes, setup.group_size, setup.synthesis_batch) == (
       default.group_classes, default.group_size, default.synthesis_batch) == (4, 8, 16)
   position = dataclasses.make_dataclass("Position", ["rng", "epoch", "unit"])
@@ -124,18 +124,13 @@ def test_sampled_rounds_bank_the_run_class_cycle_in_whole_groups(teacher_dir, ta
   """Two warm-up rounds of 2 groups of C = 2 of the K = 4 classes, N = 1: the bank holds the
   run's class cycle in order, each group its 2 classes x 2 views, and the per-class
   low-confidence shares say NaN for the classes a round did not make."""
-  from jax.sharding import NamedSharding, PartitionSpec as P
-  from caedfkd_jax.engine import steps
-  from caedfkd_jax.runtime.mesh import make_mesh
-  setup, teacher = _tiny_setup(teacher_dir, table_path, 2)
+  from tiny_run import one_cpu_steps, tiny_config
+  config = tiny_config(teacher_dir, table_path)
+  config.classes_per_group = 2
+  setup, fns, teacher_vars, state = one_cpu_steps(config, teacher_dir, table_path)
   assert (setup.group_classes, setup.group_size, setup.synthesis_batch) == (2, 4, 8)
-  mesh = make_mesh(jax.devices("cpu")[:1])
-  replicated = NamedSharding(mesh, P())
-  teacher_vars = jax.device_put({k: teacher.variables[k] for k in ("params", "batch_stats")},
-                                replicated)
-  state = jax.device_put(train.create_state(setup, teacher_vars), replicated)
   rng = jax.random.wrap_key_data(np.asarray(jax.random.key_data(state.rng)))
-  warmup_round = steps.make_step_fns(setup, mesh)["warmup_round"]
+  warmup_round = fns["warmup_round"]
   low_conf = []
   for _ in range(2):
     state, _, outputs = warmup_round(state, teacher_vars)

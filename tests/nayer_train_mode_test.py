@@ -3,13 +3,9 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from caedfkd_jax.config import checks, ladder
-from caedfkd_jax.engine import steps, train
-from caedfkd_jax.io import bundle as bundle_lib, embeddings
-from caedfkd_jax.runtime.mesh import make_mesh
-from tiny_run import tiny_config
+from caedfkd_jax.config import ladder
+from tiny_run import one_cpu_steps, tiny_config
 
 
 def _rounds_after(teacher_dir, table_path, train_mode: bool, units: tuple[int, ...]):
@@ -19,21 +15,14 @@ def _rounds_after(teacher_dir, table_path, train_mode: bool, units: tuple[int, .
   config = tiny_config(teacher_dir, table_path)
   config.student_train_mode_in_rounds = train_mode
   config.g_loops = 2
-  teacher = bundle_lib.load_bundle(teacher_dir)
-  checks.validate_config(config, 1, teacher.spec.num_classes)
-  setup = train.create_setup(config, teacher, embeddings.load_table(table_path))
-  mesh = make_mesh(jax.devices("cpu")[:1])
-  replicated = NamedSharding(mesh, P())
-  teacher_vars = jax.device_put({k: teacher.variables[k] for k in ("params", "batch_stats")},
-                                replicated)
-  fresh = train.create_state(setup, teacher_vars)
-  round_fn = steps.make_step_fns(setup, mesh)["round"]
+  _, fns, teacher_vars, fresh = one_cpu_steps(config, teacher_dir, table_path)
   results = []
   for unit in units:
-    state = fresh.replace(epoch=jnp.int32(config.warmup_epochs), unit=jnp.int32(unit))
+    state = jax.tree.map(jnp.copy, fresh)    # The step donates its state.
+    state = state.replace(epoch=jnp.full_like(state.epoch, config.warmup_epochs),
+                          unit=jnp.full_like(state.unit, unit))
     before = jax.device_get(state.student["batch_stats"])
-    after, metrics, _ = round_fn(jax.device_put(jax.tree.map(jnp.copy, state), replicated),
-                                 teacher_vars)
+    after, metrics, _ = fns["round"](state, teacher_vars)
     results.append((before, jax.device_get(after.student["batch_stats"]),
                     jax.device_get(after.method.generator_params), jax.device_get(metrics)))
   return results

@@ -5,14 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from caedfkd_jax.config import checks, ladder
-from caedfkd_jax.engine import steps, train
-from caedfkd_jax.io import bundle as bundle_lib, embeddings
-from caedfkd_jax.runtime.mesh import make_mesh
 from caedfkd_jax.synthesis import augment, losses
-from tiny_run import tiny_config
+from tiny_run import one_cpu_steps, tiny_config
 
 
 def _nt_xent_float64(z1, z2, tau):
@@ -59,15 +55,7 @@ def test_mixup_is_one_convex_combination_with_a_permutation():
 def _kd_call(teacher_dir, table_path, arm: str):
   config = tiny_config(teacher_dir, table_path)
   ladder.apply_arm(config, arm)
-  teacher = bundle_lib.load_bundle(teacher_dir)
-  checks.validate_config(config, 1, teacher.spec.num_classes)
-  setup = train.create_setup(config, teacher, embeddings.load_table(table_path))
-  mesh = make_mesh(jax.devices("cpu")[:1])
-  replicated = NamedSharding(mesh, P())
-  teacher_vars = jax.device_put({k: teacher.variables[k] for k in ("params", "batch_stats")},
-                                replicated)
-  fns = steps.make_step_fns(setup, mesh)
-  state = jax.device_put(train.create_state(setup, teacher_vars), replicated)
+  _, fns, teacher_vars, state = one_cpu_steps(config, teacher_dir, table_path)
   state, _, _ = fns["warmup_round"](state, teacher_vars)        # A bank to draw from.
   state, metrics, _ = fns["kd"](state, teacher_vars)
   return jax.device_get(metrics)

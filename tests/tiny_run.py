@@ -84,3 +84,21 @@ def assert_same_round_and_kd(a, b, context: str = ""):
   for name in ("generator_params", "bn_ema", "student"):
     for x, y in zip(jax.tree.leaves(a[name]), jax.tree.leaves(b[name])):
       np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6, err_msg=f"{context}{name}")
+
+
+def one_cpu_steps(config, teacher_dir, table_path):
+  """A checked tiny `config`'s (setup, step functions on one CPU, the teacher's variables and a
+  fresh state, both replicated there): for tests that call a few units by hand."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  from caedfkd_jax.config import checks
+  from caedfkd_jax.engine import steps, train
+  from caedfkd_jax.io import bundle as bundle_lib, embeddings
+  teacher = bundle_lib.load_bundle(teacher_dir)
+  checks.validate_config(config, 1, teacher.spec.num_classes)
+  setup = train.create_setup(config, teacher, embeddings.load_table(table_path))
+  mesh = make_mesh(jax.devices("cpu")[:1])
+  replicated = NamedSharding(mesh, P())
+  teacher_vars = jax.device_put({k: teacher.variables[k] for k in ("params", "batch_stats")},
+                                replicated)
+  state = jax.device_put(train.create_state(setup, teacher_vars), replicated)
+  return setup, steps.make_step_fns(setup, mesh), teacher_vars, state

@@ -7,7 +7,7 @@ with one name per line; a Tiny-ImageNet or ImageNet root gives its words file's 
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 CIFAR10 = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -89,7 +89,8 @@ def _data_key(name: str, label: int) -> str:
   return name_key(name)
 
 
-def _shown(names: list[str], limit: int = 10) -> str:
+def shown(names: Sequence[str], limit: int = 10) -> str:
+  """The first `limit` names for a message, and how many there are in all."""
   return ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
@@ -112,7 +113,7 @@ def check_class_names(model_names: list[str] | None, data_names: list[str], wher
   data_keys = [_data_key(n, k) for k, n in enumerate(data_names)]
   if all(key.isdigit() and int(key) == k for k, key in enumerate(data_keys)):
     say(f"Note: {where} names its classes only by index, so its label k is taken as the model's "
-        f"class k ({_shown(model_names, 3)}).")
+        f"class k ({shown(model_names, 3)}).")
     return
   model_keys = [name_key(n) for n in model_names]
   if data_keys == model_keys:
@@ -124,8 +125,8 @@ def check_class_names(model_names: list[str] | None, data_names: list[str], wher
                         f"{model_names[k]!r}" for k in differ[:3])
             + (f"; and {len(differ) - 3} more" if len(differ) > 3 else ""))
   else:
-    what = (f"has other classes than the model: the data's are {_shown(data_names)}; the model's "
-            f"are {_shown(model_names)}")
+    what = (f"has other classes than the model: the data's are {shown(data_names)}; the model's "
+            f"are {shown(model_names)}")
   message = (f"{where} {what}. Scores would be silently wrong: use data whose classes are the "
              f"model's in label order (an image folder's class k is its k-th folder in sorted "
              f"order; prefix the names with their index, e.g. 0_airplane, to fix the order), or "

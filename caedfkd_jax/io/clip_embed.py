@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from caedfkd_jax.io import class_names
 from caedfkd_jax.models import clip_text
 
 WEIGHTS_FILE = "model.safetensors"
@@ -94,15 +95,10 @@ def weights_path(model_dir: str) -> str:
   if not os.path.isfile(path):
     found = sorted(os.listdir(model_dir))
     raise FileNotFoundError(
-        f"CLIP folder {model_dir} has no {WEIGHTS_FILE} (it holds {_listed(found)}); pickled "
+        f"CLIP folder {model_dir} has no {WEIGHTS_FILE} (it holds {class_names.shown(found, 6) or 'nothing'}); pickled "
         "pytorch_model.bin files and sharded saves are not read: re-save the model in one file "
         "with save_pretrained(DIR, safe_serialization=True, max_shard_size='100GB').")
   return path
-
-
-def _listed(names: Sequence[str], limit: int = 6) -> str:
-  shown = ", ".join(names[:limit]) or "nothing"
-  return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
 
 
 def read_params(model_dir: str, config: clip_text.CLIPTextConfig) -> dict[str, Any]:

@@ -171,11 +171,10 @@ def stack_images(images: Iterable[np.ndarray], count: int, where: str,
 
 
 def available_memory_bytes() -> int | None:
-  """Free physical memory, where the system says (Linux); None elsewhere."""
-  try:
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-  except (AttributeError, ValueError, OSError):
-    return None
+  """Free physical memory: the package's one probe (`runtime.platform`), imported here only
+  when a split is sized, so reading class names does not start JAX."""
+  from caedfkd_jax.runtime import platform  # pylint: disable=g-import-not-at-top
+  return platform.host_memory_bytes()
 
 
 def check_fits_in_memory(count: int, size: tuple[int, int], where: str) -> None:

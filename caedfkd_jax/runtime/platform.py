@@ -38,15 +38,18 @@ def enable_compilation_cache(directory: str) -> str | None:
   return directory
 
 
+def host_memory_bytes() -> int | None:
+  """Free physical memory, where the system says (Linux); None elsewhere."""
+  try:
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+  except (ValueError, OSError, AttributeError):
+    return None
+
+
 def device_memory_bytes(device) -> int | None:
   """What one device can hold: the accelerator allocator's limit, or (CPU) the host memory
   available now; None where neither is known."""
   stats = device.memory_stats() if hasattr(device, "memory_stats") else None
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"])
-  if device.platform != "cpu":
-    return None
-  try:
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-  except (ValueError, OSError, AttributeError):
-    return None
+  return host_memory_bytes() if device.platform == "cpu" else None
