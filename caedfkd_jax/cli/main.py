@@ -22,6 +22,10 @@ COMMANDS = {
     "distill": ("caedfkd_jax.cli.distill", "CAE-DFKD: teacher bundle -> student bundle, no real data"),
     "train": ("caedfkd_jax.cli.train", "supervised training of a zoo network: a teacher, or the "
               "data-accessible student"),
+    "transfer": ("caedfkd_jax.cli.transfer", "fine-tune a bundle's backbone on dense tasks "
+                 "(NYUv2 multi-task, segmentation folders): the paper's transfer tables"),
+    "dense-data": ("caedfkd_jax.transfer.procedural_nyu", "procedural NYUv2-layout scenes "
+                   "textured with CIFAR-10 images: a proxy for tests and CPU studies"),
     "demo": ("caedfkd_jax.cli.demo", "offline end-to-end demo on scikit-learn's digits"),
 }
 

@@ -15,6 +15,7 @@ d(x, y) = depth + gx (x - cx) + gy (y - cy) metres and the normal (gx, gy, 1) / 
 facing the camera: a fronto-parallel plane has constant depth and normal (0, 0, 1).
 """
 
+import argparse
 import dataclasses
 import os
 from typing import Sequence
@@ -186,3 +187,33 @@ def make_dataset(root: str, num_train: int, num_val: int, height: int, width: in
   with open(os.path.join(root, "classes.txt"), "w") as f:
     f.write("\n".join(names) + "\n")
   return names
+
+
+# ---------------------------------------------------------------------------
+# `caedfkd dense-data`
+
+
+def _size(text: str) -> tuple[int, int]:
+  try:
+    h, w = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r}: give HEIGHTxWIDTH, e.g. 64x64") from None
+  return h, w
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--out", required=True, help="an empty folder for ROOT/{train,val}/...")
+  parser.add_argument("--cifar", required=True,
+                      help="CIFAR-10 as {train,test}/<class>/*.jpg (e.g. ../shared/data/cifar10)")
+  parser.add_argument("--train", type=int, default=400, help="train scenes (default: 400)")
+  parser.add_argument("--val", type=int, default=100, help="val scenes (default: 100)")
+  parser.add_argument("--size", type=_size, default=(64, 64), help="HxW (default: 64x64)")
+  parser.add_argument("--seed", type=int, default=0, help="scene N depends on (seed, split, N)")
+
+
+def run(args: argparse.Namespace) -> int:
+  names = make_dataset(args.out, args.train, args.val, *args.size, args.cifar, args.seed)
+  print(f"{args.train} train and {args.val} val scenes of {args.size[0]}x{args.size[1]} in "
+        f"{args.out} ({len(names)} classes: {', '.join(names)}). A proxy, not a benchmark: "
+        f"`caedfkd transfer --data {args.out} ...` reads it.")
+  return 0
