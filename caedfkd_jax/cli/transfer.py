@@ -6,7 +6,6 @@ rerun the same command), and OUT/results.json gathers every metric of every seed
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -133,9 +132,9 @@ def nyu_classes(data: str, num_classes: int | None) -> tuple[int | None, list[st
 
 
 def load_splits(args) -> tuple[data_lib.DenseDataset, data_lib.DenseDataset]:
-  layout = None if args.data.startswith(data_lib.TFDS_PREFIX) else data_lib.find_dense_layout(
-      os.path.abspath(os.path.expanduser(args.data)))
-  num_classes, names = (nyu_classes(args.data, args.num_classes) if layout == "nyu"
+  path = os.path.abspath(os.path.expanduser(args.data))
+  layout = None if args.data.startswith(data_lib.TFDS_PREFIX) else data_lib.find_dense_layout(path)
+  num_classes, names = (nyu_classes(path, args.num_classes) if layout == "nyu"
                         else (args.num_classes, None))
   datasets = [data_lib.load_dense(args.data, split, num_classes=num_classes,
                                   class_names_file=args.class_names, size=args.size)

@@ -119,7 +119,8 @@ def init_variables(model: DenseModel, bundle: bundle_lib.Bundle, image_shape: Se
         found = "missing" if path not in saved else f"shaped {saved[path].shape}"
         raise ValueError(f"{bundle.spec.arch} bundle: {collection} {'/'.join(path)} is {found}; "
                          f"the backbone wants {value.shape}. Is the bundle's arch right?")
-      fresh[path] = jnp.asarray(saved[path], value.dtype)
+      # A copy: the train step donates its state, and must not delete the bundle's arrays.
+      fresh[path] = jnp.array(saved[path], value.dtype, copy=True)
     variables[collection] = {**variables[collection],
                              BACKBONE: traverse_util.unflatten_dict(fresh)}
   return variables

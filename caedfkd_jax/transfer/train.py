@@ -11,6 +11,7 @@ folder: Orbax checkpoints while it trains (every few minutes, at a time budget, 
 import dataclasses
 import functools
 import json
+import math
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -156,6 +157,13 @@ def epoch_order(seed: int, epoch: int, num_examples: int, batch: int) -> np.ndar
   return order[:steps * batch].reshape(steps, batch)
 
 
+def default_mesh(batch: int, eval_batch: int):
+  """The data-parallel mesh over as many of this process's devices as split both batches
+  evenly (all of them for LibMTL's batch 8 on 1, 2, 4 or 8 devices)."""
+  count = math.gcd(batch, eval_batch, jax.local_device_count())
+  return mesh_lib.make_mesh(jax.local_devices()[:count])
+
+
 class Trainer:
   """One seed of one transfer: model, optimiser and compiled steps."""
 
@@ -164,11 +172,11 @@ class Trainer:
     check_config(config)
     self.config, self.seed, self.bundle = config, seed, bundle
     self.tasks = train.tasks
-    self.mesh = mesh if mesh is not None else mesh_lib.make_mesh()
     stride = model_lib.total_stride(bundle.spec.arch, bundle.spec.image_size,
                                     config.output_stride)
     data_lib.check_size(*train.image_shape, stride)
     self.batch = min(config.batch_size, len(train))
+    self.mesh = mesh if mesh is not None else default_mesh(self.batch, config.eval_batch_size)
     if self.batch % self.mesh.size or config.eval_batch_size % self.mesh.size:
       raise ValueError(f"batch {self.batch} and eval batch {config.eval_batch_size} must be "
                        f"multiples of the {self.mesh.size} devices the batch is split over.")
@@ -259,8 +267,8 @@ def _save(manager: ocp.CheckpointManager, state: State, progress: dict) -> None:
 
 
 def check_resume(folder: str, settings: dict[str, Any]) -> None:
-  """Refuses to resume a seed whose folder was made with other settings: the checkpoint's
-  state would continue a different transfer."""
+  """Refuses to resume or read back a seed whose folder was made with other settings: the
+  checkpoint's state would continue a different transfer, its result report another."""
   path = os.path.join(folder, "settings.json")
   if not os.path.exists(path):
     return
@@ -279,10 +287,10 @@ def fit_seed(trainer: Trainer, train: data_lib.DenseDataset, val: data_lib.Dense
   """Trains and scores one seed in `folder`; returns its result, or None when the time budget
   or a stop request checkpointed it first (rerun to resume). A finished seed is read back."""
   result_path = os.path.join(folder, RESULT)
+  check_resume(folder, settings)
   if os.path.exists(result_path):
     with open(result_path) as f:
       return json.load(f)
-  check_resume(folder, settings)
   os.makedirs(folder, exist_ok=True)
   atomic_files.write_text(os.path.join(folder, "settings.json"),
                           json.dumps(settings, indent=2, sort_keys=True) + "\n")
