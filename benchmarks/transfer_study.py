@@ -40,10 +40,11 @@ BACKBONES: dict[str, tuple[str, bool]] = {
 }
 # The protocol's settings (docs/results.md, the addendum fixed before the first transfer run).
 PROTOCOLS: dict[str, list[str]] = {
-    "frozen": ["--protocol", "frozen", "--epochs", "8", "--lr", "1e-3", "--lr-halve-every", "0"],
+    "frozen": ["--protocol", "frozen", "--epochs", "8", "--lr", "1e-3", "--lr-halve-every", "0",
+               "--augment"],
     "finetune": ["--protocol", "finetune", "--head", "deeplabv3", "--head-features", "64",
                  "--aspp-rates", "2,4,6", "--epochs", "8", "--lr", "1e-3",
-                 "--lr-halve-every", "0"],
+                 "--lr-halve-every", "0", "--augment"],
 }
 # (task, metric, label, digits in %?)
 METRICS = (("segmentation", "miou", "mIoU %", True), ("segmentation", "pixel_acc", "pAcc %", True),

@@ -285,8 +285,9 @@ def test_segmentation_folders_train_one_frozen_epoch(bundle_dir, tmp_path, capsy
   out = tmp_path / "out"
   code, stdout, err = _run(capsys, _transfer(
       bundle_dir, str(root), out, "--protocol", "frozen", "--epochs", "1",
-      "--class-names", str(names)))
+      "--class-names", str(names), "--augment"))   # mmsegmentation's resize-crop and flip
   assert code == 0, err
+  assert _results(out)["settings"]["augment"] is True
   assert "segmentation; 8 train / 2 val images of 16x16, 3 classes" in stdout, stdout
   report = _results(out)
   assert report["class_names"] == ["wall", "floor", "sky"]

@@ -67,8 +67,8 @@ def one_device():
   return mesh_lib.make_mesh(jax.devices()[:1])
 
 
-FINETUNE = train_lib.TransferConfig(
-    protocol="finetune", head="linear", epochs=2,
+FINETUNE = train_lib.TransferConfig(   # Augmented, so that the exact resume covers its draws.
+    protocol="finetune", head="linear", epochs=2, augment=True,
     batch_size=4, eval_batch_size=4, lr_halve_every=1, learning_rate=1e-3, progress=False)
 
 

@@ -93,8 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--lr-halve-every", type=int, default=DEFAULTS.lr_halve_every,
                       help="epochs between halvings of the learning rate, 0 for none "
                            "(default: 100, LibMTL's StepLR)")
-  parser.add_argument("--no-augment", action="store_true",
-                      help="no random scale-crop / resize-crop and flip")
+  parser.add_argument("--augment", action="store_true",
+                      help="random scale-crop (1.0/1.2/1.5) and flip on NYUv2, resize-crop and "
+                           "flip on segmentation folders (off by default, as LibMTL's --aug)")
   parser.add_argument("--eval-batch-size", type=int, default=DEFAULTS.eval_batch_size,
                       help="images per forward pass when scoring (default: 8)")
   parser.add_argument("--train-split", default="train", help="trains (default: train)")
@@ -200,7 +201,7 @@ def run(args: argparse.Namespace) -> int:
       protocol=args.protocol, head=args.head, head_features=args.head_features,
       aspp_rates=args.aspp_rates, output_stride=args.output_stride, epochs=args.epochs,
       batch_size=args.batch_size, learning_rate=args.lr, weight_decay=args.weight_decay,
-      lr_halve_every=args.lr_halve_every, augment=not args.no_augment,
+      lr_halve_every=args.lr_halve_every, augment=args.augment,
       eval_batch_size=args.eval_batch_size, random_backbone=args.random_init,
       time_budget_minutes=args.time_budget_minutes,
       checkpoint_every_minutes=args.checkpoint_every_minutes, predictions=args.predictions,

@@ -52,7 +52,8 @@ class TransferConfig:
   learning_rate: float = 1e-4
   weight_decay: float = 1e-5          # PyTorch Adam's (coupled) L2, as LibMTL's
   lr_halve_every: int = 100           # epochs; 0: constant
-  augment: bool = True                # NYUv2: scale-crop + flip; segmentation: resize-crop + flip
+  augment: bool = False               # NYUv2: scale-crop + flip; segmentation: resize-crop +
+                                      # flip (LibMTL's --aug, off by default)
   eval_batch_size: int = 8
   random_backbone: bool = False       # the random-initialisation row: fresh backbone weights
   time_budget_minutes: float = 0.0    # 0: none; the seed checkpoints and stops when it is spent
