@@ -231,9 +231,8 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(results))
     report = {"command": sys.argv, "settings": settings, "class_names": train.class_names,
               "seeds": [r["seed"] for r in results], "summary": summarise(results),
-              "results": results, "unfinished_seeds": pending + [
-                  s for s in args.seeds if s not in pending and all(
-                      r["seed"] != s for r in results)]}
+              "results": results,
+              "unfinished_seeds": [s for s in args.seeds if s not in {r["seed"] for r in results}]}
     os.makedirs(args.out, exist_ok=True)
     atomic_files.write_text(os.path.join(args.out, "results.json"),
                             json.dumps(report, indent=2) + "\n")
