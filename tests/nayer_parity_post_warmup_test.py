@@ -9,14 +9,14 @@ import json
 import jax
 
 from benchmarks import jax_side, nayer_parity
-from caedfkd_jax.runtime.mesh import make_mesh
 from caedfkd_jax.io import bundle as bundle_lib, embeddings
+from caedfkd_jax.runtime.mesh import make_mesh
 from tiny_run import tiny_config
 
 
 def test_student_bn_drift_only_from_an_epochs_second_round_in_train_mode(
     teacher_dir, table_path, tmp_path, monkeypatch):
-  # One CPU device, not the suite's 8 simulated ones: the same rounds, half the time.
+  # One CPU device, not the suite's 8 simulated ones: the same rounds, a quarter faster.
   monkeypatch.setattr(jax_side, "make_mesh", lambda: make_mesh(jax.devices("cpu")[:1]))
   config = tiny_config(teacher_dir, table_path, method="nayer")
   assert config.loss.adv > 0 and config.generator.steps == 2
