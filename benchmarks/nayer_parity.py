@@ -256,16 +256,15 @@ def nayer_rounds(nayer_path: str, config, bundle, table, seed: int, schedule: Sc
 
     synthesizer.data_pool.add = add_and_record
     for this_call in schedule.calls():
-      epoch = this_call[0][0]
       log.seek(0)
       log.truncate()
       ends.clear()
       start = _torch_bn_stats(student_net)
       with contextlib.redirect_stdout(log):
         out, *_ = synthesizer.synthesize()
-      if schedule.post_warmup and epoch >= warmup:
-        student_net.train()   # datafree_kd.train(): student.train(), then its KD steps (none here).
-      student_net.eval()      # datafree_kd's loop, before evaluating the student.
+      # datafree_kd's loop then calls student.train() for its KD steps (none here, so that call
+      # changes nothing) and student.eval() before evaluating; synthesize() starts with eval() too.
+      student_net.eval()
       steps_logged = [m.groups() for m in map(_STEP_LINE.match, log.getvalue().splitlines()) if m]
       expected = g.steps * len(this_call)
       if len(steps_logged) != expected or len(out["synthetic"]) != len(this_call):
