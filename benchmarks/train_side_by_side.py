@@ -6,7 +6,7 @@
 Both sides get the same data and protocol, fixed here before any run:
 - resnet20 (akamaster layout) on the CIFAR-10 train split less a stratified 10% held out
   (`train_supervised.holdout_indices`, seed 0), the same images in the same order every epoch
-  (`epoch_order`), the same normalisation (the train images' channel mean and std);
+  (`io.data.epoch_order`), the same normalisation (the train images' channel mean and std);
 - SGD 0.1, momentum 0.9, weight decay 5e-4 on every parameter, batch 128 (last partial batch
   dropped), cosine to 0 over `--epochs` epochs stepped every step, random 4-pixel zero-padded
   crop + horizontal flip;
@@ -30,6 +30,7 @@ import numpy as np
 
 from caedfkd_jax.config import train_defaults
 from caedfkd_jax.engine import train_supervised as ts
+from caedfkd_jax.io import data as data_lib
 
 
 def recipe(args) -> "train_defaults.ml_collections.ConfigDict":
@@ -115,7 +116,8 @@ def torch_side(args) -> list[dict]:
   rows, start, paused = [], time.time(), 0.0
   budget = args.minutes * 60
   for epoch in range(config.epochs):
-    order = torch.from_numpy(ts.epoch_order(config.seed, epoch, len(train), config.batch_size))
+    order = torch.from_numpy(
+        data_lib.epoch_order(config.seed, epoch, len(train), config.batch_size))
     epoch_start, losses = time.time(), []
     model.train()
     stopped = False

@@ -16,6 +16,7 @@ import pytest
 from flax import traverse_util
 
 from caedfkd_jax.io import bundle as bundle_lib
+from caedfkd_jax.io import data as data_io
 from caedfkd_jax.runtime import mesh as mesh_lib
 from caedfkd_jax.transfer import data as data_lib
 from caedfkd_jax.transfer import heads, losses, metrics
@@ -223,6 +224,17 @@ def test_epoch_order_is_a_reproducible_drop_last_permutation():
     assert len(set(order.tolist())) == len(order) == 9
     seen |= set(order.tolist())
   assert seen == set(range(10))
+
+
+def test_the_shared_epoch_order_keeps_each_trainers_recorded_orders():
+  # io.data.epoch_order replaced two copies; the batches of every recorded run must not move:
+  # the transfer study's (salted) and `caedfkd train`'s (unsalted) permutations, as first written.
+  for seed, epoch, n, batch in [(0, 0, 200, 8), (2, 7, 200, 8), (1, 3, 45000, 128)]:
+    steps = n // batch
+    transfer = np.random.default_rng([seed, epoch, n, 27]).permutation(n)[:steps * batch]
+    np.testing.assert_array_equal(train_lib.epoch_order(seed, epoch, n, batch).ravel(), transfer)
+    supervised = np.random.default_rng([seed, epoch]).permutation(n)[:steps * batch]
+    np.testing.assert_array_equal(data_io.epoch_order(seed, epoch, n, batch).ravel(), supervised)
 
 
 # ---------------------------------------------------------------------------

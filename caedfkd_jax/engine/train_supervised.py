@@ -228,14 +228,6 @@ def make_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransfor
   return supervised.sgd(schedule, config.momentum, config.weight_decay, config.nesterov), schedule
 
 
-def epoch_order(seed: int, epoch: int, num_images: int, batch: int) -> np.ndarray:
-  """Epoch `epoch`'s batches: a permutation from (seed, epoch), cut into full batches
-  (steps x batch; the remainder is left out, as a loader with drop_last)."""
-  steps = num_images // batch
-  return np.random.default_rng([seed, epoch]).permutation(num_images)[:steps * batch].reshape(
-      steps, batch)
-
-
 # --------------------------------------------------------------------------- #
 # The compiled step
 # --------------------------------------------------------------------------- #
@@ -458,7 +450,7 @@ def run_epoch(run: Run, state: State, epoch: int, unit: int, partial: dict | Non
               ) -> tuple[State, int, dict, str | None]:
   """Units `unit`.. of `epoch`; (state, next unit, the epoch's running sums, stop reason)."""
   config = run.config
-  order = epoch_order(config.seed, epoch, len(run.splits.train), config.batch_size)
+  order = data_lib.epoch_order(config.seed, epoch, len(run.splits.train), config.batch_size)
   sums = partial or {"loss_sum": 0.0, "steps": 0, "train_seconds_at_start": run.clock.train()}
   variables, opt_state = state.variables, state.opt_state
   while unit < run.units_per_epoch:

@@ -71,6 +71,16 @@ class Dataset:
     return tuple(self.images.shape[1:3])
 
 
+def epoch_order(seed: int, epoch: int, num_examples: int, batch: int, *,
+                salt: Sequence[int] = ()) -> np.ndarray:
+  """Epoch `epoch`'s batches (steps x batch indices): a permutation from (seed, epoch, *salt),
+  the last incomplete batch left out (a loader's drop_last), so a resumed epoch sees the same
+  batches. `salt` keeps one trainer's orders apart from another's on the same seed."""
+  steps = num_examples // batch
+  order = np.random.default_rng([seed, epoch, *salt]).permutation(num_examples)
+  return order[:steps * batch].reshape(steps, batch)
+
+
 def load_dataset(spec: str, split: str = "test", progress: bool = False) -> Dataset:
   """Reads split `split` of the dataset named by `spec` (see the module docstring)."""
   if spec.startswith(TFDS_PREFIX):

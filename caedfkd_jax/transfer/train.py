@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from caedfkd_jax.io import atomic_files
 from caedfkd_jax.io import bundle as bundle_lib
+from caedfkd_jax.io import data as data_io
 from caedfkd_jax.runtime import mesh as mesh_lib
 from caedfkd_jax.transfer import data as data_lib
 from caedfkd_jax.transfer import losses, metrics
@@ -151,11 +152,9 @@ def predict(model: model_lib.DenseModel, variables: dict[str, Any], images: jax.
 
 
 def epoch_order(seed: int, epoch: int, num_examples: int, batch: int) -> np.ndarray:
-  """The epoch's batches (steps x batch indices): a permutation from (seed, epoch), the last
-  incomplete batch dropped (LibMTL's drop_last), so a resumed epoch sees the same batches."""
-  order = np.random.default_rng([seed, epoch, num_examples, 27]).permutation(num_examples)
-  steps = num_examples // batch
-  return order[:steps * batch].reshape(steps, batch)
+  """The transfer's epoch batches: `io.data.epoch_order` salted with (num_examples, 27), the
+  orders every recorded transfer run used."""
+  return data_io.epoch_order(seed, epoch, num_examples, batch, salt=(num_examples, 27))
 
 
 def default_mesh(batch: int, eval_batch: int):
