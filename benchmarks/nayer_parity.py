@@ -104,7 +104,7 @@ class Schedule:
 
   def calls(self) -> list[list[tuple[int, int, bool]]]:
     """The rounds of each of NAYER's `synthesize()` calls (one an epoch; warm-up only: one a
-    round, as today's parity drives it)."""
+    round, as today's parity drives it); our side runs the same groups, one epoch each."""
     if not self.post_warmup:
       return [[r] for r in self.rounds()]
     return [[r for r in self.rounds() if r[0] == e] for e in range(self.warmup_rounds + self.epochs)]
@@ -177,11 +177,11 @@ def jax_rounds(config, bundle, table, seed: int, schedule: Schedule,
   fns = steps.make_step_fns(setup, mesh, fuse=False)
   method = setup.method
   renew = method.renew and jax.jit(functools.partial(method.renew, setup))
-  rounds = schedule.rounds()
-  for epoch in sorted({e for e, _, _ in rounds}):
+  for this_call in schedule.calls():   # Beyond the warm-up: one epoch's rounds.
+    epoch = this_call[0][0]
     if schedule.post_warmup and renew and method.renews(config, epoch):
       state = renew(state)
-    for _, unit, warmup in (r for r in rounds if r[0] == epoch):
+    for _, unit, warmup in this_call:
       name = "warmup_round" if warmup else "round"
       if schedule.post_warmup:   # The unit the engine's epoch plan runs here.
         assert method.epoch_plan(config, epoch)[unit] == name, (epoch, unit)
@@ -405,9 +405,7 @@ def compare(config, bundle, table, sides: list[str], seeds: list[int], schedule:
     post_md = post_warmup_tables(results)
     with open(os.path.join(out_dir, "parity_post_warmup.md"), "w") as f:
       f.write(post_md + "\n")
-    with open(os.path.join(out_dir, "parity.json")) as f:
-      out = json.load(f)
-    out["post_warmup_md"] = post_md
+    out["post_warmup_md"] = post_md   # The last run's record, with the tables beside it.
     with open(os.path.join(out_dir, "parity.json"), "w") as f:
       json.dump(out, f, indent=1)
     print("\n" + post_md)
